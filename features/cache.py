@@ -1,0 +1,129 @@
+"""Redis, the cache of precomputed rankings. The only module that imports redis.
+
+Keys are ``privrank:rank:{scope}:{model_version}:{user_id}`` with a TTL, so a ranking is only
+ever read for the model version that produced it; a swap makes older keys unreachable and the
+TTL reclaims them. Values are the ranking packed as little-endian int32 item positions in the
+snapshot followed by float32 scores (``RANKING_DTYPE`` pairs).
+
+Every call carries the configured socket timeout; errors become ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from features.errors import StoreUnavailable
+
+KEY_PREFIX = "privrank:rank:"
+RANKING_DTYPE = np.dtype([("item", "<i4"), ("score", "<f4")])
+
+
+def rank_key(scope: str, model_version: str, user_id: str) -> str:
+    return f"{KEY_PREFIX}{scope}:{model_version}:{user_id}"
+
+
+def pack_ranking(items: np.ndarray, scores: np.ndarray) -> bytes:
+    """items int[k] (snapshot positions), scores float[k] → bytes of k RANKING_DTYPE records."""
+    packed = np.empty(len(items), dtype=RANKING_DTYPE)
+    packed["item"] = items
+    packed["score"] = scores
+    return packed.tobytes()
+
+
+def unpack_ranking(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of ``pack_ranking``: (int64[k] positions, float32[k] scores)."""
+    packed = np.frombuffer(raw, dtype=RANKING_DTYPE)
+    return packed["item"].astype(np.int64), packed["score"].astype(np.float32)
+
+
+class RankCache:
+    """Precomputed rankings in Redis."""
+
+    def __init__(self, client: aioredis.Redis, ttl_s: int) -> None:
+        self._client = client
+        self._ttl = ttl_s
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_s: float, ttl_s: int) -> RankCache:
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            health_check_interval=0,
+        )
+        return cls(client, ttl_s)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def ping(self) -> None:
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis: {exc}") from exc
+
+    async def get(
+        self, scope: str, model_version: str, user_id: str
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        try:
+            raw = await self._client.get(rank_key(scope, model_version, user_id))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis: {exc}") from exc
+        if raw is None:
+            return None
+        assert isinstance(raw, bytes)  # the client is created without decode_responses
+        return unpack_ranking(raw)
+
+    async def put_many(
+        self,
+        scope: str,
+        model_version: str,
+        rankings: Iterable[tuple[str, np.ndarray, np.ndarray]],
+        *,
+        batch: int = 1000,
+    ) -> int:
+        """Write (user_id, items, scores) rankings in pipelined batches; returns the count."""
+        written = 0
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for user_id, items, scores in rankings:
+                pipe.set(
+                    rank_key(scope, model_version, user_id),
+                    pack_ranking(items, scores),
+                    ex=self._ttl,
+                )
+                written += 1
+                if written % batch == 0:
+                    await pipe.execute()
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis: {exc}") from exc
+        return written
+
+    async def _user_keys(self, user_id: str) -> list[bytes]:
+        keys: list[bytes] = []
+        async for key in self._client.scan_iter(match=f"{KEY_PREFIX}*:*:{user_id}", count=1000):
+            # a glob '*' also matches ':', so confirm the exact user part of the key
+            parts = key.decode().split(":", 4)
+            if len(parts) == 5 and parts[4] == user_id:
+                keys.append(key)
+        return keys
+
+    async def delete_user(self, user_id: str) -> int:
+        """Delete every cached ranking of a user, across scopes and model versions."""
+        try:
+            keys = await self._user_keys(user_id)
+            return int(await self._client.delete(*keys)) if keys else 0
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis: {exc}") from exc
+
+    async def count_user(self, user_id: str) -> int:
+        """How many cached rankings a user has."""
+        try:
+            return len(await self._user_keys(user_id))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis: {exc}") from exc

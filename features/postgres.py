@@ -1,0 +1,713 @@
+"""PostgreSQL, the system of record, through asyncpg. The only module that imports asyncpg.
+
+Every call runs with a timeout (``command_timeout`` on the pool, ``timeout`` on acquire) and
+driver errors leave this module translated into the error tree (``StoreUnavailable``,
+``InvalidInput``). SQL is built with placeholders only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import asyncpg
+import numpy as np
+from asyncpg.pool import PoolConnectionProxy
+
+from features.errors import InvalidInput, JobLocked, StoreUnavailable
+from features.schema import EVENT_WEIGHTS, FEATURE_NAMES, Interaction
+
+log = logging.getLogger(__name__)
+
+SETTINGS_CHANNEL = "privrank_settings"
+_JOB_LOCK_KEY = 0x70726976  # "priv": one advisory lock serialises all job runs
+_MIGRATION_LOCK_KEY = 0x70726977
+
+_EVENT_COLUMNS = (
+    "scope",
+    "user_id",
+    "item_id",
+    "event_type",
+    "value",
+    "occurred_at",
+    "session_id",
+    "device",
+    "country",
+    "utc_offset_minutes",
+)
+
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}")
+
+
+@asynccontextmanager
+async def _translated() -> AsyncIterator[None]:
+    try:
+        yield
+    except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+        raise InvalidInput(f"rejected by the database: {exc}") from exc
+    except _DRIVER_ERRORS as exc:
+        raise _unavailable(exc) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class UserSettingsRow:
+    user_id: str
+    personalization_enabled: bool
+    data_sharing_consent: bool
+    updated_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingPairs:
+    """Aggregated (user, item) interactions of a scope. Arrays are aligned, length = pairs.
+
+    ``strength`` is the summed implicit-feedback weight (0 for pairs seen only as dismissals).
+    """
+
+    user_ids: np.ndarray  # str
+    item_ids: np.ndarray  # str
+    strength: np.ndarray  # float32
+    last_at: np.ndarray  # float64 unix seconds
+
+
+@dataclass(frozen=True, slots=True)
+class ItemStats:
+    item_ids: np.ndarray  # str
+    popularity: np.ndarray  # float32, weighted engagement over the window
+    first_seen: np.ndarray  # float64 unix seconds
+
+
+@dataclass(frozen=True, slots=True)
+class JobRunRow:
+    run_id: int
+    name: str
+    scope: str
+    status: str
+    detail: str
+    started_at: datetime
+    finished_at: datetime | None
+
+
+def _weights() -> tuple[list[str], list[float]]:
+    return list(EVENT_WEIGHTS), list(EVENT_WEIGHTS.values())
+
+
+class PgStore:
+    """A pool of connections to one database plus the statements privrank runs on it."""
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str, timeout_s: float) -> None:
+        self._pool = pool
+        self._dsn = dsn
+        self._timeout = timeout_s
+
+    @classmethod
+    async def connect(
+        cls, dsn: str, *, timeout_s: float = 2.0, min_size: int = 1, max_size: int = 8
+    ) -> PgStore:
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=timeout_s,
+                command_timeout=max(timeout_s, 1.0),
+            )
+        except _DRIVER_ERRORS as exc:
+            raise _unavailable(exc) from exc
+        return cls(pool, dsn, timeout_s)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[PoolConnectionProxy]:
+        async with _translated(), self._pool.acquire(timeout=self._timeout) as conn:
+            yield conn
+
+    # -- schema ---------------------------------------------------------------------------
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations in order, each in its own transaction. Idempotent."""
+        applied: list[str] = []
+        scripts = sorted(
+            (
+                p
+                for p in resources.files("features.migrations").iterdir()
+                if p.name.endswith(".sql")
+            ),
+            key=lambda p: p.name,
+        )
+        async with self._conn() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
+            try:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = {
+                    r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")
+                }
+                for script in scripts:
+                    version = script.name.removesuffix(".sql")
+                    if version in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(script.read_text(), timeout=120)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version) VALUES ($1)", version
+                        )
+                    applied.append(version)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
+        return applied
+
+    # -- events ---------------------------------------------------------------------------
+
+    async def insert_events(self, events: Sequence[Interaction]) -> int:
+        """Store events and register their items, all or nothing. Returns the count stored."""
+        return await self.insert_event_batches([events])
+
+    async def insert_event_batches(self, batches: Iterable[Sequence[Interaction]]) -> int:
+        """Store every batch in one transaction: an error in any batch (including one raised
+        while producing the next batch) keeps none of them. Returns the count stored."""
+        stored = 0
+        async with self._conn() as conn, conn.transaction():
+            for events in batches:
+                await self._copy_events(conn, events)
+                stored += len(events)
+        return stored
+
+    async def _copy_events(self, conn: PoolConnectionProxy, events: Sequence[Interaction]) -> None:
+        if not events:
+            return
+        timeout = max(self._timeout, 120.0)
+        await conn.copy_records_to_table(
+            "events",
+            records=[
+                (
+                    e.scope,
+                    e.user_id,
+                    e.item_id,
+                    e.event_type,
+                    e.value,
+                    e.occurred_at,
+                    e.session_id,
+                    e.device,
+                    e.country,
+                    e.utc_offset_minutes,
+                )
+                for e in events
+            ],
+            columns=list(_EVENT_COLUMNS),
+            timeout=timeout,
+        )
+        first_seen: dict[tuple[str, str], datetime] = {}
+        for e in events:
+            key = (e.scope, e.item_id)
+            if key not in first_seen or e.occurred_at < first_seen[key]:
+                first_seen[key] = e.occurred_at
+        await conn.execute(
+            "INSERT INTO items (scope, item_id, first_seen)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])"
+            " ON CONFLICT (scope, item_id) DO UPDATE"
+            " SET first_seen = LEAST(items.first_seen, EXCLUDED.first_seen)",
+            [k[0] for k in first_seen],
+            [k[1] for k in first_seen],
+            list(first_seen.values()),
+            timeout=timeout,
+        )
+
+    async def scopes(self) -> list[str]:
+        async with self._conn() as conn:
+            rows = await conn.fetch("SELECT DISTINCT scope FROM items ORDER BY scope")
+        return [r["scope"] for r in rows]
+
+    async def latest_event_time(self, scope: str) -> datetime | None:
+        async with self._conn() as conn:
+            value: datetime | None = await conn.fetchval(
+                "SELECT max(occurred_at) FROM events WHERE scope = $1", scope
+            )
+        return value
+
+    async def training_pairs(self, scope: str, *, before: datetime | None = None) -> TrainingPairs:
+        """Aggregated non-impression interactions of users who have not opted out."""
+        names, weights = _weights()
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT e.user_id, e.item_id,"
+                "  sum(w.weight * CASE WHEN e.event_type = 'rating' THEN e.value ELSE 1 END)"
+                "    AS strength,"
+                "  extract(epoch FROM max(e.occurred_at)) AS last_at"
+                " FROM events e"
+                " JOIN unnest($2::text[], $3::real[]) AS w(event_type, weight) USING (event_type)"
+                " WHERE e.scope = $1 AND e.event_type <> 'impression'"
+                "   AND ($4::timestamptz IS NULL OR e.occurred_at < $4)"
+                "   AND NOT EXISTS (SELECT 1 FROM user_settings s"
+                "                   WHERE s.user_id = e.user_id AND NOT s.personalization_enabled)"
+                " GROUP BY e.user_id, e.item_id",
+                scope,
+                names,
+                weights,
+                before,
+                timeout=600,
+            )
+        return TrainingPairs(
+            user_ids=np.array([r["user_id"] for r in rows], dtype=str),
+            item_ids=np.array([r["item_id"] for r in rows], dtype=str),
+            strength=np.array([max(r["strength"], 0.0) for r in rows], dtype=np.float32),
+            last_at=np.array([float(r["last_at"]) for r in rows], dtype=np.float64),
+        )
+
+    async def holdout_cutoff(self, scope: str, fraction: float) -> datetime | None:
+        """The time after which the newest ``fraction`` of the scope's interactions fall."""
+        async with self._conn() as conn:
+            value: datetime | None = await conn.fetchval(
+                "SELECT percentile_disc($2::float8) WITHIN GROUP (ORDER BY occurred_at)"
+                " FROM events WHERE scope = $1 AND event_type <> 'impression'",
+                scope,
+                1.0 - fraction,
+                timeout=600,
+            )
+        return value
+
+    async def item_stats(self, scope: str, *, now: datetime, window_days: int = 30) -> ItemStats:
+        """Every active item of the scope with its weighted engagement over the window."""
+        names, weights = _weights()
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT i.item_id, coalesce(p.pop, 0) AS pop,"
+                "       extract(epoch FROM i.first_seen) AS first_seen"
+                " FROM items i LEFT JOIN ("
+                "   SELECT e.item_id, sum(w.weight) AS pop FROM events e"
+                "   JOIN unnest($2::text[], $3::real[]) AS w(event_type, weight) USING (event_type)"
+                "   WHERE e.scope = $1"
+                "     AND e.occurred_at > $4::timestamptz - make_interval(days => $5)"
+                "     AND e.occurred_at <= $4"
+                "   GROUP BY e.item_id) p USING (item_id)"
+                " WHERE i.scope = $1 AND i.active",
+                scope,
+                names,
+                weights,
+                now,
+                window_days,
+                timeout=600,
+            )
+        return ItemStats(
+            item_ids=np.array([r["item_id"] for r in rows], dtype=str),
+            popularity=np.array([r["pop"] for r in rows], dtype=np.float32),
+            first_seen=np.array([float(r["first_seen"]) for r in rows], dtype=np.float64),
+        )
+
+    # -- settings -------------------------------------------------------------------------
+
+    async def get_settings(self, user_id: str) -> UserSettingsRow:
+        async with self._conn() as conn:
+            row = await conn.fetchrow("SELECT * FROM user_settings WHERE user_id = $1", user_id)
+        if row is None:
+            return UserSettingsRow(user_id, True, False, None)
+        return _settings_row(row)
+
+    async def update_settings(
+        self,
+        user_id: str,
+        *,
+        personalization_enabled: bool | None,
+        data_sharing_consent: bool | None,
+    ) -> UserSettingsRow:
+        """Upsert; ``None`` keeps the current value. Opting out also drops the user's ranks."""
+        async with self._conn() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "INSERT INTO user_settings AS s"
+                "  (user_id, personalization_enabled, data_sharing_consent, updated_at)"
+                " VALUES ($1, coalesce($2, true), coalesce($3, false), now())"
+                " ON CONFLICT (user_id) DO UPDATE SET"
+                "  personalization_enabled = coalesce($2, s.personalization_enabled),"
+                "  data_sharing_consent = coalesce($3, s.data_sharing_consent),"
+                "  updated_at = now()"
+                " RETURNING *",
+                user_id,
+                personalization_enabled,
+                data_sharing_consent,
+            )
+            assert row is not None  # an upsert with RETURNING always returns its row
+            if not row["personalization_enabled"]:
+                await conn.execute("DELETE FROM ranks WHERE user_id = $1", user_id)
+        return _settings_row(row)
+
+    async def opted_out_users(self) -> set[str]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT user_id FROM user_settings WHERE NOT personalization_enabled"
+            )
+        return {r["user_id"] for r in rows}
+
+    async def listen_settings(
+        self, on_change: Callable[[str, bool], None]
+    ) -> Callable[[], Awaitable[None]]:
+        """Call ``on_change(user_id, personalization_enabled)`` for every settings change.
+
+        Uses a dedicated connection; returns a coroutine function that stops listening.
+        Raises StoreUnavailable if PostgreSQL cannot be reached.
+        """
+
+        def handler(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            flag, _, user_id = str(payload).partition(":")
+            on_change(user_id, flag == "1")
+
+        try:
+            conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
+            await conn.add_listener(SETTINGS_CHANNEL, handler)
+        except _DRIVER_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
+        async def stop() -> None:
+            try:
+                await conn.close(timeout=self._timeout)
+            except _DRIVER_ERRORS:
+                conn.terminate()
+
+        return stop
+
+    # -- a user's data: export and erasure -----------------------------------------------
+
+    async def export_user(self, user_id: str) -> dict[str, Any]:
+        """What privrank holds about a user: settings, feature vectors, event counts, ranks."""
+        async with self._conn() as conn:
+            features = await conn.fetch(
+                "SELECT * FROM user_features WHERE user_id = $1 ORDER BY scope", user_id
+            )
+            counts = await conn.fetch(
+                "SELECT scope, event_type, count(*) AS n FROM events WHERE user_id = $1"
+                " GROUP BY scope, event_type ORDER BY scope, event_type",
+                user_id,
+            )
+            ranks = await conn.fetchval("SELECT count(*) FROM ranks WHERE user_id = $1", user_id)
+        return {
+            "features": [
+                {
+                    "scope": r["scope"],
+                    "values": {name: _as_number(r[name]) for name in FEATURE_NAMES},
+                    "embedding": list(r["embedding"] or []),
+                    "updated_at": r["updated_at"],
+                }
+                for r in features
+            ],
+            "event_counts": [(r["scope"], r["event_type"], r["n"]) for r in counts],
+            "ranks": ranks,
+        }
+
+    async def delete_user(self, user_id: str) -> dict[str, int]:
+        """Erase a user's rows from every table in one transaction; counts per table."""
+        removed: dict[str, int] = {}
+        async with self._conn() as conn, conn.transaction():
+            for table in ("events", "user_features", "ranks", "user_settings"):
+                status = await conn.execute(f"DELETE FROM {table} WHERE user_id = $1", user_id)
+                removed[table] = int(status.split()[-1])
+        return removed
+
+    # -- features -------------------------------------------------------------------------
+
+    async def refresh_features(self, scope: str, *, now: datetime) -> int:
+        """Recompute every active user's aggregate features inside PostgreSQL. Returns rows.
+
+        Opted-out users are skipped and their feature rows deleted.
+        """
+        names, weights = _weights()
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute(
+                "DELETE FROM user_features f USING user_settings s"
+                " WHERE f.user_id = s.user_id AND NOT s.personalization_enabled AND f.scope = $1",
+                scope,
+            )
+            status = await conn.execute(
+                _REFRESH_FEATURES_SQL, scope, now, names, weights, timeout=600
+            )
+        return int(status.split()[-1])
+
+    async def save_embeddings(
+        self, scope: str, user_ids: Sequence[str], vectors: np.ndarray
+    ) -> None:
+        """Store learned user embeddings (rows of ``vectors``) in the feature table."""
+        records = [(u, [float(x) for x in row]) for u, row in zip(user_ids, vectors, strict=True)]
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute(
+                "CREATE TEMP TABLE embeddings_in (user_id text, embedding real[]) ON COMMIT DROP"
+            )
+            await conn.copy_records_to_table("embeddings_in", records=records, timeout=600)
+            await conn.execute(
+                "UPDATE user_features f SET embedding = v.embedding FROM embeddings_in v"
+                " WHERE f.scope = $1 AND f.user_id = v.user_id",
+                scope,
+                timeout=600,
+            )
+
+    async def user_features(self, scope: str) -> tuple[np.ndarray, np.ndarray]:
+        """(user_ids str[u], features float32[u, len(FEATURE_NAMES)]) of the scope."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT user_id, engagement_score, click_through_rate, sessions_7d, sessions_30d,"
+                " avg_session_seconds, preferred_hour, device_category,"
+                " CASE WHEN country_code = '' THEN 0"
+                "      ELSE ascii(substr(country_code, 1, 1)) * 256"
+                "           + ascii(substr(country_code, 2, 1))"
+                " END AS country_code, utc_offset_minutes"
+                " FROM user_features WHERE scope = $1",
+                scope,
+                timeout=600,
+            )
+        ids = np.array([r["user_id"] for r in rows], dtype=str)
+        matrix = np.array(
+            [[float(r[name]) for name in FEATURE_NAMES] for r in rows], dtype=np.float32
+        ).reshape(len(rows), len(FEATURE_NAMES))
+        return ids, matrix
+
+    # -- ranks, models, evaluations ------------------------------------------------------
+
+    async def active_users(self, scope: str, *, now: datetime, days: int = 30) -> list[str]:
+        """Users with events in the window who have not opted out."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT DISTINCT e.user_id FROM events e"
+                " WHERE e.scope = $1"
+                "   AND e.occurred_at > $2::timestamptz - make_interval(days => $3)"
+                "   AND NOT EXISTS (SELECT 1 FROM user_settings s"
+                "                   WHERE s.user_id = e.user_id AND NOT s.personalization_enabled)",
+                scope,
+                now,
+                days,
+                timeout=600,
+            )
+        return sorted(r["user_id"] for r in rows)
+
+    async def replace_ranks(
+        self,
+        scope: str,
+        model_version: str,
+        rows: Sequence[tuple[str, list[str], list[float]]],
+    ) -> None:
+        """Upsert the precomputed rankings of a scope in one transaction."""
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute(
+                "CREATE TEMP TABLE ranks_in (user_id text, item_ids text[], scores real[])"
+                " ON COMMIT DROP"
+            )
+            await conn.copy_records_to_table("ranks_in", records=rows, timeout=600)
+            await conn.execute(
+                "INSERT INTO ranks (scope, user_id, model_version, item_ids, scores, computed_at)"
+                " SELECT $1, r.user_id, $2, r.item_ids, r.scores, now() FROM ranks_in r"
+                " WHERE NOT EXISTS (SELECT 1 FROM user_settings s"
+                "                   WHERE s.user_id = r.user_id AND NOT s.personalization_enabled)"
+                " ON CONFLICT (scope, user_id) DO UPDATE SET"
+                "  model_version = EXCLUDED.model_version,"
+                "  item_ids = EXCLUDED.item_ids, scores = EXCLUDED.scores,"
+                "  computed_at = EXCLUDED.computed_at",
+                scope,
+                model_version,
+                timeout=600,
+            )
+
+    async def record_model_version(
+        self, scope: str, version: str, manifest: dict[str, Any]
+    ) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO model_versions (scope, model_version, manifest) VALUES ($1, $2, $3)"
+                " ON CONFLICT (scope, model_version) DO UPDATE SET manifest = EXCLUDED.manifest",
+                scope,
+                version,
+                json.dumps(manifest),
+            )
+
+    async def save_evaluation(
+        self, scope: str, model_version: str, model: str, metrics: dict[str, float], users: int
+    ) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO eval_results (scope, model_version, model, metrics, users_evaluated)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                scope,
+                model_version,
+                model,
+                json.dumps(metrics),
+                users,
+            )
+
+    async def evaluations(self, scope: str, *, limit: int = 20) -> list[dict[str, Any]]:
+        """Newest stored evaluations of a scope, newest first."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT model_version, model, metrics, users_evaluated, evaluated_at"
+                " FROM eval_results WHERE scope = $1 ORDER BY evaluated_at DESC, id DESC LIMIT $2",
+                scope,
+                limit,
+            )
+        return [{**dict(r), "metrics": json.loads(r["metrics"])} for r in rows]
+
+    async def cleanup(
+        self, *, now: datetime, ranks_hours: int, features_days: int, events_days: int
+    ) -> dict[str, int]:
+        """Delete rows past their retention window (0 = keep forever); counts per table."""
+        statements = {
+            "ranks": (
+                "DELETE FROM ranks WHERE computed_at < $1::timestamptz"
+                " - make_interval(hours => $2)",
+                ranks_hours,
+            ),
+            "user_features": (
+                "DELETE FROM user_features WHERE updated_at < $1::timestamptz"
+                " - make_interval(days => $2)",
+                features_days,
+            ),
+            "events": (
+                "DELETE FROM events WHERE occurred_at < $1::timestamptz"
+                " - make_interval(days => $2)",
+                events_days,
+            ),
+        }
+        removed: dict[str, int] = {}
+        async with self._conn() as conn:
+            for table, (sql, window) in statements.items():
+                if window <= 0:  # 0 keeps that table's rows forever
+                    continue
+                status = await conn.execute(sql, now, window, timeout=600)
+                removed[table] = int(status.split()[-1])
+        return removed
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def job_lock(self) -> AsyncIterator[None]:
+        """Hold the job lock for the block; raise JobLocked if another run holds it.
+
+        A session-level advisory lock: a killed run's connection closes and the lock goes
+        with it, so a stale lock never blocks the next run.
+        """
+        async with self._conn() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _JOB_LOCK_KEY):
+                raise JobLocked("another privrank job run is in progress; try again when it ends")
+            try:
+                await conn.execute(
+                    "UPDATE job_runs SET status = 'failed', finished_at = now(),"
+                    " detail = 'interrupted (the process ended without finishing)'"
+                    " WHERE status = 'running'"
+                )
+                yield
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _JOB_LOCK_KEY)
+
+    async def start_run(self, name: str, scope: str) -> int:
+        async with self._conn() as conn:
+            run_id: int = await conn.fetchval(
+                "INSERT INTO job_runs (name, scope, status) VALUES ($1, $2, 'running')"
+                " RETURNING id",
+                name,
+                scope,
+            )
+        return run_id
+
+    async def finish_run(self, run_id: int, *, ok: bool, detail: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE job_runs SET status = $2, detail = $3, finished_at = now() WHERE id = $1",
+                run_id,
+                "succeeded" if ok else "failed",
+                detail[:2000],
+            )
+
+    async def job_runs(self, limit: int = 20) -> list[JobRunRow]:
+        async with self._conn() as conn:
+            rows = await conn.fetch("SELECT * FROM job_runs ORDER BY id DESC LIMIT $1", limit)
+        return [
+            JobRunRow(
+                r["id"],
+                r["name"],
+                r["scope"],
+                r["status"],
+                r["detail"],
+                r["started_at"],
+                r["finished_at"],
+            )
+            for r in rows
+        ]
+
+
+def _settings_row(row: asyncpg.Record) -> UserSettingsRow:
+    return UserSettingsRow(
+        row["user_id"],
+        row["personalization_enabled"],
+        row["data_sharing_consent"],
+        row["updated_at"],
+    )
+
+
+def _as_number(value: object) -> float:
+    if isinstance(value, str):  # country code, exported as its two letters' code point pair
+        return float(ord(value[0]) * 256 + ord(value[1])) if len(value) == 2 else 0.0
+    return float(value)  # type: ignore[arg-type]
+
+
+_REFRESH_FEATURES_SQL = """
+WITH ev AS (
+    SELECT e.user_id, e.event_type, e.occurred_at, e.session_id, e.device, e.country,
+           e.utc_offset_minutes, w.weight
+    FROM events e
+    JOIN unnest($3::text[], $4::real[]) AS w(event_type, weight) USING (event_type)
+    WHERE e.scope = $1
+      AND e.occurred_at > $2::timestamptz - interval '30 days' AND e.occurred_at <= $2
+      AND NOT EXISTS (SELECT 1 FROM user_settings s
+                      WHERE s.user_id = e.user_id AND NOT s.personalization_enabled)
+),
+sessions AS (
+    SELECT user_id, session_id, min(occurred_at) AS started, max(occurred_at) AS ended
+    FROM ev WHERE session_id <> '' GROUP BY user_id, session_id
+),
+per_session AS (
+    SELECT user_id,
+           count(*) FILTER (WHERE started > $2::timestamptz - interval '7 days') AS sessions_7d,
+           count(*) AS sessions_30d,
+           avg(extract(epoch FROM ended - started)) AS avg_session_seconds
+    FROM sessions GROUP BY user_id
+),
+per_user AS (
+    SELECT user_id,
+           ln(1 + sum(weight)) AS engagement_score,
+           least(1.0, count(*) FILTER (WHERE event_type = 'click')::real
+                 / greatest(1, count(*) FILTER (WHERE event_type = 'impression'))) AS ctr,
+           mode() WITHIN GROUP (ORDER BY extract(hour FROM occurred_at
+               + make_interval(mins => coalesce(utc_offset_minutes, 0)))) AS preferred_hour,
+           coalesce(mode() WITHIN GROUP (ORDER BY device) FILTER (WHERE device <> 0), 0)
+               AS device_category,
+           coalesce(mode() WITHIN GROUP (ORDER BY country) FILTER (WHERE country <> ''), '')
+               AS country_code,
+           coalesce(mode() WITHIN GROUP (ORDER BY utc_offset_minutes), 0) AS utc_offset_minutes
+    FROM ev GROUP BY user_id
+)
+INSERT INTO user_features AS f (scope, user_id, engagement_score, click_through_rate,
+    sessions_7d, sessions_30d, avg_session_seconds, preferred_hour, device_category,
+    country_code, utc_offset_minutes, updated_at)
+SELECT $1, u.user_id, u.engagement_score, u.ctr, coalesce(s.sessions_7d, 0),
+       coalesce(s.sessions_30d, 0), coalesce(s.avg_session_seconds, 0), u.preferred_hour,
+       u.device_category, u.country_code, u.utc_offset_minutes, now()
+FROM per_user u LEFT JOIN per_session s USING (user_id)
+ON CONFLICT (scope, user_id) DO UPDATE SET
+    engagement_score = EXCLUDED.engagement_score,
+    click_through_rate = EXCLUDED.click_through_rate,
+    sessions_7d = EXCLUDED.sessions_7d,
+    sessions_30d = EXCLUDED.sessions_30d,
+    avg_session_seconds = EXCLUDED.avg_session_seconds,
+    preferred_hour = EXCLUDED.preferred_hour,
+    device_category = EXCLUDED.device_category,
+    country_code = EXCLUDED.country_code,
+    utc_offset_minutes = EXCLUDED.utc_offset_minutes,
+    updated_at = EXCLUDED.updated_at
+"""

@@ -1,0 +1,1 @@
+"""Batch jobs run by cron: import, refresh features, train, build, precompute, evaluate, cleanup."""

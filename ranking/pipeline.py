@@ -1,0 +1,224 @@
+"""The rank pipeline: opt-out gate → cached ranking → live ranking → popular in scope.
+
+The pipeline is I/O-free except through two small interfaces it is handed: a cache of
+precomputed rankings and a view of who opted out. Each request pins one ``LoadedScope`` at its
+start, so an answer never mixes two snapshot versions even while a swap happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from features.errors import DeadlineExceeded, InvalidInput, NotFound, StoreUnavailable
+from ranking import kernels
+from ranking.retrieval import Retriever, retriever_for
+from ranking.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+EMPTY = np.empty(0, dtype=np.int64)
+
+
+class Source(enum.IntEnum):
+    """Which rung of the ladder produced an answer (values match the proto enum)."""
+
+    CACHED = 1
+    LIVE = 2
+    POPULAR = 3
+
+
+class RankingCache(Protocol):
+    async def get(
+        self, scope: str, model_version: str, user_id: str
+    ) -> tuple[np.ndarray, np.ndarray] | None: ...
+
+
+class OptOutView(Protocol):
+    def personalization_allowed(self, user_id: str) -> bool:
+        """False if the user opted out, or if their state cannot be confirmed (fail closed)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    """An answer: item IDs with scores, best first, and where it came from."""
+
+    item_ids: list[str]
+    scores: list[float]
+    model_version: str
+    source: Source
+    personalization_blocked: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedScope:
+    snapshot: Snapshot
+    retriever: Retriever
+
+    @classmethod
+    def of(cls, snapshot: Snapshot) -> LoadedScope:
+        return cls(snapshot, retriever_for(snapshot))
+
+
+def _check_deadline(deadline: float) -> None:
+    if time.monotonic() >= deadline:
+        raise DeadlineExceeded("the request's time budget ran out")
+
+
+def _answer(
+    snap: Snapshot, items: np.ndarray, scores: np.ndarray, source: Source, blocked: bool = False
+) -> Ranked:
+    return Ranked(
+        item_ids=[str(i) for i in snap.item_ids[items]],
+        scores=[float(s) for s in scores],
+        model_version=snap.version,
+        source=source,
+        personalization_blocked=blocked,
+    )
+
+
+class Ranker:
+    """Serves rankings from the loaded snapshots of every scope."""
+
+    def __init__(
+        self,
+        cache: RankingCache | None,
+        optouts: OptOutView,
+        *,
+        personalization_enabled: bool = True,
+        cache_timeout_s: float = 0.05,
+    ) -> None:
+        self._cache = cache
+        self._optouts = optouts
+        self._scopes: dict[str, LoadedScope] = {}
+        self._erased: dict[str, float] = {}  # user -> erasure time (unix seconds)
+        self.personalization_enabled = personalization_enabled
+        self._cache_timeout = cache_timeout_s
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def install(self, loaded: LoadedScope) -> None:
+        """Make ``loaded`` the scope's serving snapshot (one reference swap)."""
+        self._scopes = {**self._scopes, loaded.snapshot.scope: loaded}
+
+    def loaded(self) -> dict[str, LoadedScope]:
+        return dict(self._scopes)
+
+    def scope(self, name: str) -> LoadedScope:
+        loaded = self._scopes.get(name)
+        if loaded is None:
+            known = ", ".join(sorted(self._scopes)) or "none loaded"
+            raise InvalidInput(f"unknown scope {name!r} (known: {known})")
+        return loaded
+
+    def erase(self, user_id: str) -> int:
+        """Mask an erased user's vectors in every loaded snapshot until one built after the
+        erasure replaces it. Returns how many loaded snapshots held a vector of the user."""
+        self._erased[user_id] = time.time()
+        return sum(ls.snapshot.user_position(user_id) is not None for ls in self._scopes.values())
+
+    def _personal(self, user_id: str, snap: Snapshot) -> bool:
+        erased_at = self._erased.get(user_id)
+        if erased_at is not None and snap.created_at <= erased_at:
+            return False
+        return self.personalization_enabled and self._optouts.personalization_allowed(user_id)
+
+    # -- the rungs ------------------------------------------------------------------------
+
+    @staticmethod
+    def popular(snap: Snapshot, excluded: np.ndarray, limit: int, blocked: bool = False) -> Ranked:
+        """The non-personalized ranking: most popular in scope, minus ``excluded``."""
+        head = snap.popular[: limit + len(excluded)]
+        if len(excluded):
+            head = head[~np.isin(head, excluded)]
+        head = head[:limit]
+        return _answer(snap, head, snap.item_popularity[head], Source.POPULAR, blocked)
+
+    async def _cached(
+        self, snap: Snapshot, user_id: str, excluded: np.ndarray, limit: int
+    ) -> Ranked | None:
+        if self._cache is None:
+            return None
+        try:
+            hit = await asyncio.wait_for(
+                self._cache.get(snap.scope, snap.version, user_id), self._cache_timeout
+            )
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.debug("rank cache unavailable: %s", exc)
+            return None
+        if hit is None:
+            return None
+        items, scores = hit
+        if len(items) and (items.max() >= snap.n_items or items.min() < 0):
+            log.warning("cached ranking for scope %s does not fit its snapshot", snap.scope)
+            return None
+        if len(excluded):
+            keep = ~np.isin(items, excluded)
+            items, scores = items[keep], scores[keep]
+        if len(items) < limit:
+            return None
+        return _answer(snap, items[:limit], scores[:limit], Source.CACHED)
+
+    # -- the RPCs -------------------------------------------------------------------------
+
+    async def recommend(
+        self, user_id: str, scope: str, limit: int, exclude_ids: Sequence[str], deadline: float
+    ) -> Ranked:
+        loaded = self.scope(scope)
+        snap = loaded.snapshot
+        caller_excluded = snap.item_positions(list(exclude_ids))
+        if not self._personal(user_id, snap):
+            return self.popular(snap, caller_excluded, limit, blocked=True)
+        user = snap.user_position(user_id)
+        if user is None:
+            return self.popular(snap, caller_excluded, limit)
+        cached = await self._cached(snap, user_id, caller_excluded, limit)
+        if cached is not None:
+            return cached
+        _check_deadline(deadline)
+        excluded = np.union1d(snap.seen(user), caller_excluded).astype(np.int64)
+        items, scores = loaded.retriever.top_k(snap.user_vectors[user], excluded, limit)
+        if len(items) == 0:
+            return self.popular(snap, caller_excluded, limit)
+        return _answer(snap, items, scores, Source.LIVE)
+
+    def rank_candidates(
+        self, user_id: str, scope: str, candidate_ids: Sequence[str], limit: int, deadline: float
+    ) -> Ranked:
+        """Order the caller's candidates for the user; unknown candidates are dropped."""
+        snap = self.scope(scope).snapshot
+        candidates = snap.item_positions(list(candidate_ids))
+        limit = limit or len(candidates)
+        personal = self._personal(user_id, snap)
+        user = snap.user_position(user_id) if personal else None
+        _check_deadline(deadline)
+        if user is None:
+            query = np.zeros(snap.dim, dtype=np.float32)
+            items, scores = kernels.topk_candidates(
+                query, snap.item_vectors, snap.item_popularity, candidates, EMPTY, limit
+            )
+            return _answer(snap, items, scores, Source.POPULAR, blocked=not personal)
+        items, scores = kernels.topk_candidates(
+            snap.user_vectors[user], snap.item_vectors, snap.item_bias, candidates, EMPTY, limit
+        )
+        return _answer(snap, items, scores, Source.LIVE)
+
+    def similar_items(self, item_id: str, scope: str, limit: int, deadline: float) -> Ranked:
+        """Items nearest to ``item_id`` by cosine similarity of their embeddings."""
+        snap = self.scope(scope).snapshot
+        pos = snap.item_position(item_id)
+        if pos is None:
+            raise NotFound(f"item {item_id!r} is not in scope {scope!r}")
+        _check_deadline(deadline)
+        items, scores = kernels.topk_dense(
+            snap.item_unit[pos], snap.item_unit, snap.zero_bias, np.array([pos], np.int64), limit
+        )
+        return _answer(snap, items, scores, Source.LIVE)

@@ -1,0 +1,306 @@
+"""The immutable in-memory snapshot of a scope: what the jobs publish and the server ranks from.
+
+On disk a snapshot is a directory ``<root>/<scope>/<version>/`` of ``.npy`` arrays, an optional
+faiss index and ``manifest.json`` (version, counts, sha256 of every file). Publication writes
+the directory under a temporary name, fsyncs it, renames it into place and then atomically
+replaces the ``<root>/<scope>/CURRENT`` pointer, so a reader sees the old snapshot or the new
+one, never a partial one. Loading verifies every checksum before anything is used; arrays are
+memory-mapped, not copied.
+
+Items are ordered by item ID, so array positions double as the tie-break order. Users are
+ordered by user ID and found by binary search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from features.errors import SnapshotError
+
+POINTER = "CURRENT"
+MANIFEST = "manifest.json"
+INDEX_FILE = "items.faiss"
+FORMAT_VERSION = 1
+
+# name -> (dtype kind, number of dimensions); every snapshot has exactly these arrays
+ARRAYS: dict[str, tuple[str, int]] = {
+    "item_ids": ("U", 1),
+    "item_vectors": ("f", 2),
+    "item_bias": ("f", 1),
+    "item_popularity": ("f", 1),
+    "user_ids": ("U", 1),
+    "user_vectors": ("f", 2),
+    "user_features": ("f", 2),
+    "seen_indptr": ("i", 1),
+    "seen_indices": ("i", 1),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """One scope's model and data, read-only. Shapes: n items, u users, d dimensions."""
+
+    scope: str
+    version: str
+    path: Path
+    manifest: dict[str, Any]
+    item_ids: np.ndarray  # str[n], sorted
+    item_vectors: np.ndarray  # float32[n, d]
+    item_bias: np.ndarray  # float32[n], popularity/recency score added to relevance
+    item_popularity: np.ndarray  # float32[n], non-personalized score in [0, 1]
+    user_ids: np.ndarray  # str[u], sorted
+    user_vectors: np.ndarray  # float32[u, d]
+    user_features: np.ndarray  # float32[u, F], columns as features.schema.FEATURE_NAMES
+    seen_indptr: np.ndarray  # int64[u + 1], CSR rows of items each user interacted with
+    seen_indices: np.ndarray  # int64[nnz], sorted within each row
+    # derived once at load
+    item_unit: np.ndarray = field(repr=False)  # float32[n, d], rows of norm 1 (or 0)
+    zero_bias: np.ndarray = field(repr=False)  # float32[n]
+    popular: np.ndarray = field(repr=False)  # int64[n], positions by popularity desc, then ID
+
+    @property
+    def n_items(self) -> int:
+        return int(self.item_ids.shape[0])
+
+    @property
+    def n_users(self) -> int:
+        return int(self.user_ids.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.item_vectors.shape[1])
+
+    @property
+    def created_at(self) -> float:
+        return float(self.manifest["created_at"])
+
+    def user_position(self, user_id: str) -> int | None:
+        pos = int(np.searchsorted(self.user_ids, user_id))
+        if pos < self.n_users and self.user_ids[pos] == user_id:
+            return pos
+        return None
+
+    def item_position(self, item_id: str) -> int | None:
+        pos = int(np.searchsorted(self.item_ids, item_id))
+        if pos < self.n_items and self.item_ids[pos] == item_id:
+            return pos
+        return None
+
+    def item_positions(self, item_ids: list[str]) -> np.ndarray:
+        """Positions (int64, sorted, unique) of the known IDs among ``item_ids``."""
+        if not item_ids or self.n_items == 0:
+            return np.empty(0, dtype=np.int64)
+        wanted = np.asarray(item_ids, dtype=self.item_ids.dtype)
+        pos = np.searchsorted(self.item_ids, wanted)
+        pos = np.minimum(pos, self.n_items - 1)
+        hit = self.item_ids[pos] == wanted
+        return np.unique(pos[hit]).astype(np.int64)
+
+    def seen(self, user_pos: int) -> np.ndarray:
+        return self.seen_indices[self.seen_indptr[user_pos] : self.seen_indptr[user_pos + 1]]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_arrays(arrays: dict[str, np.ndarray]) -> None:
+    missing = set(ARRAYS) - set(arrays)
+    if missing:
+        raise SnapshotError(f"snapshot is missing arrays: {sorted(missing)}")
+    for name, (kind, ndim) in ARRAYS.items():
+        arr = arrays[name]
+        if arr.dtype.kind != kind or arr.ndim != ndim:
+            raise SnapshotError(f"{name}: expected kind {kind!r} with {ndim} dims, got {arr.dtype}")
+    n, u = len(arrays["item_ids"]), len(arrays["user_ids"])
+    if arrays["item_vectors"].shape[0] != n or len(arrays["item_bias"]) != n:
+        raise SnapshotError("item arrays disagree in length")
+    if len(arrays["item_popularity"]) != n:
+        raise SnapshotError("item_popularity disagrees with item_ids in length")
+    if arrays["user_vectors"].shape[0] != u or arrays["user_features"].shape[0] != u:
+        raise SnapshotError("user arrays disagree in length")
+    if arrays["user_vectors"].shape[1] != arrays["item_vectors"].shape[1]:
+        raise SnapshotError("user and item vectors differ in dimension")
+    indptr = arrays["seen_indptr"]
+    if len(indptr) != u + 1 or indptr[0] != 0 or indptr[-1] != len(arrays["seen_indices"]):
+        raise SnapshotError("seen_indptr does not describe seen_indices")
+    if n and np.any(arrays["item_ids"][1:] <= arrays["item_ids"][:-1]):
+        raise SnapshotError("item_ids must be sorted and unique")
+    if u and np.any(arrays["user_ids"][1:] <= arrays["user_ids"][:-1]):
+        raise SnapshotError("user_ids must be sorted and unique")
+
+
+def publish(
+    root: Path,
+    scope: str,
+    arrays: dict[str, np.ndarray],
+    *,
+    index_writer: Any = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Write a new snapshot of ``scope`` under ``root`` and make it current. Returns the version.
+
+    ``index_writer(path)``, if given, writes the faiss index file. Crash-safe: until the final
+    pointer swap, readers keep the previous snapshot; a leftover temporary directory is
+    harmless and removed by cleanup.
+    """
+    _check_arrays(arrays)
+    scope_dir = root / scope
+    scope_dir.mkdir(parents=True, exist_ok=True)
+    staging = scope_dir / f".staging-{os.getpid()}-{time.time_ns()}"
+    staging.mkdir()
+    try:
+        checksums: dict[str, str] = {}
+        for name in ARRAYS:
+            path = staging / f"{name}.npy"
+            np.save(path, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            checksums[path.name] = _sha256(path)
+        if index_writer is not None:
+            index_writer(staging / INDEX_FILE)
+            checksums[INDEX_FILE] = _sha256(staging / INDEX_FILE)
+        content = hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()
+        created = time.time()
+        version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created)) + "-" + content[:10]
+        manifest = {
+            "format": FORMAT_VERSION,
+            "scope": scope,
+            "version": version,
+            "created_at": created,
+            "items": len(arrays["item_ids"]),
+            "users": len(arrays["user_ids"]),
+            "dimensions": int(arrays["item_vectors"].shape[1]),
+            "retrieval": "faiss" if index_writer is not None else "exact",
+            "files": checksums,
+            **(extra or {}),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        for path in staging.iterdir():
+            _fsync(path)
+        final = scope_dir / version
+        if final.exists():  # same content published twice: keep the existing copy
+            shutil.rmtree(staging)
+        else:
+            staging.rename(final)
+        _fsync(scope_dir)
+        pointer_tmp = scope_dir / f".{POINTER}.{os.getpid()}"
+        pointer_tmp.write_text(version + "\n")
+        _fsync(pointer_tmp)
+        os.replace(pointer_tmp, scope_dir / POINTER)
+        _fsync(scope_dir)
+        return version
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def current_version(root: Path, scope: str) -> str | None:
+    """The version the scope's pointer names, or None if nothing was published."""
+    try:
+        return (root / scope / POINTER).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def published_scopes(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / POINTER).is_file())
+
+
+def load(path: Path) -> Snapshot:
+    """Load and verify the snapshot directory ``path``; raise SnapshotError if anything is off."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"{path}: unreadable manifest: {exc}") from exc
+    if manifest.get("format") != FORMAT_VERSION:
+        raise SnapshotError(f"{path}: unsupported snapshot format {manifest.get('format')!r}")
+    files: dict[str, str] = manifest.get("files", {})
+    for name in [f"{a}.npy" for a in ARRAYS]:
+        if name not in files:
+            raise SnapshotError(f"{path}: manifest lists no {name}")
+    for name, expected in files.items():
+        try:
+            actual = _sha256(path / name)
+        except OSError as exc:
+            raise SnapshotError(f"{path}: {name} unreadable: {exc}") from exc
+        if actual != expected:
+            raise SnapshotError(f"{path}: {name} fails its checksum")
+    try:
+        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"{path}: unreadable array: {exc}") from exc
+    _check_arrays(arrays)
+    vectors = np.ascontiguousarray(arrays["item_vectors"], dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    popularity = arrays["item_popularity"]
+    # stable sort of -popularity over ID-ordered positions: ties keep ID order
+    popular = np.argsort(-np.asarray(popularity, dtype=np.float64), kind="stable").astype(np.int64)
+    return Snapshot(
+        scope=manifest["scope"],
+        version=manifest["version"],
+        path=path,
+        manifest=manifest,
+        item_ids=arrays["item_ids"],
+        item_vectors=vectors,
+        item_bias=np.ascontiguousarray(arrays["item_bias"], dtype=np.float32),
+        item_popularity=np.asarray(popularity, dtype=np.float32),
+        user_ids=arrays["user_ids"],
+        user_vectors=np.ascontiguousarray(arrays["user_vectors"], dtype=np.float32),
+        user_features=arrays["user_features"],
+        seen_indptr=np.asarray(arrays["seen_indptr"], dtype=np.int64),
+        seen_indices=np.asarray(arrays["seen_indices"], dtype=np.int64),
+        item_unit=unit.astype(np.float32),
+        zero_bias=np.zeros(len(vectors), dtype=np.float32),
+        popular=popular,
+    )
+
+
+def load_current(root: Path, scope: str) -> Snapshot:
+    version = current_version(root, scope)
+    if version is None:
+        raise SnapshotError(f"scope {scope!r} has no published snapshot under {root}")
+    return load(root / scope / version)
+
+
+def prune(root: Path, scope: str, keep: int = 3) -> list[str]:
+    """Remove all but the newest ``keep`` snapshots of a scope (never the current one)."""
+    scope_dir = root / scope
+    current = current_version(root, scope)
+    if not scope_dir.is_dir():
+        return []
+    versions = sorted(
+        (p for p in scope_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.name,
+        reverse=True,
+    )
+    removed = []
+    for path in versions[keep:]:
+        if path.name != current:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    for leftover in scope_dir.glob(".staging-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return removed

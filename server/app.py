@@ -1,0 +1,243 @@
+"""Wiring: the application state, the gRPC server and its lifecycle.
+
+    create_server(app) -> (server, port)     interceptors: ErrorInterceptor → AuthInterceptor
+    serve(config)                            start → warm → SERVING; SIGTERM → NOT_SERVING → drain
+
+Health stays NOT_SERVING until every published snapshot is loaded and every kernel has been
+compiled and run once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import faiss
+import grpc
+import numpy as np
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from features.cache import RankCache
+from features.errors import SnapshotError, StoreUnavailable
+from features.postgres import PgStore
+from ranking import kernels, snapshot
+from ranking.pipeline import EMPTY, LoadedScope, Ranker
+from server.api import privrank_pb2 as pb
+from server.api import privrank_pb2_grpc as rpc
+from server.config import Config
+from server.interceptors import AuthInterceptor, ErrorInterceptor
+from server.metrics import ServiceMetrics
+from server.optout import OptOutRegistry
+from server.services import AdminService, RankingService, SettingsService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(
+    pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Ranking", "Settings", "Admin")
+)
+
+
+@dataclass
+class App:
+    """Everything a serving process holds. Built by ``open``, released by ``close``."""
+
+    config: Config
+    database_url: str
+    redis_url: str
+    pg: PgStore
+    cache: RankCache
+    optouts: OptOutRegistry
+    ranker: Ranker
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
+    health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
+    _poller: asyncio.Task[None] | None = None
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @classmethod
+    async def open(cls, config: Config, database_url: str, redis_url: str) -> App:
+        faiss.omp_set_num_threads(1)  # one query per request: threads only add overhead
+        pg = await PgStore.connect(database_url, timeout_s=config.store_timeout_s)
+        cache = RankCache.from_url(
+            redis_url, timeout_s=config.redis_timeout_s, ttl_s=config.cache_ttl_s
+        )
+        optouts = OptOutRegistry(
+            pg, refresh_s=config.optout_refresh_s, max_staleness_s=config.optout_max_staleness_s
+        )
+        ranker = Ranker(
+            cache,
+            optouts,
+            personalization_enabled=config.personalization_enabled,
+            cache_timeout_s=config.redis_timeout_s,
+        )
+        return cls(config, database_url, redis_url, pg, cache, optouts, ranker)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def warm(self) -> None:
+        """Compile every kernel, start the opt-out view, load every snapshot; then SERVING."""
+        await asyncio.to_thread(kernels.warm_up)
+        await self.optouts.start()
+        await self.reload()
+        self._poller = asyncio.create_task(self._poll(), name="snapshot-poll")
+        await self.set_serving(True)
+
+    async def reload(self) -> dict[str, str]:
+        """Load any newly published snapshot, warm it off the request path, and swap it in.
+
+        A snapshot that fails verification is refused; the scope keeps serving the old one.
+        Returns scope → version now serving.
+        """
+        async with self._reload_lock:
+            root = self.config.snapshot_dir
+            loaded = self.ranker.loaded()
+            for scope in snapshot.published_scopes(root):
+                version = snapshot.current_version(root, scope)
+                if version is None or (
+                    scope in loaded and loaded[scope].snapshot.version == version
+                ):
+                    continue
+                try:
+                    fresh = await asyncio.to_thread(_load_warm, root / scope / version)
+                except SnapshotError as exc:
+                    log.error("refusing snapshot %s/%s: %s", scope, version, exc)
+                    continue
+                self.ranker.install(fresh)
+                log.info("serving scope %s from snapshot %s", scope, version)
+            return {name: ls.snapshot.version for name, ls in self.ranker.loaded().items()}
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.snapshot_poll_s)
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("snapshot poll failed")
+
+    async def forget_cached(self, user_id: str) -> int:
+        """Delete a user's cached rankings; 0 if Redis is unreachable (the ranker never
+        serves them to an opted-out user anyway)."""
+        try:
+            return await self.cache.delete_user(user_id)
+        except StoreUnavailable as exc:
+            log.warning("could not delete cached rankings: %s", exc)
+            return 0
+
+    def child_env(self) -> dict[str, str]:
+        """Environment for job processes started by Admin.RunJob: the same stores."""
+        env = dict(os.environ)
+        env["PRIVRANK_DATABASE_URL"] = self.database_url
+        env["PRIVRANK_REDIS_URL"] = self.redis_url
+        env["PRIVRANK_DATA_DIR"] = str(self.config.data_dir)
+        return env
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        await self.optouts.close()
+        await self.cache.close()
+        await self.pg.close()
+
+
+def _load_warm(path: os.PathLike[str]) -> LoadedScope:
+    loaded = LoadedScope.of(snapshot.load(path))  # type: ignore[arg-type]
+    snap = loaded.snapshot
+    if snap.n_users and snap.n_items:  # touch the pages and the index before serving
+        loaded.retriever.top_k(snap.user_vectors[0], EMPTY, 10)
+        np.asarray(snap.item_vectors).sum()
+    return loaded
+
+
+def create_server(app: App, listen: str | None = None) -> tuple[aio.Server, int]:
+    """A gRPC server with every service, bound but not started. Returns (server, port)."""
+    config = app.config
+    server = aio.server(
+        interceptors=[
+            ErrorInterceptor(app.metrics, config.default_deadline_s),
+            AuthInterceptor(config.signing_keys(), config.token_issuer),
+        ],
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+    rpc.add_RankingServicer_to_server(RankingService(app), server)
+    rpc.add_SettingsServicer_to_server(SettingsService(app), server)
+    rpc.add_AdminServicer_to_server(AdminService(app), server)
+    health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(listen or config.listen)
+    if port == 0:
+        raise OSError(f"could not bind {listen or config.listen}")
+    return server, port
+
+
+async def serve(
+    config: Config, database_url: str, redis_url: str, on_ready: Callable[[int], None] | None = None
+) -> None:
+    """Run until SIGTERM/SIGINT: NOT_SERVING at once, then drain in-flight calls and exit."""
+    app = await App.open(config, database_url, redis_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        server, port = create_server(app)
+        await app.set_serving(False)
+        await server.start()
+        metrics_port = app.metrics.serve_http(config.metrics_listen)
+        log.info("listening on port %d (metrics on %d); warming up", port, metrics_port)
+        await app.warm()
+        log.info(
+            "SERVING: %s",
+            ", ".join(f"{s}={v}" for s, v in (await app.reload()).items())
+            or "no snapshot published yet",
+        )
+        if on_ready is not None:
+            on_ready(port)
+        await stop.wait()
+        log.info(
+            "shutting down: NOT_SERVING, answering for %.1fs more, then draining for up to %.0fs",
+            config.shutdown_delay_s,
+            config.shutdown_grace_s,
+        )
+        await app.set_serving(False)
+        # gRPC core drops calls it has queued but not yet handed to us when stop() begins;
+        # keep answering while clients and balancers see NOT_SERVING and move away
+        await asyncio.sleep(config.shutdown_delay_s)
+        await server.stop(config.shutdown_grace_s)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await app.close()
+
+
+def channel_ready_check(target: str) -> bool:
+    """True if the health service at ``target`` says SERVING (for the Dockerfile probe)."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=2
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

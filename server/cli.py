@@ -1,0 +1,251 @@
+"""The ``privrank`` command: demo, serve, db migrate, import, synth, jobs, token, healthcheck.
+
+Each command reads the one Config, starts the embedded PostgreSQL and Redis when no URL is
+configured, and reports failure as one line on stderr with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from features.cache import RankCache
+from features.errors import JobLocked, PrivrankError
+from features.postgres import PgStore
+from features.schema import DEFAULT_SCOPE, validate_scope
+from server import embedded
+from server.auth import mint_token
+from server.config import Config
+
+log = logging.getLogger("privrank")
+
+EXIT_FAILURE = 1
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the lock; cron may retry later
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="privrank", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="embedded stores + synthetic data + nightly jobs + serve")
+    demo.add_argument("--users", type=int, default=2000)
+    demo.add_argument("--items", type=int, default=1000)
+    demo.add_argument("--events", type=int, default=60_000)
+
+    sub.add_parser("serve", help="run the gRPC server (config from the environment)")
+
+    db = sub.add_parser("db", help="database schema")
+    db.add_argument("action", choices=["migrate"])
+
+    imp = sub.add_parser("import", help="bulk-load interactions from CSV/TSV")
+    imp.add_argument("kind", choices=["interactions"])
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--scope", default=DEFAULT_SCOPE)
+    imp.add_argument("--user-col", default="user_id")
+    imp.add_argument("--item-col", default="item_id")
+    imp.add_argument("--value-col", default="value")
+    imp.add_argument("--time-col", default="timestamp")
+    imp.add_argument("--event-col", default="event_type")
+    imp.add_argument("--sep", default=",", help="field separator; '\\t' or 'tab' for TSV")
+
+    synth = sub.add_parser("synth", help="generate seeded synthetic interactions")
+    synth.add_argument("--users", type=int, required=True)
+    synth.add_argument("--items", type=int, required=True)
+    synth.add_argument("--events", type=int, required=True)
+    synth.add_argument("--scope", default=DEFAULT_SCOPE)
+    synth.add_argument("--seed", type=int, default=7)
+
+    from jobs.runner import JOB_NAMES
+
+    jobs = sub.add_parser("jobs", help="batch jobs (cron)")
+    jobs.add_argument("name", choices=JOB_NAMES)
+    jobs.add_argument("--scope", default=None, help="one scope (default: every scope with data)")
+
+    token = sub.add_parser("token", help="mint a signed bearer token")
+    token.add_argument("--role", required=True, choices=["service", "admin", "user"])
+    token.add_argument("--subject", default="")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+
+    health = sub.add_parser("healthcheck", help="exit 0 if the server reports SERVING")
+    health.add_argument("--target", default=None)
+    return parser
+
+
+@contextlib.asynccontextmanager
+async def _stores(
+    config: Config, urls: embedded.EmbeddedUrls
+) -> AsyncIterator[tuple[PgStore, RankCache]]:
+    pg = await PgStore.connect(urls.database_url, timeout_s=max(config.store_timeout_s, 5.0))
+    cache = RankCache.from_url(
+        urls.redis_url, timeout_s=max(config.redis_timeout_s, 5.0), ttl_s=config.cache_ttl_s
+    )
+    try:
+        await pg.migrate()
+        yield pg, cache
+    finally:
+        await cache.close()
+        await pg.close()
+
+
+async def _import(config: Config, urls: embedded.EmbeddedUrls, args: argparse.Namespace) -> None:
+    from jobs.importer import ColumnMap, read_interactions
+
+    if not args.file.is_file():
+        raise PrivrankError(f"{args.file}: no such file")
+    columns = ColumnMap(
+        args.user_col, args.item_col, args.value_col, args.time_col, args.event_col, args.sep
+    )
+    async with _stores(config, urls) as (pg, _):
+        stored = await pg.insert_event_batches(
+            read_interactions(args.file, validate_scope(args.scope), columns)
+        )
+    print(f"imported {stored} events into scope {args.scope!r}")
+
+
+async def _synth(config: Config, urls: embedded.EmbeddedUrls, args: argparse.Namespace) -> None:
+    from jobs.synth import generate
+
+    scope = validate_scope(args.scope)
+    try:
+        batches = generate(
+            users=args.users, items=args.items, events=args.events, scope=scope, seed=args.seed
+        )
+        async with _stores(config, urls) as (pg, _):
+            stored = await pg.insert_event_batches(batches)
+    except ValueError as exc:
+        raise PrivrankError(str(exc)) from None
+    print(
+        f"generated {stored} events for {args.users} users and {args.items} items "
+        f"in scope {scope!r}"
+    )
+
+
+async def _jobs(config: Config, urls: embedded.EmbeddedUrls, name: str, scope: str | None) -> None:
+    from jobs.runner import run_job
+    from jobs.steps import JobContext
+
+    async with _stores(config, urls) as (pg, cache):
+        for line in await run_job(
+            JobContext(config, pg, cache), name, [validate_scope(scope)] if scope else None
+        ):
+            print(line)
+
+
+async def _migrate(config: Config, urls: embedded.EmbeddedUrls) -> None:
+    async with _stores(config, urls) as (pg, _):
+        applied = await pg.migrate()
+    print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+
+
+def _print_demo_banner(config: Config, port: int) -> None:
+    keys = config.signing_keys()
+    service = mint_token(
+        keys[0], role="service", subject="demo-backend", ttl_s=86400, issuer=config.token_issuer
+    )
+    admin = mint_token(
+        keys[0], role="admin", subject="demo-admin", ttl_s=86400, issuer=config.token_issuer
+    )
+    host = config.listen.rpartition(":")[0]
+    print(
+        f"\nprivrank is SERVING on {host}:{port}\n\n"
+        f"service token:\n  {service}\n\nadmin token:\n  {admin}\n\n"
+        "try:\n"
+        f"  grpcurl -plaintext -H 'authorization: Bearer {service}' \\\n"
+        f'    -d \'{{"user_id": "u1", "limit": 5}}\' {host}:{port} '
+        "privrank.v1.Ranking/Recommend\n\n"
+        "Ctrl-C stops the server and the embedded PostgreSQL and Redis.\n",
+        flush=True,
+    )
+
+
+async def _demo(config: Config, urls: embedded.EmbeddedUrls, args: argparse.Namespace) -> None:
+    from jobs.runner import run_job
+    from jobs.steps import JobContext
+    from jobs.synth import generate
+    from server.app import serve
+
+    async with _stores(config, urls) as (pg, cache):
+        if DEFAULT_SCOPE not in await pg.scopes():
+            print(
+                f"generating synthetic data: {args.users} users, {args.items} items, "
+                f"{args.events} events",
+                flush=True,
+            )
+            await pg.insert_event_batches(
+                generate(
+                    users=args.users, items=args.items, events=args.events, scope=DEFAULT_SCOPE
+                )
+            )
+        print("running the nightly jobs", flush=True)
+        for line in await run_job(JobContext(config, pg, cache), "nightly", [DEFAULT_SCOPE]):
+            print("  " + line, flush=True)
+    await serve(
+        config,
+        urls.database_url,
+        urls.redis_url,
+        on_ready=lambda port: _print_demo_banner(config, port),
+    )
+
+
+async def _serve(config: Config, urls: embedded.EmbeddedUrls) -> None:
+    from server.app import serve
+
+    async with _stores(config, urls):
+        pass  # the schema is migrated before the server takes traffic
+    await serve(config, urls.database_url, urls.redis_url)
+
+
+def _healthcheck(config: Config, target: str | None) -> int:
+    from server.app import channel_ready_check
+
+    return 0 if channel_ready_check(target or config.listen) else EXIT_FAILURE
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = Config.from_env()
+        logging.basicConfig(
+            level=config.log_level.upper(),
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        logging.getLogger("pgserver").setLevel(logging.WARNING)
+        if args.command == "token":
+            print(
+                mint_token(
+                    config.signing_keys()[0],
+                    role=args.role,
+                    subject=args.subject,
+                    ttl_s=args.ttl,
+                    issuer=config.token_issuer,
+                )
+            )
+            return 0
+        if args.command == "healthcheck":
+            return _healthcheck(config, args.target)
+        commands: dict[str, Callable[[embedded.EmbeddedUrls], Coroutine[Any, Any, None]]] = {
+            "demo": lambda urls: _demo(config, urls, args),
+            "serve": lambda urls: _serve(config, urls),
+            "db": lambda urls: _migrate(config, urls),
+            "import": lambda urls: _import(config, urls, args),
+            "synth": lambda urls: _synth(config, urls, args),
+            "jobs": lambda urls: _jobs(config, urls, args.name, args.scope),
+        }
+        with embedded.services(config.data_dir, config.database_url, config.redis_url) as urls:
+            asyncio.run(commands[args.command](urls))
+        return 0
+    except JobLocked as exc:
+        print(f"privrank: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except PrivrankError as exc:
+        print(f"privrank: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

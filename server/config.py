@@ -1,0 +1,148 @@
+"""The one typed configuration object, read once at start-up from a mapping (the environment).
+
+Nothing else in privrank reads ``os.environ``. Every key is validated here and a bad value fails
+fast with the key's name. Secrets are masked in ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from features.errors import ConfigError
+
+PREFIX = "PRIVRANK_"
+
+
+def _parse_bool(key: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{key}: expected true/false, got {raw!r}")
+
+
+def _parse_address(key: str, raw: str) -> str:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {raw!r}")
+    return raw
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings of a privrank process. Units are in the field names."""
+
+    data_dir: Path = Path(".privrank")
+    database_url: str | None = field(default=None, repr=False)
+    redis_url: str | None = field(default=None, repr=False)
+    listen: str = "127.0.0.1:50051"
+    metrics_listen: str = "127.0.0.1:9464"
+    auth_secret: str | None = field(default=None, repr=False)
+    previous_auth_secret: str | None = field(default=None, repr=False)
+    token_issuer: str = "privrank"
+    personalization_enabled: bool = True
+    default_deadline_s: float = 1.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_concurrent_rpcs: int = 256
+    shutdown_delay_s: float = 2.0  # NOT_SERVING but still answering, so balancers move away
+    shutdown_grace_s: float = 10.0  # then in-flight calls get this long to finish
+    store_timeout_s: float = 2.0
+    redis_timeout_s: float = 0.05
+    cache_ttl_s: int = 24 * 3600
+    optout_refresh_s: float = 5.0
+    optout_max_staleness_s: float = 30.0
+    snapshot_poll_s: float = 5.0
+    precompute_top_k: int = 100
+    embedding_dim: int = 32
+    exact_search_max_items: int = 50_000
+    ranks_retention_h: int = 24
+    features_retention_d: int = 30
+    events_retention_d: int = 0  # 0 keeps events forever
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        """Build from ``PRIVRANK_*`` keys of ``env`` (default: the process environment)."""
+        source = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            key = PREFIX + f.name.upper()
+            raw = source.get(key)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(key, f.type, raw)
+        config = cls(**values)  # type: ignore[arg-type]
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        _parse_address(PREFIX + "LISTEN", self.listen)
+        _parse_address(PREFIX + "METRICS_LISTEN", self.metrics_listen)
+        positive = {
+            "DEFAULT_DEADLINE_S": self.default_deadline_s,
+            "MAX_MESSAGE_BYTES": self.max_message_bytes,
+            "MAX_CONCURRENT_RPCS": self.max_concurrent_rpcs,
+            "STORE_TIMEOUT_S": self.store_timeout_s,
+            "REDIS_TIMEOUT_S": self.redis_timeout_s,
+            "CACHE_TTL_S": self.cache_ttl_s,
+            "OPTOUT_REFRESH_S": self.optout_refresh_s,
+            "OPTOUT_MAX_STALENESS_S": self.optout_max_staleness_s,
+            "PRECOMPUTE_TOP_K": self.precompute_top_k,
+            "EMBEDDING_DIM": self.embedding_dim,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{PREFIX}{name}: must be positive, got {value}")
+        if self.optout_max_staleness_s < self.optout_refresh_s:
+            raise ConfigError(f"{PREFIX}OPTOUT_MAX_STALENESS_S must be >= OPTOUT_REFRESH_S")
+        if self.database_url and not self.database_url.startswith(("postgres://", "postgresql://")):
+            raise ConfigError(f"{PREFIX}DATABASE_URL: expected a postgresql:// DSN")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"{PREFIX}REDIS_URL: expected a redis:// or unix:// URL")
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.data_dir / "snapshots"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    def signing_keys(self) -> list[str]:
+        """Keys that verify tokens: the current one first, then the one being rotated out."""
+        current = self.auth_secret or load_or_create_secret(self.data_dir)
+        return [current] + ([self.previous_auth_secret] if self.previous_auth_secret else [])
+
+
+def _convert(key: str, type_name: object, raw: str) -> object:
+    kind = str(type_name)
+    try:
+        if kind == "Path":
+            return Path(raw)
+        if kind == "bool":
+            return _parse_bool(key, raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}: expected a {kind}, got {raw!r}") from None
+    return raw
+
+
+def load_or_create_secret(data_dir: Path) -> str:
+    """The signing key kept in the data dir, generated (mode 0600) on first use."""
+    path = data_dir / "auth_secret"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret)
+    return secret

@@ -1,0 +1,156 @@
+"""The interceptor chain, outermost first:
+
+    ErrorInterceptor  request id, deadline budget, metrics; the error tree → gRPC status
+    AuthInterceptor   bearer token → Principal, checked against auth.POLICY
+
+Unary handlers are wrapped; streaming methods are only the public health and reflection ones.
+An unexpected exception becomes INTERNAL with a generic message and the request id; its details
+go to the server log only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from features import errors
+from server.auth import ANONYMOUS, PUBLIC_METHODS, Principal, authorize
+from server.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[errors.PrivrankError], grpc.StatusCode] = {
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.NotReady: grpc.StatusCode.UNAVAILABLE,
+    errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.JobLocked: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.JobError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SnapshotError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def status_for(exc: errors.PrivrankError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+@dataclass(frozen=True, slots=True)
+class RequestScope:
+    request_id: str
+    deadline: float  # time.monotonic() value after which no new work starts
+    principal: Principal = ANONYMOUS
+
+
+_CURRENT: contextvars.ContextVar[RequestScope] = contextvars.ContextVar("privrank_request")
+
+
+def current() -> RequestScope:
+    """The scope of the request being handled (request id, deadline, principal)."""
+    return _CURRENT.get()
+
+
+Behavior = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
+
+
+def _wrap_unary(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior]) -> Any:
+    if handler is None or handler.unary_unary is None:
+        return handler
+    return grpc.unary_unary_rpc_method_handler(
+        wrap(handler.unary_unary),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class ErrorInterceptor(aio.ServerInterceptor):
+    def __init__(self, metrics: ServiceMetrics, default_deadline_s: float) -> None:
+        self._metrics = metrics
+        self._default_deadline_s = default_deadline_s
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
+    ) -> Any:
+        method = details.method
+        handler = await continuation(details)
+
+        def wrap(inner: Behavior) -> Behavior:
+            async def behavior(request: Any, context: aio.ServicerContext) -> Any:
+                started = time.monotonic()
+                remaining = context.time_remaining()
+                budget = self._default_deadline_s if remaining is None else max(remaining, 0.0)
+                scope = RequestScope(uuid.uuid4().hex[:16], started + budget)
+                token = _CURRENT.set(scope)
+                code = grpc.StatusCode.OK
+                try:
+                    async with asyncio.timeout(budget):
+                        return await inner(request, context)
+                except errors.PrivrankError as exc:
+                    code = status_for(exc)
+                    if code is grpc.StatusCode.INTERNAL:
+                        log.error("request %s %s failed: %s", scope.request_id, method, exc)
+                        await context.abort(code, f"internal error (request id {scope.request_id})")
+                    await context.abort(code, str(exc))
+                except TimeoutError:
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    await context.abort(code, f"deadline of {budget:.3f}s exceeded")
+                except aio.AbortError:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                except Exception:
+                    code = grpc.StatusCode.INTERNAL
+                    log.exception("request %s %s failed", scope.request_id, method)
+                    await context.abort(code, f"internal error (request id {scope.request_id})")
+                finally:
+                    _CURRENT.reset(token)
+                    self._metrics.observe_rpc(method, code.name, time.monotonic() - started)
+
+            return behavior
+
+        return _wrap_unary(handler, wrap)
+
+
+class AuthInterceptor(aio.ServerInterceptor):
+    def __init__(self, keys: list[str], issuer: str) -> None:
+        self._keys = keys
+        self._issuer = issuer
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
+    ) -> Any:
+        method = details.method
+        handler = await continuation(details)
+        if method in PUBLIC_METHODS or handler is None:
+            return handler
+        if handler.unary_unary is None:  # no private streaming RPC exists; refuse any
+            return None
+        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+
+        def wrap(inner: Behavior) -> Behavior:
+            async def behavior(request: Any, context: aio.ServicerContext) -> Any:
+                principal = authorize(method, metadata, self._keys, self._issuer)
+                scope = _CURRENT.get()
+                token = _CURRENT.set(RequestScope(scope.request_id, scope.deadline, principal))
+                try:
+                    return await inner(request, context)
+                finally:
+                    _CURRENT.reset(token)
+
+            return behavior
+
+        return _wrap_unary(handler, wrap)

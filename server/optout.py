@@ -1,0 +1,102 @@
+"""The opted-out set each server process keeps in memory.
+
+Kept current by PostgreSQL LISTEN/NOTIFY (a trigger announces every settings change) and a
+periodic full re-read. If the set has not been confirmed against PostgreSQL within
+``max_staleness_s`` it fails closed: nobody is personalized until it is confirmed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from features.errors import StoreUnavailable
+from features.postgres import PgStore
+
+log = logging.getLogger(__name__)
+
+
+class OptOutRegistry:
+    def __init__(self, pg: PgStore, *, refresh_s: float, max_staleness_s: float) -> None:
+        self._pg = pg
+        self._refresh_s = refresh_s
+        self._max_staleness_s = max_staleness_s
+        self._opted_out: set[str] = set()
+        self._changes_during_read: dict[str, bool] = {}
+        self._confirmed_at = float("-inf")
+        self._stop_listening: Callable[[], Awaitable[None]] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- the view the ranker reads ------------------------------------------------------
+
+    @property
+    def fresh(self) -> bool:
+        return time.monotonic() - self._confirmed_at <= self._max_staleness_s
+
+    def personalization_allowed(self, user_id: str) -> bool:
+        return self.fresh and user_id not in self._opted_out
+
+    def apply(self, user_id: str, enabled: bool) -> None:
+        """Record one settings change (from NOTIFY, or from this process's own update)."""
+        self._changes_during_read[user_id] = enabled
+        if enabled:
+            self._opted_out.discard(user_id)
+        else:
+            self._opted_out.add(user_id)
+
+    @property
+    def size(self) -> int:
+        return len(self._opted_out)
+
+    # -- keeping it current -------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Re-read the whole set; changes notified while reading are applied on top."""
+        self._changes_during_read = {}
+        started = time.monotonic()
+        opted_out = await self._pg.opted_out_users()
+        for user_id, enabled in self._changes_during_read.items():
+            if enabled:
+                opted_out.discard(user_id)
+            else:
+                opted_out.add(user_id)
+        self._opted_out = opted_out
+        # a listener that is down may have missed changes: only a live one keeps us fresh
+        self._confirmed_at = started
+
+    async def _listen(self) -> None:
+        if self._stop_listening is None:
+            self._stop_listening = await self._pg.listen_settings(self.apply)
+
+    async def start(self) -> None:
+        try:
+            await self._listen()
+            await self.refresh()
+        except StoreUnavailable as exc:
+            log.error("opt-out state unconfirmed, failing closed: %s", exc)
+        self._task = asyncio.create_task(self._run(), name="optout-refresh")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            try:
+                await self._listen()
+                await self.refresh()
+            except StoreUnavailable as exc:
+                if self._stop_listening is not None:
+                    with contextlib.suppress(Exception):
+                        await self._stop_listening()
+                    self._stop_listening = None
+                level = logging.WARNING if self.fresh else logging.ERROR
+                log.log(level, "opt-out refresh failed (fresh=%s): %s", self.fresh, exc)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._stop_listening is not None:
+            await self._stop_listening()

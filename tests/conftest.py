@@ -1,0 +1,156 @@
+"""Shared fixtures: real PostgreSQL and Redis, a migrated database, a seeded scope.
+
+With ``PRIVRANK_TEST_DATABASE_URL`` / ``PRIVRANK_TEST_REDIS_URL`` set (CI sets both) the tests
+use those servers; otherwise they start the embedded ones. Either way the session creates its
+own database, uses its own Redis key prefix space in the given db, and removes both at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import redis
+
+from features.cache import RankCache
+from features.postgres import PgStore
+from server import embedded
+from server.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED_USERS, SEED_ITEMS, SEED_EVENTS = 200, 120, 5000
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def stores_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stores")
+
+
+@pytest.fixture(scope="session")
+def server_pg_url(stores_dir: Path) -> Iterator[str]:
+    """A PostgreSQL server: the configured test one, or an embedded one for this session."""
+    url = os.environ.get("PRIVRANK_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    with embedded.embedded_postgres(stores_dir) as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+async def pg_url(server_pg_url: str) -> AsyncIterator[str]:
+    """A fresh database of this test session, dropped at the end."""
+    name = f"privrank_test_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(server_pg_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield _with_database(server_pg_url, name)
+    finally:
+        admin = await asyncpg.connect(server_pg_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(stores_dir: Path) -> Iterator[str]:
+    """A Redis database; every privrank key in it is removed at the end of the session."""
+    url = os.environ.get("PRIVRANK_TEST_REDIS_URL")
+    with contextlib.ExitStack() as stack:
+        if not url:
+            url = stack.enter_context(embedded.embedded_redis(stores_dir))
+        yield url
+        client = redis.Redis.from_url(url)
+        for key in client.scan_iter(match="privrank:*", count=1000):
+            client.delete(key)
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def config(data_dir: Path, pg_url: str, redis_url: str) -> Config:
+    return Config.from_env(
+        {
+            "PRIVRANK_DATA_DIR": str(data_dir),
+            "PRIVRANK_DATABASE_URL": pg_url,
+            "PRIVRANK_REDIS_URL": redis_url,
+            "PRIVRANK_LISTEN": "127.0.0.1:0",
+            "PRIVRANK_METRICS_LISTEN": "127.0.0.1:0",
+            "PRIVRANK_AUTH_SECRET": "test-secret-" + "x" * 32,
+            "PRIVRANK_DEFAULT_DEADLINE_S": "5",
+            "PRIVRANK_SNAPSHOT_POLL_S": "3600",
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+async def pg(pg_url: str) -> AsyncIterator[PgStore]:
+    store = await PgStore.connect(pg_url, timeout_s=10)
+    await store.migrate()
+    yield store
+    await store.close()
+
+
+@pytest.fixture(scope="session")
+async def cache(redis_url: str) -> AsyncIterator[RankCache]:
+    store = RankCache.from_url(redis_url, timeout_s=5, ttl_s=3600)
+    yield store
+    await store.close()
+
+
+def cli_env(config: Config) -> dict[str, str]:
+    """Environment for running the ``privrank`` CLI against the test stores."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVRANK_")}
+    env.update(
+        {
+            "PRIVRANK_DATA_DIR": str(config.data_dir),
+            "PRIVRANK_DATABASE_URL": str(config.database_url),
+            "PRIVRANK_REDIS_URL": str(config.redis_url),
+            "PRIVRANK_AUTH_SECRET": str(config.auth_secret),
+            "PRIVRANK_LISTEN": config.listen,
+            "PRIVRANK_METRICS_LISTEN": config.metrics_listen,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def privrank(
+    config: Config, *args: str, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``privrank`` CLI (this interpreter's) against the test stores."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())", *args],
+        env=cli_env(config),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"privrank {' '.join(args)} exited {result.returncode}:\n"
+            f"{result.stdout}\n{result.stderr}"
+        )
+    return result

@@ -1,0 +1,272 @@
+"""The ``privrank`` commands as cron and operators run them: real processes, real stores."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from features.postgres import PgStore
+from ranking import snapshot
+from server.api import privrank_pb2 as pb
+from server.api import privrank_pb2_grpc as rpc
+from server.config import Config
+from tests.conftest import ROOT, cli_env, privrank
+
+SCOPE = "cli"
+
+
+def _write_csv(path: Path, rows: list[str], header: str = "user,item,ts,kind") -> Path:
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def imported(config: Config, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Interactions imported through the CLI into the ``cli`` scope, and one nightly run."""
+    privrank(
+        config,
+        "synth",
+        "--users",
+        "150",
+        "--items",
+        "90",
+        "--events",
+        "4000",
+        "--scope",
+        SCOPE,
+        "--seed",
+        "5",
+    )
+    path = tmp_path_factory.mktemp("csv") / "extra.tsv"
+    rows = [f"u{n}\ti{n % 7}\t2026-01-0{1 + n % 9}T10:00:00Z\tclick" for n in range(40)]
+    _write_csv(path, rows, header="user\titem\tts\tkind")
+    result = privrank(
+        config,
+        "import",
+        "interactions",
+        str(path),
+        "--scope",
+        SCOPE,
+        "--user-col",
+        "user",
+        "--item-col",
+        "item",
+        "--time-col",
+        "ts",
+        "--event-col",
+        "kind",
+        "--sep",
+        "\\t",
+    )
+    assert "imported 40 events" in result.stdout
+    privrank(config, "jobs", "nightly", "--scope", SCOPE)
+    return SCOPE
+
+
+def test_migrate_is_idempotent(config: Config) -> None:
+    privrank(config, "db", "migrate")
+    assert "up to date" in privrank(config, "db", "migrate").stdout
+
+
+def test_token_is_minted_with_the_configured_key(config: Config) -> None:
+    from server.auth import Role, verify_token
+
+    token = privrank(config, "token", "--role", "user", "--subject", "u1", "--ttl", "60")
+    principal = verify_token(token.stdout.strip(), config.signing_keys(), "privrank")
+    assert principal.subject == "u1"
+    assert principal.role is Role.USER
+    refused = privrank(config, "token", "--role", "user", check=False)
+    assert refused.returncode != 0
+    assert "--subject" in refused.stderr
+
+
+async def test_import_rejects_a_bad_file_whole(config: Config, pg: PgStore, tmp_path: Path) -> None:
+    good = [f"u{n},i{n},{1_700_000_000 + n},view" for n in range(5)]
+    cases = {
+        "pii.csv": [*good, "jane@example.com,i1,1700000000,view"],
+        "time.csv": [*good, "u1,i1,yesterday,view"],
+        "type.csv": [*good, "u1,i1,1700000000,teleport"],
+    }
+    for name, rows in cases.items():
+        path = _write_csv(tmp_path / name, rows)
+        result = privrank(
+            config,
+            "import",
+            "interactions",
+            str(path),
+            "--scope",
+            "badfile",
+            "--user-col",
+            "user",
+            "--item-col",
+            "item",
+            "--time-col",
+            "ts",
+            "--event-col",
+            "kind",
+            check=False,
+        )
+        assert result.returncode == 1, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("privrank: error:"), last
+        assert f"{name} line 7" in last, last
+    missing = _write_csv(tmp_path / "cols.csv", good, header="a,b,c,d")
+    result = privrank(
+        config, "import", "interactions", str(missing), "--scope", "badfile", check=False
+    )
+    assert result.returncode == 1
+    assert "no column 'user_id'" in result.stderr
+    assert "badfile" not in await pg.scopes()
+
+
+def test_job_steps_run_alone_and_via_python_m_jobs(config: Config, imported: str) -> None:
+    for step in ("refresh-features", "train", "precompute", "evaluate", "cleanup"):
+        result = privrank(config, "jobs", step, "--scope", imported)
+        assert result.stdout.startswith(f"{step} [{imported}]")
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs", "evaluate", "--scope", imported],
+        env=cli_env(config),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "privrank ndcg@10=" in result.stdout
+
+
+def test_failed_step_exits_non_zero_with_one_line(config: Config) -> None:
+    result = privrank(config, "jobs", "build", "--scope", "never-trained", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("privrank: error: build [never-")
+
+
+async def test_a_second_concurrent_nightly_refuses(
+    config: Config, pg: PgStore, imported: str
+) -> None:
+    async with pg.job_lock():
+        result = await asyncio.to_thread(privrank, config, "jobs", "nightly", check=False)
+    assert result.returncode == 75
+    assert "another privrank job run is in progress" in result.stderr
+
+
+async def test_killing_a_run_midway_keeps_the_previous_snapshot(
+    config: Config, pg: PgStore, imported: str
+) -> None:
+    root = config.snapshot_dir
+    before = snapshot.current_version(root, imported)
+    assert before is not None
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobs", "nightly", "--scope", imported],
+        env=cli_env(config),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not any(r.name == "train" and r.status == "running" for r in await pg.job_runs(5)):
+            assert process.poll() is None, "the run ended before train started"
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert snapshot.current_version(root, imported) == before
+    assert snapshot.load_current(root, imported).version == before
+    # the next run takes the lock at once and records the killed run as interrupted
+    await asyncio.to_thread(privrank, config, "jobs", "build", "--scope", imported)
+    runs = await pg.job_runs(10)
+    assert any(r.status == "failed" and "interrupted" in r.detail for r in runs)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_serve_drains_in_flight_calls_on_sigterm(
+    config: Config, imported: str, tmp_path: Path
+) -> None:
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    env = cli_env(config) | {
+        "PRIVRANK_LISTEN": f"127.0.0.1:{port}",
+        "PRIVRANK_SHUTDOWN_DELAY_S": "1",
+        "PRIVRANK_SHUTDOWN_GRACE_S": "20",
+    }
+    log_file = log_path.open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from server.cli import main; sys.exit(main())",
+            "serve",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=log_file,
+    )
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 120
+            while True:
+                assert process.poll() is None, log_path.read_text()
+                try:
+                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except aio.AioRpcError:
+                    pass
+                assert time.monotonic() < deadline, "server never became SERVING"
+                await asyncio.sleep(0.2)
+
+            token = privrank(config, "token", "--role", "service").stdout.strip()
+            stub = rpc.RankingStub(channel)
+            metadata = [("authorization", f"Bearer {token}")]
+
+            async def call(n: int) -> grpc.StatusCode:
+                try:
+                    await stub.Recommend(
+                        pb.RecommendRequest(user_id=f"u{n % 150}", scope=SCOPE, limit=50),
+                        metadata=metadata,
+                        timeout=10,
+                    )
+                except aio.AioRpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+            calls = [asyncio.create_task(call(n)) for n in range(300)]
+            await asyncio.sleep(0.01)
+            process.send_signal(signal.SIGTERM)
+            codes = await asyncio.gather(*calls)
+        exit_code = await asyncio.to_thread(process.wait, 60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log_file.close()
+    assert exit_code == 0
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, set(codes)
+    assert codes.count(grpc.StatusCode.OK) > 0
+    log = log_path.read_text()
+    assert log.index("NOT_SERVING") < log.index("draining"), log
+    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with pytest.raises(aio.AioRpcError) as err:
+            await rpc.RankingStub(channel).Recommend(
+                pb.RecommendRequest(user_id="u1"), metadata=metadata, timeout=2
+            )
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,522 @@
+"""End to end through a real gRPC server on a free port, with real PostgreSQL and Redis:
+synthetic interactions → nightly jobs → every RPC."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from features.cache import RankCache
+from features.postgres import PgStore
+from jobs.runner import run_job
+from jobs.steps import JobContext
+from jobs.synth import generate
+from server.api import privrank_pb2 as pb
+from server.api import privrank_pb2_grpc as rpc
+from server.app import App, create_server
+from server.auth import mint_token
+from server.config import Config
+from tests.conftest import SEED_EVENTS, SEED_ITEMS, SEED_USERS
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class Client:
+    app: App
+    channel: aio.Channel
+    ranking: rpc.RankingStub
+    settings: rpc.SettingsStub
+    admin: rpc.AdminStub
+    health: health_pb2_grpc.HealthStub
+    config: Config
+    port: int
+
+    def token(self, role: str, subject: str = "", ttl: int = 600) -> list[tuple[str, str]]:
+        secret = self.config.signing_keys()[0]
+        token = mint_token(
+            secret, role=role, subject=subject, ttl_s=ttl, issuer=self.config.token_issuer
+        )
+        return [("authorization", f"Bearer {token}")]
+
+    @property
+    def svc(self) -> list[tuple[str, str]]:
+        return self.token("service", "backend")
+
+    @property
+    def adm(self) -> list[tuple[str, str]]:
+        return self.token("admin", "ops")
+
+
+@pytest.fixture(scope="module")
+async def seeded(config: Config, pg: PgStore, cache: RankCache) -> JobContext:
+    ctx = JobContext(config, pg, cache)
+    await pg.insert_event_batches(
+        generate(users=SEED_USERS, items=SEED_ITEMS, events=SEED_EVENTS, scope="default", seed=3)
+    )
+    await run_job(ctx, "nightly", ["default"])
+    return ctx
+
+
+@pytest.fixture(scope="module")
+async def client(
+    config: Config, pg_url: str, redis_url: str, seeded: JobContext
+) -> AsyncIterator[Client]:
+    app = await App.open(config, pg_url, redis_url)
+    server, port = create_server(app, "127.0.0.1:0")
+    await app.set_serving(False)
+    await server.start()
+    await app.warm()
+    channel = aio.insecure_channel(f"127.0.0.1:{port}")
+    yield Client(
+        app,
+        channel,
+        rpc.RankingStub(channel),
+        rpc.SettingsStub(channel),
+        rpc.AdminStub(channel),
+        health_pb2_grpc.HealthStub(channel),
+        config,
+        port,
+    )
+    await channel.close()
+    await server.stop(1)
+    await app.close()
+
+
+async def _code(call) -> grpc.StatusCode:
+    with pytest.raises(aio.AioRpcError) as err:
+        await call
+    return err.value.code()
+
+
+async def test_health_is_not_serving_until_warm(
+    config: Config, pg_url: str, redis_url: str, seeded: JobContext
+) -> None:
+    app = await App.open(config, pg_url, redis_url)
+    server, port = create_server(app, "127.0.0.1:0")
+    await app.set_serving(False)
+    await server.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            before = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+            assert before.status == NOT_SERVING
+            await app.warm()
+            for service in ("", "privrank.v1.Ranking", "privrank.v1.Admin"):
+                after = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+                assert after.status == SERVING
+    finally:
+        await server.stop(1)
+        await app.close()
+
+
+async def test_reflection_lists_the_three_services(client: Client) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    def list_services() -> set[str]:
+        # the reflection client is synchronous: run it off the loop that serves it
+        with grpc.insecure_channel(f"127.0.0.1:{client.port}") as channel:
+            return set(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+    services = await asyncio.to_thread(list_services)
+    assert {
+        "privrank.v1.Ranking",
+        "privrank.v1.Settings",
+        "privrank.v1.Admin",
+        "grpc.health.v1.Health",
+    } <= services
+
+
+async def test_recommend_excludes_seen_items_and_is_stable(
+    client: Client, seeded: JobContext
+) -> None:
+    pairs = await seeded.pg.training_pairs("default")
+    for user in ("u1", "u2", "u7"):
+        seen = {i for u, i in zip(pairs.user_ids, pairs.item_ids, strict=True) if u == user}
+        first = await client.ranking.Recommend(
+            pb.RecommendRequest(user_id=user, limit=20), metadata=client.svc
+        )
+        second = await client.ranking.Recommend(
+            pb.RecommendRequest(user_id=user, limit=20), metadata=client.svc
+        )
+        ids = [i.item_id for i in first.items]
+        assert len(ids) == 20
+        assert len(set(ids)) == 20
+        assert not seen & set(ids), f"{user} was recommended items they already saw"
+        assert first.source in (pb.SOURCE_CACHED, pb.SOURCE_LIVE)
+        assert [(i.item_id, i.score) for i in first.items] == [
+            (i.item_id, i.score) for i in second.items
+        ]
+        scores = [i.score for i in first.items]
+        assert scores == sorted(scores, reverse=True)
+        assert first.model_version == client.app.ranker.scope("default").snapshot.version
+        # only IDs and scores on the wire
+        assert {f.name for f, _ in first.items[0].ListFields()} <= {"item_id", "score"}
+
+
+async def test_active_users_are_served_from_the_cache_identically(
+    client: Client, seeded: JobContext
+) -> None:
+    from datetime import UTC, datetime
+
+    active = await seeded.pg.active_users("default", now=datetime.now(UTC))
+    user = active[0]
+    cached = await client.ranking.Recommend(
+        pb.RecommendRequest(user_id=user, limit=10), metadata=client.svc
+    )
+    assert cached.source == pb.SOURCE_CACHED
+    # the same user beyond the cached depth is ranked live, and agrees on the shared prefix
+    live = await client.ranking.Recommend(
+        pb.RecommendRequest(user_id=user, limit=client.config.precompute_top_k + 1),
+        metadata=client.svc,
+    )
+    assert live.source == pb.SOURCE_LIVE
+    assert [i.item_id for i in live.items[:10]] == [i.item_id for i in cached.items]
+
+
+async def test_recommend_honours_exclusions(client: Client) -> None:
+    full = await client.ranking.Recommend(
+        pb.RecommendRequest(user_id="u4", limit=10), metadata=client.svc
+    )
+    drop = [i.item_id for i in full.items[:3]]
+    fewer = await client.ranking.Recommend(
+        pb.RecommendRequest(user_id="u4", limit=10, exclude_item_ids=drop), metadata=client.svc
+    )
+    assert not set(drop) & {i.item_id for i in fewer.items}
+    assert len(fewer.items) == 10
+
+
+async def test_unknown_user_gets_the_popular_ranking(client: Client) -> None:
+    answer = await client.ranking.Recommend(
+        pb.RecommendRequest(user_id="brand-new", limit=5), metadata=client.svc
+    )
+    assert answer.source == pb.SOURCE_POPULAR
+    assert len(answer.items) == 5
+
+
+async def test_opted_out_user_gets_exactly_the_no_history_answer(client: Client) -> None:
+    request = {"limit": 15, "exclude_item_ids": ["i1", "i2"]}
+    nobody = await client.ranking.Recommend(
+        pb.RecommendRequest(user_id="nobody", **request), metadata=client.svc
+    )
+    personal = await client.ranking.Recommend(
+        pb.RecommendRequest(user_id="u9", **request), metadata=client.svc
+    )
+    assert personal.source != pb.SOURCE_POPULAR
+    await client.settings.UpdateSettings(
+        pb.UpdateSettingsRequest(user_id="u9", personalization_enabled=False), metadata=client.svc
+    )
+    try:
+        opted_out = await client.ranking.Recommend(
+            pb.RecommendRequest(user_id="u9", **request), metadata=client.svc
+        )
+        assert opted_out == nobody
+        ranked = await client.ranking.RankCandidates(
+            pb.RankCandidatesRequest(user_id="u9", candidate_item_ids=["i3", "i4", "i5"]),
+            metadata=client.svc,
+        )
+        assert ranked.source == pb.SOURCE_POPULAR
+        assert await client.app.cache.count_user("u9") == 0
+    finally:
+        await client.settings.UpdateSettings(
+            pb.UpdateSettingsRequest(user_id="u9", personalization_enabled=True),
+            metadata=client.svc,
+        )
+    again = await client.ranking.Recommend(
+        pb.RecommendRequest(user_id="u9", **request), metadata=client.svc
+    )
+    assert again.source == pb.SOURCE_LIVE  # cached ranking was deleted on opt-out
+
+
+async def test_global_switch_sends_everyone_the_popular_ranking(client: Client) -> None:
+    off = await client.admin.SetFlags(
+        pb.SetFlagsRequest(personalization_enabled=False), metadata=client.adm
+    )
+    assert not off.personalization_enabled
+    try:
+        answer = await client.ranking.Recommend(
+            pb.RecommendRequest(user_id="u1", limit=5), metadata=client.svc
+        )
+        nobody = await client.ranking.Recommend(
+            pb.RecommendRequest(user_id="nobody", limit=5), metadata=client.svc
+        )
+        assert answer == nobody
+    finally:
+        on = await client.admin.SetFlags(
+            pb.SetFlagsRequest(personalization_enabled=True), metadata=client.adm
+        )
+    assert on.personalization_enabled
+
+
+async def test_rank_candidates_orders_known_candidates(client: Client) -> None:
+    candidates = ["i10", "i20", "i30", "i40", "unknown-item"]
+    answer = await client.ranking.RankCandidates(
+        pb.RankCandidatesRequest(user_id="u2", candidate_item_ids=candidates), metadata=client.svc
+    )
+    ids = [i.item_id for i in answer.items]
+    assert sorted(ids) == ["i10", "i20", "i30", "i40"]
+    top2 = await client.ranking.RankCandidates(
+        pb.RankCandidatesRequest(user_id="u2", candidate_item_ids=candidates, limit=2),
+        metadata=client.svc,
+    )
+    assert [i.item_id for i in top2.items] == ids[:2]
+
+
+async def test_similar_items(client: Client) -> None:
+    answer = await client.ranking.SimilarItems(
+        pb.SimilarItemsRequest(item_id="i3", limit=5), metadata=client.svc
+    )
+    ids = [i.item_id for i in answer.items]
+    assert len(ids) == 5
+    assert "i3" not in ids
+    assert all(-1.0001 <= i.score <= 1.0001 for i in answer.items)
+    code = await _code(
+        client.ranking.SimilarItems(
+            pb.SimilarItemsRequest(item_id="no-such-item"), metadata=client.svc
+        )
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_recorded_events_change_the_next_ranking(client: Client, seeded: JobContext) -> None:
+    scope = "evolving"
+    await seeded.pg.insert_event_batches(
+        generate(users=80, items=60, events=1500, scope=scope, seed=11)
+    )
+    await run_job(seeded, "nightly", [scope])
+    await client.admin.Reload(pb.ReloadRequest(), metadata=client.adm)
+    before = await client.ranking.Recommend(
+        pb.RecommendRequest(user_id="u5", scope=scope, limit=10), metadata=client.svc
+    )
+    top = [i.item_id for i in before.items[:5]]
+    accepted = await client.ranking.RecordEvents(
+        pb.RecordEventsRequest(
+            events=[
+                pb.Event(
+                    user_id="u5",
+                    item_id=item,
+                    scope=scope,
+                    event_type=pb.PURCHASE,
+                    context=pb.EventContext(
+                        session_id="s-new",
+                        device_category="mobile",
+                        country_code="DE",
+                        utc_offset_minutes=60,
+                    ),
+                )
+                for item in top
+            ]
+        ),
+        metadata=client.svc,
+    )
+    assert accepted.accepted == 5
+    await run_job(seeded, "nightly", [scope])
+    reloaded = await client.admin.Reload(pb.ReloadRequest(), metadata=client.adm)
+    assert reloaded.model_versions[scope] != before.model_version
+    after = await client.ranking.Recommend(
+        pb.RecommendRequest(user_id="u5", scope=scope, limit=10), metadata=client.svc
+    )
+    assert after.model_version == reloaded.model_versions[scope]
+    assert not set(top) & {i.item_id for i in after.items}, "purchased items came back"
+    assert [i.item_id for i in after.items] != [i.item_id for i in before.items]
+
+
+async def test_auth_errors(client: Client) -> None:
+    request = pb.RecommendRequest(user_id="u1")
+    assert await _code(client.ranking.Recommend(request)) == grpc.StatusCode.UNAUTHENTICATED
+    forged = mint_token(
+        "another-key-" + "y" * 32, role="admin", subject="x", ttl_s=60, issuer="privrank"
+    )
+    assert (
+        await _code(
+            client.ranking.Recommend(request, metadata=[("authorization", f"Bearer {forged}")])
+        )
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
+    expired = mint_token(
+        client.config.signing_keys()[0],
+        role="service",
+        subject="x",
+        ttl_s=60,
+        issuer="privrank",
+        now=time.time() - 3600,
+    )
+    assert (
+        await _code(
+            client.ranking.Recommend(request, metadata=[("authorization", f"Bearer {expired}")])
+        )
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert (
+        await _code(client.admin.GetMetrics(pb.GetMetricsRequest(), metadata=client.svc))
+        == grpc.StatusCode.PERMISSION_DENIED
+    )
+    user = client.token("user", "u3")
+    assert (
+        await _code(client.ranking.Recommend(request, metadata=user))
+        == grpc.StatusCode.PERMISSION_DENIED
+    )
+    own = await client.settings.GetSettings(pb.GetSettingsRequest(user_id="u3"), metadata=user)
+    assert own.user_id == "u3"
+    assert own.personalization_enabled
+    assert (
+        await _code(client.settings.GetSettings(pb.GetSettingsRequest(user_id="u4"), metadata=user))
+        == grpc.StatusCode.PERMISSION_DENIED
+    )
+
+
+@pytest.mark.parametrize(
+    "request_message",
+    [
+        pb.RecommendRequest(user_id=""),
+        pb.RecommendRequest(user_id="u1", limit=10_000),
+        pb.RecommendRequest(user_id="u1", limit=-1),
+        pb.RecommendRequest(user_id="u1", scope="no-such-scope"),
+        pb.RecommendRequest(user_id="u1", scope="Bad Scope!"),
+        pb.RecommendRequest(user_id="jane.doe@example.com"),
+        pb.RecommendRequest(user_id="u1", exclude_item_ids=["i1"] * 10_001),
+        pb.RecommendRequest(user_id="u1", exclude_item_ids=[""]),
+    ],
+)
+async def test_malformed_recommend_is_invalid_argument(
+    client: Client, request_message: pb.RecommendRequest
+) -> None:
+    with pytest.raises(aio.AioRpcError) as err:
+        await client.ranking.Recommend(request_message, metadata=client.svc)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details()
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        pb.Event(user_id="u1", item_id="i1"),  # no event type
+        pb.Event(user_id="u1", item_id="+44 20 7946 0958", event_type=pb.CLICK),
+        pb.Event(
+            user_id="u1",
+            item_id="i1",
+            event_type=pb.CLICK,
+            context=pb.EventContext(device_category="toaster"),
+        ),
+        pb.Event(
+            user_id="u1",
+            item_id="i1",
+            event_type=pb.CLICK,
+            context=pb.EventContext(country_code="Germany"),
+        ),
+        pb.Event(
+            user_id="u1",
+            item_id="i1",
+            event_type=pb.CLICK,
+            context=pb.EventContext(utc_offset_minutes=5000),
+        ),
+    ],
+)
+async def test_malformed_events_store_nothing(
+    client: Client, seeded: JobContext, event: pb.Event
+) -> None:
+    good = pb.Event(user_id="u-batch", item_id="i1", scope="rejected", event_type=pb.VIEW)
+    event.scope = "rejected"
+    with pytest.raises(aio.AioRpcError) as err:
+        await client.ranking.RecordEvents(
+            pb.RecordEventsRequest(events=[good, event]), metadata=client.svc
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "events[1]" in err.value.details()
+    assert "rejected" not in await seeded.pg.scopes()
+
+
+async def test_export_and_delete_user_data(client: Client) -> None:
+    user = "u12"
+    exported = await client.settings.ExportUserData(
+        pb.ExportUserDataRequest(user_id=user), metadata=client.token("user", user)
+    )
+    assert exported.settings.user_id == user
+    assert sum(c.count for c in exported.event_counts) > 0
+    assert exported.features
+    assert "engagement_score" in exported.features[0].values
+    receipt = await client.settings.DeleteUserData(
+        pb.DeleteUserDataRequest(user_id=user), metadata=client.svc
+    )
+    assert receipt.removed["events"] == sum(c.count for c in exported.event_counts)
+    assert receipt.removed["snapshot"] >= 1
+    answer = await client.ranking.Recommend(
+        pb.RecommendRequest(user_id=user, limit=5), metadata=client.svc
+    )
+    assert answer.source == pb.SOURCE_POPULAR
+    again = await client.settings.DeleteUserData(
+        pb.DeleteUserDataRequest(user_id=user), metadata=client.svc
+    )
+    assert again.removed["events"] == 0
+    assert again.removed["redis"] == 0
+    empty = await client.settings.ExportUserData(
+        pb.ExportUserDataRequest(user_id=user), metadata=client.svc
+    )
+    assert not empty.features
+    assert not empty.event_counts
+    assert empty.cached_rankings == 0
+
+
+async def test_admin_metrics_model_info_and_job_history(client: Client) -> None:
+    await client.ranking.Recommend(pb.RecommendRequest(user_id="u1"), metadata=client.svc)
+    metrics = await client.admin.GetMetrics(pb.GetMetricsRequest(), metadata=client.adm)
+    models = {e.model for e in metrics.offline}
+    assert {"privrank", "popularity"} <= models
+    for evaluation in metrics.offline:
+        for key in ("precision@10", "recall@10", "ndcg@10", "map@10", "coverage@10"):
+            assert 0.0 <= evaluation.values[key] <= 1.0
+    assert metrics.online.requests > 0
+    assert metrics.online.latency_p99_ms >= metrics.online.latency_p50_ms > 0
+    info = await client.admin.GetModelInfo(
+        pb.GetModelInfoRequest(scope="default"), metadata=client.adm
+    )
+    assert info.scopes[0].items == SEED_ITEMS
+    assert info.scopes[0].retrieval == "exact"
+    runs = await client.admin.ListJobRuns(pb.ListJobRunsRequest(limit=50), metadata=client.adm)
+    assert {"refresh-features", "train", "build", "precompute", "evaluate", "cleanup"} <= {
+        r.name for r in runs.runs if r.status == "succeeded"
+    }
+    assert (
+        await _code(client.admin.RunJob(pb.RunJobRequest(name="rm -rf"), metadata=client.adm))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+
+
+async def test_unexpected_errors_become_internal_without_details(
+    config: Config, pg_url: str, redis_url: str
+) -> None:
+    from server.interceptors import ErrorInterceptor
+    from server.metrics import ServiceMetrics
+
+    async def explode(request: bytes, context: aio.ServicerContext) -> bytes:
+        raise RuntimeError("secret internal detail")
+
+    server = aio.server(interceptors=[ErrorInterceptor(ServiceMetrics(), 1.0)])
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "test.Boom", {"Explode": grpc.unary_unary_rpc_method_handler(explode)}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(aio.AioRpcError) as err:
+                await channel.unary_unary("/test.Boom/Explode")(b"")
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert "secret" not in err.value.details()
+        assert "request id" in err.value.details()
+    finally:
+        await server.stop(0)

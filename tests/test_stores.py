@@ -1,0 +1,207 @@
+"""Contract tests of the stores against real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from features.cache import RankCache, pack_ranking, rank_key, unpack_ranking
+from features.errors import JobLocked, StoreUnavailable
+from features.postgres import PgStore
+from features.schema import make_interaction
+
+
+def _scope() -> str:
+    return "t" + uuid.uuid4().hex[:8]
+
+
+def _event(
+    scope: str,
+    user: str,
+    item: str,
+    kind: str = "view",
+    *,
+    days_ago: float = 1.0,
+    session: str = "s1",
+):
+    return make_interaction(
+        scope=scope,
+        user_id=user,
+        item_id=item,
+        event_type=kind,
+        value=1.0,
+        occurred_at=datetime.now(UTC) - timedelta(days=days_ago),
+        session_id=session,
+        device_category="mobile",
+        country="DE",
+        utc_offset_minutes=60,
+    )
+
+
+async def test_migrate_is_idempotent(pg: PgStore) -> None:
+    assert await pg.migrate() == []
+
+
+async def test_events_round_trip_into_training_pairs(pg: PgStore) -> None:
+    scope = _scope()
+    stored = await pg.insert_events(
+        [
+            _event(scope, "a", "x", "view"),
+            _event(scope, "a", "x", "purchase"),
+            _event(scope, "a", "y", "impression"),
+            _event(scope, "b", "y", "dismiss"),
+        ]
+    )
+    assert stored == 4
+    pairs = await pg.training_pairs(scope)
+    got = {
+        (u, i): s for u, i, s in zip(pairs.user_ids, pairs.item_ids, pairs.strength, strict=True)
+    }
+    # impressions are not interactions; a dismissal is "seen" with zero strength
+    assert got == {("a", "x"): pytest.approx(5.0), ("b", "y"): 0.0}
+    assert scope in await pg.scopes()
+
+
+async def test_a_failing_batch_keeps_nothing(pg: PgStore) -> None:
+    scope = _scope()
+
+    def batches():
+        yield [_event(scope, "a", "x")]
+        raise ValueError("bad line")
+
+    with pytest.raises(ValueError, match="bad line"):
+        await pg.insert_event_batches(batches())
+    assert len((await pg.training_pairs(scope)).user_ids) == 0
+    assert scope not in await pg.scopes()
+
+
+async def test_refresh_features_aggregates_in_sql(pg: PgStore) -> None:
+    scope = _scope()
+    await pg.insert_events(
+        [
+            _event(scope, "a", "x", "impression", session="s1"),
+            _event(scope, "a", "x", "click", session="s1"),
+            _event(scope, "a", "y", "impression", session="s2", days_ago=10),
+            _event(scope, "a", "y", "impression", session="s2", days_ago=10),
+        ]
+    )
+    assert await pg.refresh_features(scope, now=datetime.now(UTC)) == 1
+    ids, matrix = await pg.user_features(scope)
+    assert list(ids) == ["a"]
+    row = dict(zip(("engagement", "ctr", "s7", "s30"), matrix[0][:4], strict=False))
+    assert row["ctr"] == pytest.approx(1 / 3)
+    assert row["s7"] == 1
+    assert row["s30"] == 2
+
+
+async def test_settings_default_update_and_optout_set(pg: PgStore) -> None:
+    user = "user-" + uuid.uuid4().hex[:8]
+    default = await pg.get_settings(user)
+    assert default.personalization_enabled
+    assert not default.data_sharing_consent
+    changed = await pg.update_settings(
+        user, personalization_enabled=False, data_sharing_consent=None
+    )
+    assert not changed.personalization_enabled
+    assert not changed.data_sharing_consent
+    assert user in await pg.opted_out_users()
+    kept = await pg.update_settings(user, personalization_enabled=None, data_sharing_consent=True)
+    assert not kept.personalization_enabled
+    assert kept.data_sharing_consent
+
+
+async def test_settings_changes_are_notified(pg: PgStore) -> None:
+    user = "user-" + uuid.uuid4().hex[:8]
+    heard: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()
+    stop = await pg.listen_settings(lambda u, enabled: heard.put_nowait((u, enabled)))
+    try:
+        await pg.update_settings(user, personalization_enabled=False, data_sharing_consent=None)
+        while (got := await asyncio.wait_for(heard.get(), 5))[0] != user:
+            pass
+        assert got == (user, False)
+    finally:
+        await stop()
+
+
+async def test_delete_user_removes_every_row(pg: PgStore) -> None:
+    scope, user = _scope(), "user-" + uuid.uuid4().hex[:8]
+    await pg.insert_events([_event(scope, user, "x"), _event(scope, user, "y")])
+    await pg.refresh_features(scope, now=datetime.now(UTC))
+    await pg.update_settings(user, personalization_enabled=True, data_sharing_consent=True)
+    await pg.replace_ranks(scope, "v1", [(user, ["x"], [1.0])])
+    removed = await pg.delete_user(user)
+    assert removed == {"events": 2, "user_features": 1, "ranks": 1, "user_settings": 1}
+    assert await pg.delete_user(user) == {
+        "events": 0,
+        "user_features": 0,
+        "ranks": 0,
+        "user_settings": 0,
+    }
+    exported = await pg.export_user(user)
+    assert exported == {"features": [], "event_counts": [], "ranks": 0}
+
+
+async def test_job_lock_admits_one_holder(pg: PgStore, pg_url: str) -> None:
+    other = await PgStore.connect(pg_url, timeout_s=5)
+    try:
+        async with pg.job_lock():
+            with pytest.raises(JobLocked, match="in progress"):
+                async with other.job_lock():
+                    pass
+        async with other.job_lock():  # released on exit
+            pass
+    finally:
+        await other.close()
+
+
+async def test_unreachable_postgres_is_store_unavailable() -> None:
+    with pytest.raises(StoreUnavailable):
+        await PgStore.connect("postgresql://nobody@127.0.0.1:1/none", timeout_s=1)
+
+
+def test_ranking_packing_round_trips_and_is_little_endian() -> None:
+    items = np.array([3, 1, 2], dtype=np.int64)
+    scores = np.array([0.5, 0.25, -1.0], dtype=np.float32)
+    raw = pack_ranking(items, scores)
+    # golden bytes: int32 LE position then float32 LE score, per item
+    assert raw[:8] == bytes.fromhex("03000000") + np.float32(0.5).tobytes()
+    got_items, got_scores = unpack_ranking(raw)
+    assert got_items.tolist() == [3, 1, 2]
+    assert got_scores.tolist() == [0.5, 0.25, -1.0]
+
+
+async def test_cache_round_trip_ttl_and_user_deletion(cache: RankCache, redis_url: str) -> None:
+    import redis
+
+    scope = _scope()
+    user, other = "u:" + uuid.uuid4().hex[:6], uuid.uuid4().hex[:6]
+    rankings = [
+        (user, np.array([1, 2]), np.array([0.9, 0.8], np.float32)),
+        (other, np.array([2]), np.array([0.7], np.float32)),
+    ]
+    assert await cache.put_many(scope, "v1", rankings) == 2
+    assert await cache.put_many(scope, "v2", rankings[:1]) == 1
+    hit = await cache.get(scope, "v1", user)
+    assert hit is not None
+    assert hit[0].tolist() == [1, 2]
+    assert await cache.get(scope, "v3", user) is None  # another model version never matches
+    client = redis.Redis.from_url(redis_url)
+    assert 0 < client.ttl(rank_key(scope, "v1", user)) <= 3600
+    client.close()
+    assert await cache.count_user(user) == 2
+    assert await cache.delete_user(user) == 2
+    assert await cache.get(scope, "v1", user) is None
+    assert await cache.get(scope, "v1", other) is not None
+
+
+async def test_unreachable_redis_is_store_unavailable() -> None:
+    dead = RankCache.from_url("redis://127.0.0.1:1/0", timeout_s=0.2, ttl_s=10)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await dead.get("default", "v1", "u1")
+    finally:
+        await dead.close()
