@@ -50,12 +50,16 @@ ENGAGED_EVENTS: tuple[str, ...] = ("click", "view", "complete", "accept", "ratin
 _ID_RE = re.compile(r"[A-Za-z0-9_.:\-/]{1,128}")
 _SCOPE_RE = re.compile(r"[a-z0-9][a-z0-9_\-]{0,62}")
 _EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[A-Za-z]{2,}")
-_PHONE_RE = re.compile(r"^\+?[\d\s().\-]{7,20}$")
+# Phone numbers in international (+...) or North American formatting. Bare digit strings are
+# left alone: numeric IDs are far more common than unformatted phone numbers.
+_PHONE_RE = re.compile(r"\+\d[\d\s().\-]{6,19}|\(?\d{3}\)?[\s.\-]\d{3}[\s.\-]\d{4}")
+# UK and Canadian postcodes in their written form (with the space) and US ZIP+4. A bare
+# five-digit ZIP is indistinguishable from a numeric ID and is not flagged.
 _POSTCODE_RE = re.compile(
-    r"^([A-Z]{1,2}\d[A-Z\d]?\s?\d[A-Z]{2}|\d{5}(-\d{4})?|[A-Z]\d[A-Z]\s?\d[A-Z]\d)$", re.IGNORECASE
+    r"[A-Z]{1,2}\d[A-Z\d]?\s\d[A-Z]{2}|\d{5}-\d{4}|[A-Z]\d[A-Z]\s\d[A-Z]\d", re.IGNORECASE
 )
 _STREET_RE = re.compile(
-    r"\d+\s+\w+(\s+\w+)*\s+(street|st|avenue|ave|road|rd|lane|ln|boulevard|blvd|drive|dr)\b",
+    r"\d+[A-Za-z]?\s+\w+(\s+\w+)*\s+(street|st|avenue|ave|road|rd|lane|ln|boulevard|blvd|drive|dr)\b",
     re.IGNORECASE,
 )
 _COUNTRY_RE = re.compile(r"[A-Z]{2}")
@@ -65,12 +69,9 @@ def check_pii(field: str, value: str) -> None:
     """Raise PiiRejected if ``value`` looks like an email, phone number, address or postcode."""
     if _EMAIL_RE.search(value):
         raise PiiRejected(f"{field}: looks like an email address; send an opaque ID instead")
-    digits = sum(ch.isdigit() for ch in value)
-    if _PHONE_RE.match(value) and digits >= 7 and not value.isdigit():
+    if _PHONE_RE.fullmatch(value.strip()):
         raise PiiRejected(f"{field}: looks like a phone number; send an opaque ID instead")
-    if value.startswith("+") and value[1:].isdigit() and len(value) >= 8:
-        raise PiiRejected(f"{field}: looks like a phone number; send an opaque ID instead")
-    if _STREET_RE.search(value) or _POSTCODE_RE.match(value):
+    if _STREET_RE.search(value) or _POSTCODE_RE.fullmatch(value.strip()):
         raise PiiRejected(f"{field}: looks like a street address or postcode; send an opaque ID")
 
 

@@ -70,6 +70,8 @@ class FaissRetriever:
     def top_k(
         self, query: np.ndarray, excluded: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
+        if k <= 0:
+            return self._exact.top_k(query, excluded, 0)
         wanted = (k + len(excluded)) * self._oversample
         try:
             # faiss's bundled stubs predate SearchParametersHNSW

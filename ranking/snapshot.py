@@ -13,12 +13,14 @@ ordered by user ID and found by binary search.
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +183,7 @@ def publish(
             checksums[INDEX_FILE] = _sha256(staging / INDEX_FILE)
         content = hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()
         created = time.time()
-        version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created)) + "-" + content[:10]
+        version = _version_name(created, content, current_version(root, scope))
         manifest = {
             "format": FORMAT_VERSION,
             "scope": scope,
@@ -212,6 +214,22 @@ def publish(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _version_name(created: float, content: str, current: str | None) -> str:
+    """``YYYYmmddTHHMMSS.ffffffZ-<content hash>``: names sort in publication order, even when
+    the clock stands still or steps back (the stamp is kept past the current version's)."""
+    micros = int(created * 1e6)
+    if current:
+        try:
+            parsed = datetime.strptime(current.split("Z-", 1)[0], "%Y%m%dT%H%M%S.%f")
+        except ValueError:
+            parsed = None  # a name of another format: nothing to order against
+        if parsed is not None:
+            previous = calendar.timegm(parsed.timetuple()) * 1_000_000 + parsed.microsecond
+            micros = max(micros, previous + 1)
+    whole, frac = divmod(micros, 1_000_000)
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(whole))}.{frac:06d}Z-{content[:10]}"
 
 
 def current_version(root: Path, scope: str) -> str | None:

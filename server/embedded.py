@@ -88,6 +88,7 @@ def embedded_redis(data_dir: Path) -> Iterator[str]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C reaches privrank, which stops Redis after draining
     )
     try:
         deadline = time.monotonic() + 10

@@ -1,0 +1,210 @@
+"""Oracle tests of ranking/kernels.py against plain numpy.
+
+Inputs are small integer-valued float32 arrays, so every score is an exact float sum and many
+scores tie exactly; the reference then orders by (-score, position), which is the kernels'
+contract (higher score first, ties to the lower position, i.e. the lower item ID).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from ranking import kernels
+
+SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
+
+# small integers: sums of at most 6 products of |x| <= 3 plus a bias are exact in float32
+SMALL = st.integers(min_value=-3, max_value=3)
+
+# (query float32[d], vectors float32[n, d], bias float32[n], excluded int64[e] sorted, k)
+Problem = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
+
+
+def position_lists(n: int, max_size: int) -> st.SearchStrategy[list[int]]:
+    """Lists of positions in ``range(n)``, duplicates allowed (empty when n is 0)."""
+    if n == 0:
+        return st.just([])
+    return st.lists(st.integers(min_value=0, max_value=n - 1), max_size=max_size)
+
+
+def _float32(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def _positions(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=np.int64)
+
+
+def reference_scores(query: np.ndarray, vectors: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """vectors @ query + bias with the kernel's float32 arithmetic (sequential over d)."""
+    acc = np.zeros(vectors.shape[0], dtype=np.float32)
+    for j in range(vectors.shape[1]):
+        acc = acc + query[j] * vectors[:, j]
+    return acc + bias
+
+
+def reference_topk(
+    query: np.ndarray,
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    allowed: np.ndarray,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` of the ``allowed`` positions (unique), ordered by (-score, position)."""
+    scores = reference_scores(query, vectors, bias)
+    allowed = np.unique(_positions(allowed))
+    picked = scores[allowed]
+    order = np.lexsort((allowed, -picked))[:k]
+    return allowed[order], picked[order]
+
+
+def assert_topk_equal(
+    got: tuple[np.ndarray, np.ndarray], want: tuple[np.ndarray, np.ndarray]
+) -> None:
+    got_items, got_scores = got
+    want_items, want_scores = want
+    assert got_items.dtype == np.int64
+    assert got_scores.dtype == np.float32
+    np.testing.assert_array_equal(got_items, want_items)
+    np.testing.assert_array_equal(got_scores, want_scores)
+
+
+@st.composite
+def problems(draw: st.DrawFn, max_items: int = 24) -> Problem:
+    """A random (query, vectors, bias, excluded, k) with many exact ties."""
+    n = draw(st.integers(min_value=0, max_value=max_items))
+    d = draw(st.integers(min_value=1, max_value=6))
+    vectors = draw(hnp.arrays(np.int8, (n, d), elements=SMALL))
+    query = draw(hnp.arrays(np.int8, (d,), elements=SMALL))
+    bias = draw(hnp.arrays(np.int8, (n,), elements=SMALL))
+    if n and draw(st.booleans()):
+        # every item excluded, some more than once
+        excluded = sorted([*range(n), *draw(position_lists(n, 4))])
+    else:
+        excluded = sorted(draw(position_lists(n, 2 * n)))
+    k = draw(st.integers(min_value=0, max_value=n + 5))
+    return _float32(query), _float32(vectors), _float32(bias), _positions(excluded), k
+
+
+@SETTINGS
+@given(problems())
+def test_topk_dense_matches_numpy(problem: Problem) -> None:
+    query, vectors, bias, excluded, k = problem
+    allowed = np.setdiff1d(np.arange(vectors.shape[0]), excluded)
+    got = kernels.topk_dense(query, vectors, bias, excluded, k)
+    assert_topk_equal(got, reference_topk(query, vectors, bias, allowed, k))
+    assert not np.isin(got[0], excluded).any()
+    assert len(got[0]) == min(k, len(allowed))
+
+
+@SETTINGS
+@given(problems(), st.data())
+def test_topk_candidates_matches_numpy(problem: Problem, data: st.DataObject) -> None:
+    query, vectors, bias, excluded, k = problem
+    n = vectors.shape[0]
+    # unsorted, with duplicates
+    candidates = _positions(data.draw(position_lists(n, 3 * n + 1), label="candidates"))
+    allowed = np.setdiff1d(candidates, excluded)
+    got = kernels.topk_candidates(query, vectors, bias, candidates, excluded, k)
+    assert_topk_equal(got, reference_topk(query, vectors, bias, allowed, k))
+    assert not np.isin(got[0], excluded).any()
+    assert np.isin(got[0], candidates).all()
+    assert len(np.unique(got[0])) == len(got[0]), "a duplicated candidate was returned twice"
+
+
+@SETTINGS
+@given(st.data())
+def test_topk_dense_batch_equals_single_per_row(data: st.DataObject) -> None:
+    n = data.draw(st.integers(min_value=0, max_value=20), label="n")
+    d = data.draw(st.integers(min_value=1, max_value=5), label="d")
+    b = data.draw(st.integers(min_value=0, max_value=6), label="b")
+    vectors = _float32(data.draw(hnp.arrays(np.int8, (n, d), elements=SMALL), label="vectors"))
+    bias = _float32(data.draw(hnp.arrays(np.int8, (n,), elements=SMALL), label="bias"))
+    queries = _float32(data.draw(hnp.arrays(np.int8, (b, d), elements=SMALL), label="queries"))
+    rows = [sorted(data.draw(position_lists(n, n + 2), label=f"excluded[{r}]")) for r in range(b)]
+    indptr = _positions(np.cumsum([0, *map(len, rows)]))
+    indices = _positions([p for row in rows for p in row])
+    k = data.draw(st.integers(min_value=0, max_value=n + 3), label="k")
+
+    out_i, out_s, counts = kernels.topk_dense_batch(queries, vectors, bias, indptr, indices, k)
+
+    width = min(k, n)
+    assert out_i.shape == (b, width)
+    assert out_s.shape == (b, width)
+    assert counts.shape == (b,)
+    for r in range(b):
+        single_i, single_s = kernels.topk_dense(
+            queries[r].copy(), vectors, bias, _positions(rows[r]), k
+        )
+        m = int(counts[r])
+        assert m == len(single_i)
+        np.testing.assert_array_equal(out_i[r, :m], single_i)
+        np.testing.assert_array_equal(out_s[r, :m], single_s)
+        # padding past the row's count
+        assert (out_i[r, m:] == -1).all()
+        assert (out_s[r, m:] == 0).all()
+
+
+def test_topk_dense_real_valued_scores_match_float32_reference() -> None:
+    # non-integer inputs: same float32 summation order, so the scores agree bit for bit
+    rng = np.random.default_rng(7)
+    vectors = _float32(rng.standard_normal((500, 12)))
+    bias = _float32(rng.standard_normal(500) * 0.1)
+    excluded = _positions(np.sort(rng.choice(500, size=40, replace=False)))
+    allowed = np.setdiff1d(np.arange(500), excluded)
+    for _ in range(10):
+        query = _float32(rng.standard_normal(12))
+        got = kernels.topk_dense(query, vectors, bias, excluded, 25)
+        assert_topk_equal(got, reference_topk(query, vectors, bias, allowed, 25))
+
+
+def test_all_equal_scores_return_lowest_positions_first() -> None:
+    # every score is 0: the answer is positions 0..k-1 minus the excluded ones, ascending
+    vectors = np.zeros((10, 3), dtype=np.float32)
+    bias = np.zeros(10, dtype=np.float32)
+    query = np.ones(3, dtype=np.float32)
+    excluded = _positions([0, 0, 2, 7])
+    items, scores = kernels.topk_dense(query, vectors, bias, excluded, 4)
+    np.testing.assert_array_equal(items, [1, 3, 4, 5])
+    np.testing.assert_array_equal(scores, np.zeros(4, dtype=np.float32))
+
+
+def test_hand_computed_example() -> None:
+    # scores = vectors @ query + bias = [1+0, 0+2, 1+1, 2+0, 1-1] = [1, 2, 2, 2, 0]
+    vectors = _float32([[1, 0], [0, 1], [1, 0], [1, 1], [1, 0]])
+    query = _float32([1, 2])
+    bias = _float32([0, 0, 1, -1, -1])
+    none = _positions([])
+    items, scores = kernels.topk_dense(query, vectors, bias, none, 3)
+    # three-way tie at 2 broken by position
+    np.testing.assert_array_equal(items, [1, 2, 3])
+    np.testing.assert_array_equal(scores, [2, 2, 2])
+    items, scores = kernels.topk_dense(query, vectors, bias, _positions([2]), 10)
+    np.testing.assert_array_equal(items, [1, 3, 0, 4])
+    np.testing.assert_array_equal(scores, [2, 2, 1, 0])
+    items, _ = kernels.topk_candidates(query, vectors, bias, _positions([4, 0, 4, 3]), none, 10)
+    np.testing.assert_array_equal(items, [3, 0, 4])
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 50])
+def test_empty_results_have_the_right_types(k: int) -> None:
+    vectors = np.ones((5, 2), dtype=np.float32)
+    bias = np.zeros(5, dtype=np.float32)
+    query = np.ones(2, dtype=np.float32)
+    everything = _positions(range(5))
+    for items, scores in (
+        kernels.topk_dense(query, vectors, bias, everything, k),
+        kernels.topk_candidates(query, vectors, bias, _positions([]), _positions([]), k),
+        kernels.topk_candidates(query, vectors, bias, _positions([1, 1, 3]), everything, k),
+    ):
+        assert items.dtype == np.int64
+        assert scores.dtype == np.float32
+        assert items.shape == scores.shape == (0,)
+
+
+def test_warm_up_runs() -> None:
+    kernels.warm_up()

@@ -1,0 +1,569 @@
+"""Tests of ranking/snapshot.py (publish, load, prune) and ranking/retrieval.py (exact and
+faiss retrievers)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from features.errors import SnapshotError
+from features.schema import FEATURE_NAMES
+from ranking import snapshot
+from ranking.retrieval import (
+    ExactRetriever,
+    FaissRetriever,
+    build_index,
+    retriever_for,
+    write_index,
+)
+
+SCOPE = "books"
+
+
+def make_arrays(
+    n: int = 6, u: int = 3, d: int = 4, seed: int = 0, prefix: str = "i"
+) -> dict[str, np.ndarray]:
+    """A small valid snapshot: n items, u users, d dimensions, every user has seen something."""
+    rng = np.random.default_rng(seed)
+    seen_rows = [sorted(rng.choice(n, size=1 + r % 3, replace=False).tolist()) for r in range(u)]
+    return {
+        "item_ids": np.array(sorted(f"{prefix}{j:03d}" for j in range(n))),
+        "item_vectors": rng.standard_normal((n, d)).astype(np.float32),
+        "item_bias": (rng.random(n) * 0.1).astype(np.float32),
+        "item_popularity": np.array([0.5, 0.9, 0.1, 0.9, 0.0, 0.3][:n] + [0.2] * (n - 6), "f4"),
+        "user_ids": np.array(sorted(f"u{r:03d}" for r in range(u))),
+        "user_vectors": rng.standard_normal((u, d)).astype(np.float32),
+        "user_features": rng.random((u, len(FEATURE_NAMES))).astype(np.float32),
+        "seen_indptr": np.cumsum([0, *map(len, seen_rows)]).astype(np.int64),
+        "seen_indices": np.array([i for row in seen_rows for i in row], dtype=np.int64),
+    }
+
+
+def version_dirs(root: Path, scope: str = SCOPE) -> set[str]:
+    return {p.name for p in (root / scope).iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+
+# ---------------------------------------------------------------------------------------------
+# publish / load
+# ---------------------------------------------------------------------------------------------
+
+
+def test_nothing_published(tmp_path: Path) -> None:
+    assert snapshot.current_version(tmp_path, SCOPE) is None
+    assert snapshot.published_scopes(tmp_path) == []
+    assert snapshot.published_scopes(tmp_path / "missing") == []
+    assert snapshot.prune(tmp_path, SCOPE) == []
+    with pytest.raises(SnapshotError, match="no published snapshot"):
+        snapshot.load_current(tmp_path, SCOPE)
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    arrays = make_arrays()
+    version = snapshot.publish(tmp_path, SCOPE, arrays, extra={"model": "als", "iterations": 3})
+
+    assert snapshot.current_version(tmp_path, SCOPE) == version
+    assert (tmp_path / SCOPE / snapshot.POINTER).read_text().strip() == version
+    assert snapshot.published_scopes(tmp_path) == [SCOPE]
+    assert version_dirs(tmp_path) == {version}
+
+    loaded = snapshot.load_current(tmp_path, SCOPE)
+    assert loaded.scope == SCOPE
+    assert loaded.version == version
+    assert loaded.path == tmp_path / SCOPE / version
+    for name in snapshot.ARRAYS:
+        got, want = getattr(loaded, name), arrays[name]
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        assert got.dtype.kind == want.dtype.kind, name
+    assert loaded.item_vectors.dtype == np.float32
+    assert loaded.seen_indptr.dtype == np.int64
+    assert loaded.n_items == 6
+    assert loaded.n_users == 3
+    assert loaded.dim == 4
+
+    manifest = loaded.manifest
+    assert manifest == json.loads((loaded.path / snapshot.MANIFEST).read_text())
+    assert manifest["format"] == snapshot.FORMAT_VERSION
+    assert manifest["scope"] == SCOPE
+    assert manifest["version"] == version
+    assert manifest["items"] == 6
+    assert manifest["users"] == 3
+    assert manifest["dimensions"] == 4
+    assert manifest["retrieval"] == "exact"
+    assert manifest["model"] == "als"
+    assert manifest["iterations"] == 3
+    assert set(manifest["files"]) == {f"{name}.npy" for name in snapshot.ARRAYS}
+    assert loaded.created_at == manifest["created_at"]
+    assert re.fullmatch(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{10}", version), version
+
+
+def test_loaded_derived_arrays(tmp_path: Path) -> None:
+    arrays = make_arrays()
+    arrays["item_vectors"][2] = 0.0  # a zero vector has a zero unit vector
+    loaded = snapshot.load(tmp_path / SCOPE / snapshot.publish(tmp_path, SCOPE, arrays))
+    norms = np.linalg.norm(loaded.item_unit, axis=1)
+    np.testing.assert_allclose(np.delete(norms, 2), 1.0, rtol=1e-6)
+    assert norms[2] == 0.0
+    assert loaded.item_unit.dtype == np.float32
+    np.testing.assert_array_equal(loaded.zero_bias, np.zeros(6, dtype=np.float32))
+    # popularity [0.5, 0.9, 0.1, 0.9, 0.0, 0.3]: desc, ties (1 and 3) by position
+    np.testing.assert_array_equal(loaded.popular, [1, 3, 0, 5, 2, 4])
+
+
+def test_lookups(tmp_path: Path) -> None:
+    arrays = make_arrays()
+    loaded = snapshot.load(tmp_path / SCOPE / snapshot.publish(tmp_path, SCOPE, arrays))
+    assert loaded.user_position("u001") == 1
+    assert loaded.user_position("u999") is None
+    assert loaded.user_position("") is None
+    assert loaded.item_position("i005") == 5
+    assert loaded.item_position("i006") is None
+    np.testing.assert_array_equal(loaded.item_positions(["i004", "zzz", "i000", "i004"]), [0, 4])
+    assert loaded.item_positions([]).shape == (0,)
+    indptr, indices = arrays["seen_indptr"], arrays["seen_indices"]
+    for u in range(3):
+        np.testing.assert_array_equal(loaded.seen(u), indices[indptr[u] : indptr[u + 1]])
+
+
+def test_publishing_again_moves_current_and_keeps_the_old_version(tmp_path: Path) -> None:
+    first = snapshot.publish(tmp_path, SCOPE, make_arrays(seed=1))
+    second = snapshot.publish(tmp_path, SCOPE, make_arrays(seed=2))
+    assert first != second
+    assert snapshot.current_version(tmp_path, SCOPE) == second
+    assert snapshot.load_current(tmp_path, SCOPE).version == second
+    assert version_dirs(tmp_path) == {first, second}
+    # the old one is intact and loadable until pruned
+    assert snapshot.load(tmp_path / SCOPE / first).version == first
+    removed = snapshot.prune(tmp_path, SCOPE, keep=0)
+    assert removed == [first]
+    assert version_dirs(tmp_path) == {second}
+    assert snapshot.load_current(tmp_path, SCOPE).version == second
+
+
+def test_scopes_are_independent(tmp_path: Path) -> None:
+    books = snapshot.publish(tmp_path, "books", make_arrays(seed=1))
+    films = snapshot.publish(tmp_path, "films", make_arrays(seed=2, n=8))
+    assert snapshot.published_scopes(tmp_path) == ["books", "films"]
+    assert snapshot.load_current(tmp_path, "books").version == books
+    assert snapshot.load_current(tmp_path, "films").n_items == 8
+    assert snapshot.current_version(tmp_path, "films") == films
+
+
+def test_publish_leaves_no_temporary_files(tmp_path: Path) -> None:
+    version = snapshot.publish(tmp_path, SCOPE, make_arrays())
+    assert sorted(p.name for p in (tmp_path / SCOPE).iterdir()) == sorted(
+        [snapshot.POINTER, version]
+    )
+    files = sorted(p.name for p in (tmp_path / SCOPE / version).iterdir())
+    assert files == sorted([snapshot.MANIFEST, *(f"{name}.npy" for name in snapshot.ARRAYS)])
+
+
+def flip_byte(path: Path, offset: int = -1) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["item_vectors.npy", "seen_indices.npy", "item_ids.npy"])
+def test_corrupt_file_is_refused(tmp_path: Path, name: str) -> None:
+    version = snapshot.publish(tmp_path, SCOPE, make_arrays())
+    flip_byte(tmp_path / SCOPE / version / name)
+    with pytest.raises(SnapshotError, match=re.escape(f"{name} fails its checksum")):
+        snapshot.load(tmp_path / SCOPE / version)
+    with pytest.raises(SnapshotError, match=re.escape(f"{name} fails its checksum")):
+        snapshot.load_current(tmp_path, SCOPE)
+
+
+def test_corrupt_header_is_refused(tmp_path: Path) -> None:
+    version = snapshot.publish(tmp_path, SCOPE, make_arrays())
+    flip_byte(tmp_path / SCOPE / version / "item_vectors.npy", offset=20)
+    with pytest.raises(SnapshotError, match="checksum"):
+        snapshot.load_current(tmp_path, SCOPE)
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    version = snapshot.publish(tmp_path, SCOPE, make_arrays())
+    (tmp_path / SCOPE / version / "item_bias.npy").unlink()
+    with pytest.raises(SnapshotError, match=r"item_bias\.npy unreadable"):
+        snapshot.load_current(tmp_path, SCOPE)
+
+
+def test_missing_manifest_is_refused(tmp_path: Path) -> None:
+    version = snapshot.publish(tmp_path, SCOPE, make_arrays())
+    (tmp_path / SCOPE / version / snapshot.MANIFEST).unlink()
+    with pytest.raises(SnapshotError, match="unreadable manifest"):
+        snapshot.load_current(tmp_path, SCOPE)
+
+
+def test_garbled_manifest_is_refused(tmp_path: Path) -> None:
+    version = snapshot.publish(tmp_path, SCOPE, make_arrays())
+    (tmp_path / SCOPE / version / snapshot.MANIFEST).write_text("{not json")
+    with pytest.raises(SnapshotError, match="unreadable manifest"):
+        snapshot.load_current(tmp_path, SCOPE)
+
+
+def test_manifest_of_another_format_is_refused(tmp_path: Path) -> None:
+    version = snapshot.publish(tmp_path, SCOPE, make_arrays())
+    path = tmp_path / SCOPE / version / snapshot.MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["format"] = 99
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotError, match="unsupported snapshot format 99"):
+        snapshot.load_current(tmp_path, SCOPE)
+
+
+def test_manifest_missing_an_array_is_refused(tmp_path: Path) -> None:
+    version = snapshot.publish(tmp_path, SCOPE, make_arrays())
+    path = tmp_path / SCOPE / version / snapshot.MANIFEST
+    manifest = json.loads(path.read_text())
+    del manifest["files"]["user_vectors.npy"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotError, match=r"manifest lists no user_vectors\.npy"):
+        snapshot.load_current(tmp_path, SCOPE)
+
+
+def test_pointer_to_a_missing_version_is_refused(tmp_path: Path) -> None:
+    version = snapshot.publish(tmp_path, SCOPE, make_arrays())
+    shutil.rmtree(tmp_path / SCOPE / version)
+    with pytest.raises(SnapshotError):
+        snapshot.load_current(tmp_path, SCOPE)
+
+
+def bad(arrays: dict[str, np.ndarray], **changes: np.ndarray) -> dict[str, np.ndarray]:
+    return {**arrays, **changes}
+
+
+GOOD = make_arrays()
+BAD_ARRAYS = {
+    "unsorted item_ids": (
+        bad(GOOD, item_ids=GOOD["item_ids"][[1, 0, 2, 3, 4, 5]]),
+        "item_ids must be sorted",
+    ),
+    "duplicate item_ids": (
+        bad(GOOD, item_ids=np.array(["i0", "i1", "i1", "i3", "i4", "i5"])),
+        "item_ids must be sorted and unique",
+    ),
+    "unsorted user_ids": (
+        bad(GOOD, user_ids=np.array(["u2", "u1", "u3"])),
+        "user_ids must be sorted",
+    ),
+    "short item_bias": (bad(GOOD, item_bias=GOOD["item_bias"][:-1]), "item arrays disagree"),
+    "short item_vectors": (
+        bad(GOOD, item_vectors=GOOD["item_vectors"][:-1]),
+        "item arrays disagree",
+    ),
+    "short item_popularity": (
+        bad(GOOD, item_popularity=GOOD["item_popularity"][:-1]),
+        "item_popularity disagrees",
+    ),
+    "short user_vectors": (
+        bad(GOOD, user_vectors=GOOD["user_vectors"][:-1]),
+        "user arrays disagree",
+    ),
+    "short user_features": (
+        bad(GOOD, user_features=GOOD["user_features"][:-1]),
+        "user arrays disagree",
+    ),
+    "dimension mismatch": (
+        bad(GOOD, user_vectors=np.zeros((3, 5), dtype=np.float32)),
+        "differ in dimension",
+    ),
+    "indptr too short": (
+        bad(GOOD, seen_indptr=GOOD["seen_indptr"][:-1]),
+        "seen_indptr does not describe",
+    ),
+    "indptr wrong total": (
+        bad(GOOD, seen_indices=GOOD["seen_indices"][:-1]),
+        "seen_indptr does not describe",
+    ),
+    "integer vectors": (
+        bad(GOOD, item_vectors=GOOD["item_vectors"].astype(np.int64)),
+        "item_vectors: expected kind 'f'",
+    ),
+    "object ids": (
+        bad(GOOD, item_ids=GOOD["item_ids"].astype(object)),
+        "item_ids: expected kind 'U'",
+    ),
+    "1-d vectors": (
+        bad(GOOD, item_vectors=GOOD["item_vectors"].ravel()),
+        "item_vectors: expected kind 'f' with 2 dims",
+    ),
+    "missing array": (
+        {k: v for k, v in GOOD.items() if k != "item_bias"},
+        r"missing arrays: \['item_bias'\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARRAYS)
+def test_bad_arrays_are_refused_at_publish(tmp_path: Path, case: str) -> None:
+    arrays, message = BAD_ARRAYS[case]
+    with pytest.raises(SnapshotError, match=message):
+        snapshot.publish(tmp_path, SCOPE, arrays)
+    assert snapshot.current_version(tmp_path, SCOPE) is None
+    assert not (tmp_path / SCOPE).exists() or not any((tmp_path / SCOPE).iterdir())
+
+
+def test_failing_index_writer_leaves_the_current_snapshot(tmp_path: Path) -> None:
+    version = snapshot.publish(tmp_path, SCOPE, make_arrays(seed=1))
+
+    def broken(path: Path) -> None:
+        path.write_bytes(b"half an index")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        snapshot.publish(tmp_path, SCOPE, make_arrays(seed=2), index_writer=broken)
+    assert snapshot.current_version(tmp_path, SCOPE) == version
+    assert sorted(p.name for p in (tmp_path / SCOPE).iterdir()) == sorted(
+        [snapshot.POINTER, version]
+    )
+
+
+def test_leftover_staging_dir_is_ignored_and_pruned(tmp_path: Path) -> None:
+    version = snapshot.publish(tmp_path, SCOPE, make_arrays(seed=1))
+    # a crashed publish: staging directory with a newer-looking, half-written snapshot
+    staging = tmp_path / SCOPE / ".staging-4242-1"
+    staging.mkdir()
+    np.save(staging / "item_ids.npy", np.array(["x"]))
+    (staging / snapshot.MANIFEST).write_text("{")
+    assert snapshot.current_version(tmp_path, SCOPE) == version
+    assert snapshot.load_current(tmp_path, SCOPE).version == version
+    assert snapshot.published_scopes(tmp_path) == [SCOPE]
+
+    assert snapshot.prune(tmp_path, SCOPE, keep=3) == []
+    assert not staging.exists()
+    assert snapshot.load_current(tmp_path, SCOPE).version == version
+    assert version_dirs(tmp_path) == {version}
+
+
+def test_prune_never_removes_the_current_version(tmp_path: Path) -> None:
+    versions = [snapshot.publish(tmp_path, SCOPE, make_arrays(seed=s)) for s in range(4)]
+    assert len(set(versions)) == 4
+    # roll back to the first one: it is now the oldest *and* the current one
+    (tmp_path / SCOPE / snapshot.POINTER).write_text(versions[0] + "\n")
+    for keep in (3, 1, 0):
+        removed = snapshot.prune(tmp_path, SCOPE, keep=keep)
+        assert versions[0] not in removed
+        assert versions[0] in version_dirs(tmp_path)
+        assert snapshot.load_current(tmp_path, SCOPE).version == versions[0]
+    assert version_dirs(tmp_path) == {versions[0]}
+
+
+def test_prune_keeps_the_newest_by_name(tmp_path: Path) -> None:
+    versions = [snapshot.publish(tmp_path, SCOPE, make_arrays(seed=s)) for s in range(5)]
+    current = versions[-1]
+    newest_two = set(sorted(versions, reverse=True)[:2])
+    removed = snapshot.prune(tmp_path, SCOPE, keep=2)
+    assert version_dirs(tmp_path) == newest_two | {current}
+    assert set(removed) == set(versions) - newest_two - {current}
+    assert snapshot.prune(tmp_path, SCOPE, keep=2) == []
+
+
+def test_prune_keeps_the_newest_published_within_one_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three publishes in the same second get the same timestamp prefix, so their version names
+    # sort by content hash, not by publication order. prune(keep=2) must still keep the two
+    # most recently published ones.
+    scratch = tmp_path / "scratch"
+    by_name = sorted((snapshot.publish(scratch, SCOPE, make_arrays(seed=s)), s) for s in range(3))
+    # publish the highest-named first, then the lowest-named, then the middle one
+    order = [by_name[2][1], by_name[0][1], by_name[1][1]]
+    frozen = types.SimpleNamespace(
+        time=lambda: 1_700_000_000.25,
+        time_ns=time.time_ns,
+        strftime=time.strftime,
+        gmtime=time.gmtime,
+    )
+    monkeypatch.setattr(snapshot, "time", frozen)
+    root = tmp_path / "root"
+    first, second, third = (snapshot.publish(root, SCOPE, make_arrays(seed=s)) for s in order)
+    assert first[:16] == second[:16] == third[:16], "same-second timestamp prefix"
+    assert snapshot.current_version(root, SCOPE) == third
+
+    removed = snapshot.prune(root, SCOPE, keep=2)
+    assert version_dirs(root) == {second, third}, (
+        f"prune(keep=2) removed {removed} and kept {sorted(version_dirs(root))}; "
+        f"publication order was {[first, second, third]}"
+    )
+
+
+def test_prune_other_scopes_untouched(tmp_path: Path) -> None:
+    books = [snapshot.publish(tmp_path, "books", make_arrays(seed=s)) for s in range(3)]
+    films = [snapshot.publish(tmp_path, "films", make_arrays(seed=s)) for s in range(3)]
+    snapshot.prune(tmp_path, "books", keep=0)
+    assert version_dirs(tmp_path, "books") == {books[-1]}
+    assert version_dirs(tmp_path, "films") == set(films)
+
+
+# ---------------------------------------------------------------------------------------------
+# retrieval
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def single_threaded_faiss() -> Iterator[None]:
+    """HNSW construction with one thread builds the same graph every run."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def catalog(n: int = 3000, d: int = 16, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, d)).astype(np.float32)
+    bias = (rng.standard_normal(n) * 0.5).astype(np.float32)
+    return vectors, bias
+
+
+def queries(count: int = 50, d: int = 16, seed: int = 6) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, d)).astype(np.float32)
+
+
+NO_EXCLUSIONS = np.empty(0, dtype=np.int64)
+
+
+def test_exact_retriever_matches_numpy() -> None:
+    vectors, bias = catalog(n=400)
+    exact = ExactRetriever(vectors, bias)
+    excluded = np.array([3, 3, 17, 200], dtype=np.int64)
+    for query in queries(count=5):
+        items, scores = exact.top_k(query, excluded, 10)
+        full = vectors.astype(np.float64) @ query + bias
+        full[excluded] = -np.inf
+        np.testing.assert_array_equal(items, np.argsort(-full, kind="stable")[:10])
+        np.testing.assert_allclose(scores, full[items], rtol=1e-5)
+
+
+@pytest.mark.usefixtures("single_threaded_faiss")
+def test_faiss_recall_against_exact() -> None:
+    vectors, bias = catalog()
+    exact = ExactRetriever(vectors, bias)
+    hnsw = FaissRetriever(build_index(vectors, bias), vectors, bias)
+    recalls = []
+    for query in queries():
+        want, want_scores = exact.top_k(query, NO_EXCLUSIONS, 10)
+        got, got_scores = hnsw.top_k(query, NO_EXCLUSIONS, 10)
+        assert len(got) == 10
+        # candidates are re-scored exactly: same scores as the kernel for the same items
+        assert (np.diff(got_scores) <= 0).all()
+        rescored = {
+            int(i): s for i, s in zip(*exact.top_k(query, NO_EXCLUSIONS, 3000), strict=True)
+        }
+        assert [rescored[int(i)] for i in got] == got_scores.tolist()
+        assert got_scores[0] <= want_scores[0]
+        recalls.append(len(set(got.tolist()) & set(want.tolist())) / 10)
+    recall = float(np.mean(recalls))
+    assert recall >= 0.95, f"faiss recall@10 vs exact is {recall:.3f}, below the 0.95 threshold"
+
+
+@pytest.mark.usefixtures("single_threaded_faiss")
+def test_exclusions_are_respected_by_both() -> None:
+    vectors, bias = catalog()
+    exact = ExactRetriever(vectors, bias)
+    hnsw = FaissRetriever(build_index(vectors, bias), vectors, bias)
+    rng = np.random.default_rng(9)
+    for query in queries(count=20):
+        best, _ = exact.top_k(query, NO_EXCLUSIONS, 15)
+        # the best 15 plus random others, with a duplicate
+        excluded = np.sort(
+            np.concatenate([best, rng.choice(3000, size=30, replace=False), best[:1]])
+        ).astype(np.int64)
+        for retriever in (exact, hnsw):
+            items, _ = retriever.top_k(query, excluded, 10)
+            assert len(items) == 10, retriever.name
+            assert not np.isin(items, excluded).any(), retriever.name
+
+
+def test_faiss_retriever_small_catalog_falls_back_to_exact_results() -> None:
+    # asking for more than the index can give: the answer is still the exact one
+    vectors, bias = catalog(n=40, d=4)
+    exact = ExactRetriever(vectors, bias)
+    hnsw = FaissRetriever(build_index(vectors, bias), vectors, bias)
+    excluded = np.array([0, 5, 6], dtype=np.int64)
+    for query in queries(count=5, d=4):
+        for k in (1, 10, 37, 100):
+            got = hnsw.top_k(query, excluded, k)
+            want = exact.top_k(query, excluded, k)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_k_zero_returns_nothing_from_both() -> None:
+    # the Retriever contract: (positions int64[k'], scores float32[k']) with k' <= k
+    vectors, bias = catalog(n=100, d=4)
+    query = queries(count=1, d=4)[0]
+    exact = ExactRetriever(vectors, bias)
+    hnsw = FaissRetriever(build_index(vectors, bias), vectors, bias)
+    for retriever in (exact, hnsw):
+        items, scores = retriever.top_k(query, NO_EXCLUSIONS, 0)
+        assert items.shape == scores.shape == (0,), retriever.name
+        assert items.dtype == np.int64, retriever.name
+
+
+def test_retriever_for_exact_without_index(tmp_path: Path) -> None:
+    version = snapshot.publish(tmp_path, SCOPE, make_arrays())
+    loaded = snapshot.load(tmp_path / SCOPE / version)
+    assert loaded.manifest["retrieval"] == "exact"
+    retriever = retriever_for(loaded)
+    assert isinstance(retriever, ExactRetriever)
+    assert retriever.name == "exact"
+
+
+@pytest.mark.usefixtures("single_threaded_faiss")
+def test_retriever_for_faiss_with_index(tmp_path: Path) -> None:
+    arrays = make_arrays(n=200, d=8)
+    vectors, bias = arrays["item_vectors"], arrays["item_bias"]
+    version = snapshot.publish(
+        tmp_path,
+        SCOPE,
+        arrays,
+        index_writer=lambda path: write_index(build_index(vectors, bias), path),
+    )
+    loaded = snapshot.load_current(tmp_path, SCOPE)
+    assert loaded.version == version
+    assert (loaded.path / snapshot.INDEX_FILE).is_file()
+    assert loaded.manifest["retrieval"] == "faiss"
+    assert snapshot.INDEX_FILE in loaded.manifest["files"]
+    retriever = retriever_for(loaded)
+    assert isinstance(retriever, FaissRetriever)
+    assert retriever.name == "faiss-hnsw"
+    query = loaded.user_vectors[0]
+    excluded = loaded.seen(0)
+    items, _ = retriever.top_k(query, excluded, 5)
+    assert len(items) == 5
+    assert not np.isin(items, excluded).any()
+
+
+def test_corrupt_index_is_refused_at_load(tmp_path: Path) -> None:
+    arrays = make_arrays(n=50, d=4)
+    index = build_index(arrays["item_vectors"], arrays["item_bias"])
+    version = snapshot.publish(
+        tmp_path, SCOPE, arrays, index_writer=lambda path: write_index(index, path)
+    )
+    flip_byte(tmp_path / SCOPE / version / snapshot.INDEX_FILE)
+    with pytest.raises(SnapshotError, match=re.escape(f"{snapshot.INDEX_FILE} fails its checksum")):
+        snapshot.load_current(tmp_path, SCOPE)
+
+
+def test_retriever_for_mismatched_index_uses_exact(tmp_path: Path) -> None:
+    arrays = make_arrays(n=50, d=4)
+    other, other_bias = catalog(n=60, d=4)  # an index of another catalog
+    snapshot.publish(
+        tmp_path,
+        SCOPE,
+        arrays,
+        index_writer=lambda path: write_index(build_index(other, other_bias), path),
+    )
+    assert isinstance(retriever_for(snapshot.load_current(tmp_path, SCOPE)), ExactRetriever)
