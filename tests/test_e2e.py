@@ -520,3 +520,42 @@ async def test_unexpected_errors_become_internal_without_details(
         assert "request id" in err.value.details()
     finally:
         await server.stop(0)
+
+
+async def test_oversized_messages_are_refused_and_the_server_keeps_serving(
+    client: Client,
+) -> None:
+    huge = pb.RankCandidatesRequest(
+        user_id="u1",
+        candidate_item_ids=["i" + "9" * 120] * (client.config.max_message_bytes // 120),
+    )
+    assert huge.ByteSize() > client.config.max_message_bytes
+    code = await _code(client.ranking.RankCandidates(huge, metadata=client.svc))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    answer = await client.ranking.Recommend(pb.RecommendRequest(user_id="u1"), metadata=client.svc)
+    assert answer.items
+
+
+async def test_admin_run_job_starts_a_recorded_run(client: Client) -> None:
+    before = {
+        r.run_id
+        for r in (
+            await client.admin.ListJobRuns(pb.ListJobRunsRequest(limit=100), metadata=client.adm)
+        ).runs
+    }
+    started = await client.admin.RunJob(
+        pb.RunJobRequest(name="cleanup", scope="default"), metadata=client.adm
+    )
+    assert started.status == "started"
+    deadline = time.monotonic() + 120
+    while True:
+        runs = (
+            await client.admin.ListJobRuns(pb.ListJobRunsRequest(limit=100), metadata=client.adm)
+        ).runs
+        new = [r for r in runs if r.run_id not in before and r.name == "cleanup"]
+        if new and new[0].status != "running":
+            break
+        assert time.monotonic() < deadline, "the job never recorded an outcome"
+        await asyncio.sleep(0.2)
+    assert new[0].status == "succeeded", new[0].detail
+    assert new[0].detail.startswith("removed ")
