@@ -21,11 +21,12 @@ import numpy as np
 from asyncpg.pool import PoolConnectionProxy
 
 from features.errors import InvalidInput, JobLocked, StoreUnavailable
-from features.schema import EVENT_WEIGHTS, FEATURE_NAMES, Interaction
+from features.schema import EVENT_WEIGHTS, FEATURE_NAMES, Interaction, user_digest
 
 log = logging.getLogger(__name__)
 
 SETTINGS_CHANNEL = "privrank_settings"
+SERVICE_ROLE = "privrank_service"  # created by migration 0002; see its header
 _JOB_LOCK_KEY = 0x70726976  # "priv": one advisory lock serialises all job runs
 _MIGRATION_LOCK_KEY = 0x70726977
 
@@ -54,7 +55,8 @@ async def _translated() -> AsyncIterator[None]:
     try:
         yield
     except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
-        raise InvalidInput(f"rejected by the database: {exc}") from exc
+        # the driver's message may quote the offending value: name only the SQLSTATE
+        raise InvalidInput(f"rejected by the database (SQLSTATE {exc.sqlstate})") from exc
     except _DRIVER_ERRORS as exc:
         raise _unavailable(exc) from exc
 
@@ -105,15 +107,27 @@ def _weights() -> tuple[list[str], list[float]]:
 class PgStore:
     """A pool of connections to one database plus the statements privrank runs on it."""
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str, timeout_s: float) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, dsn: str, timeout_s: float, settings: dict[str, str]
+    ) -> None:
         self._pool = pool
         self._dsn = dsn
         self._timeout = timeout_s
+        self._settings = settings
 
     @classmethod
     async def connect(
-        cls, dsn: str, *, timeout_s: float = 2.0, min_size: int = 1, max_size: int = 8
+        cls,
+        dsn: str,
+        *,
+        timeout_s: float = 2.0,
+        role: str | None = SERVICE_ROLE,
+        min_size: int = 1,
+        max_size: int = 8,
     ) -> PgStore:
+        """A pool on ``dsn`` whose sessions act as ``role`` (the non-owner service role by
+        default; ``None`` keeps the login's own role, as migrations need)."""
+        settings = {"role": role} if role else {}
         try:
             pool = await asyncpg.create_pool(
                 dsn,
@@ -121,10 +135,11 @@ class PgStore:
                 max_size=max_size,
                 timeout=timeout_s,
                 command_timeout=max(timeout_s, 1.0),
+                server_settings=settings,
             )
         except _DRIVER_ERRORS as exc:
             raise _unavailable(exc) from exc
-        return cls(pool, dsn, timeout_s)
+        return cls(pool, dsn, timeout_s, settings)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -132,6 +147,13 @@ class PgStore:
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[PoolConnectionProxy]:
         async with _translated(), self._pool.acquire(timeout=self._timeout) as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _user_scoped(self, user_id: str) -> AsyncIterator[PoolConnectionProxy]:
+        """A transaction that row-level security confines to ``user_id``'s rows."""
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute("SELECT set_config('privrank.user_id', $1, true)", user_id)
             yield conn
 
     # -- schema ---------------------------------------------------------------------------
@@ -191,8 +213,14 @@ class PgStore:
         if not events:
             return
         timeout = max(self._timeout, 120.0)
+        # COPY cannot write through row-level security: stage in a temp table, then INSERT
+        columns = ", ".join(_EVENT_COLUMNS)
+        await conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS events_in AS"
+            f" SELECT {columns} FROM events WITH NO DATA"
+        )
         await conn.copy_records_to_table(
-            "events",
+            "events_in",
             records=[
                 (
                     e.scope,
@@ -211,6 +239,10 @@ class PgStore:
             columns=list(_EVENT_COLUMNS),
             timeout=timeout,
         )
+        await conn.execute(
+            f"INSERT INTO events ({columns}) SELECT {columns} FROM events_in", timeout=timeout
+        )
+        await conn.execute("TRUNCATE events_in")
         first_seen: dict[tuple[str, str], datetime] = {}
         for e in events:
             key = (e.scope, e.item_id)
@@ -311,7 +343,7 @@ class PgStore:
     # -- settings -------------------------------------------------------------------------
 
     async def get_settings(self, user_id: str) -> UserSettingsRow:
-        async with self._conn() as conn:
+        async with self._user_scoped(user_id) as conn:
             row = await conn.fetchrow("SELECT * FROM user_settings WHERE user_id = $1", user_id)
         if row is None:
             return UserSettingsRow(user_id, True, False, None)
@@ -325,7 +357,7 @@ class PgStore:
         data_sharing_consent: bool | None,
     ) -> UserSettingsRow:
         """Upsert; ``None`` keeps the current value. Opting out also drops the user's ranks."""
-        async with self._conn() as conn, conn.transaction():
+        async with self._user_scoped(user_id) as conn:
             row = await conn.fetchrow(
                 "INSERT INTO user_settings AS s"
                 "  (user_id, personalization_enabled, data_sharing_consent, updated_at)"
@@ -352,20 +384,24 @@ class PgStore:
         return {r["user_id"] for r in rows}
 
     async def listen_settings(
-        self, on_change: Callable[[str, bool], None]
+        self, on_message: Callable[[str, str], None]
     ) -> Callable[[], Awaitable[None]]:
-        """Call ``on_change(user_id, personalization_enabled)`` for every settings change.
+        """Call ``on_message(kind, subject)`` for every privacy change announced by PostgreSQL:
+        kind ``"0"``/``"1"`` (personalization off/on; subject = user ID) or ``"E"`` (erasure;
+        subject = user hash).
 
         Uses a dedicated connection; returns a coroutine function that stops listening.
         Raises StoreUnavailable if PostgreSQL cannot be reached.
         """
 
         def handler(_conn: object, _pid: int, _channel: str, payload: object) -> None:
-            flag, _, user_id = str(payload).partition(":")
-            on_change(user_id, flag == "1")
+            kind, _, subject = str(payload).partition(":")
+            on_message(kind, subject)
 
         try:
-            conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
+            conn = await asyncpg.connect(
+                self._dsn, timeout=self._timeout, server_settings=self._settings
+            )
             await conn.add_listener(SETTINGS_CHANNEL, handler)
         except _DRIVER_ERRORS as exc:
             raise _unavailable(exc) from exc
@@ -382,7 +418,7 @@ class PgStore:
 
     async def export_user(self, user_id: str) -> dict[str, Any]:
         """What privrank holds about a user: settings, feature vectors, event counts, ranks."""
-        async with self._conn() as conn:
+        async with self._user_scoped(user_id) as conn:
             features = await conn.fetch(
                 "SELECT * FROM user_features WHERE user_id = $1 ORDER BY scope", user_id
             )
@@ -407,13 +443,51 @@ class PgStore:
         }
 
     async def delete_user(self, user_id: str) -> dict[str, int]:
-        """Erase a user's rows from every table in one transaction; counts per table."""
+        """Erase a user's rows from every table in one transaction; counts per table.
+
+        Records the erasure (as a one-way hash) so every server process masks the user's
+        vector at once and cleanup prunes snapshots that may still hold it."""
         removed: dict[str, int] = {}
-        async with self._conn() as conn, conn.transaction():
+        async with self._user_scoped(user_id) as conn:
             for table in ("events", "user_features", "ranks", "user_settings"):
                 status = await conn.execute(f"DELETE FROM {table} WHERE user_id = $1", user_id)
                 removed[table] = int(status.split()[-1])
+            await conn.execute("INSERT INTO erasures (user_hash) VALUES ($1)", user_digest(user_id))
         return removed
+
+    async def erasures(self, *, since: datetime) -> dict[str, float]:
+        """Erasures recorded since ``since``: user hash → erasure time (unix seconds)."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT user_hash, extract(epoch FROM max(erased_at)) AS at FROM erasures"
+                " WHERE erased_at >= $1 GROUP BY user_hash",
+                since,
+            )
+        return {r["user_hash"]: float(r["at"]) for r in rows}
+
+    async def latest_erasure(self) -> datetime | None:
+        async with self._conn() as conn:
+            value: datetime | None = await conn.fetchval("SELECT max(erased_at) FROM erasures")
+        return value
+
+    async def consenting_features(self, scope: str | None) -> list[dict[str, Any]]:
+        """Feature rows of users who consented to data sharing (and nobody else)."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT f.* FROM user_features f JOIN user_settings s USING (user_id)"
+                " WHERE s.data_sharing_consent AND ($1::text IS NULL OR f.scope = $1)"
+                " ORDER BY f.scope, f.user_id",
+                scope,
+                timeout=600,
+            )
+        return [
+            {
+                "scope": r["scope"],
+                "user_id": r["user_id"],
+                **{name: _as_number(r[name]) for name in FEATURE_NAMES},
+            }
+            for r in rows
+        ]
 
     # -- features -------------------------------------------------------------------------
 

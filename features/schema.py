@@ -8,6 +8,7 @@ postcode used as an ID) is refused with the field named.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -73,6 +74,11 @@ def check_pii(field: str, value: str) -> None:
         raise PiiRejected(f"{field}: looks like a phone number; send an opaque ID instead")
     if _STREET_RE.search(value) or _POSTCODE_RE.fullmatch(value.strip()):
         raise PiiRejected(f"{field}: looks like a street address or postcode; send an opaque ID")
+
+
+def user_digest(user_id: str) -> str:
+    """The one-way form in which an erased user is remembered (sha256, hex)."""
+    return hashlib.sha256(user_id.encode()).hexdigest()
 
 
 def validate_id(field: str, value: str) -> str:

@@ -294,7 +294,10 @@ async def cleanup(ctx: JobContext, scope: str) -> str:
         features_days=ctx.config.features_retention_d,
         events_days=ctx.config.events_retention_d,
     )
-    pruned = snapshot.prune(ctx.config.snapshot_dir, scope)
+    erased = await ctx.pg.latest_erasure()
+    pruned = snapshot.prune(
+        ctx.config.snapshot_dir, scope, built_before=erased.timestamp() if erased else None
+    )
     parts = [f"{table} {count}" for table, count in removed.items()]
     return "removed " + ", ".join(parts) + f", snapshots {len(pruned)}"
 

@@ -46,6 +46,10 @@ class OptOutView(Protocol):
         """False if the user opted out, or if their state cannot be confirmed (fail closed)."""
         ...
 
+    def erased_at(self, user_id: str) -> float | None:
+        """When the user's data was erased (unix seconds), or None."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Ranked:
@@ -99,7 +103,6 @@ class Ranker:
         self._cache = cache
         self._optouts = optouts
         self._scopes: dict[str, LoadedScope] = {}
-        self._erased: dict[str, float] = {}  # user -> erasure time (unix seconds)
         self.personalization_enabled = personalization_enabled
         self._cache_timeout = cache_timeout_s
 
@@ -119,14 +122,13 @@ class Ranker:
             raise InvalidInput(f"unknown scope {name!r} (known: {known})")
         return loaded
 
-    def erase(self, user_id: str) -> int:
-        """Mask an erased user's vectors in every loaded snapshot until one built after the
-        erasure replaces it. Returns how many loaded snapshots held a vector of the user."""
-        self._erased[user_id] = time.time()
+    def holders(self, user_id: str) -> int:
+        """How many loaded snapshots hold a vector of the user."""
         return sum(ls.snapshot.user_position(user_id) is not None for ls in self._scopes.values())
 
     def _personal(self, user_id: str, snap: Snapshot) -> bool:
-        erased_at = self._erased.get(user_id)
+        # an erased user's vector stays masked until a snapshot built after the erasure serves
+        erased_at = self._optouts.erased_at(user_id)
         if erased_at is not None and snap.created_at <= erased_at:
             return False
         return self.personalization_enabled and self._optouts.personalization_allowed(user_id)

@@ -303,8 +303,16 @@ def load_current(root: Path, scope: str) -> Snapshot:
     return load(root / scope / version)
 
 
-def prune(root: Path, scope: str, keep: int = 3) -> list[str]:
-    """Remove all but the newest ``keep`` snapshots of a scope (never the current one)."""
+def _created_at(path: Path) -> float:
+    try:
+        return float(json.loads((path / MANIFEST).read_text())["created_at"])
+    except (OSError, ValueError, KeyError):
+        return float("-inf")  # unreadable: treat as oldest
+
+
+def prune(root: Path, scope: str, keep: int = 3, *, built_before: float | None = None) -> list[str]:
+    """Remove all but the newest ``keep`` snapshots of a scope, and every snapshot created
+    before ``built_before`` (unix seconds; e.g. the latest erasure). Never the current one."""
     scope_dir = root / scope
     current = current_version(root, scope)
     if not scope_dir.is_dir():
@@ -315,8 +323,11 @@ def prune(root: Path, scope: str, keep: int = 3) -> list[str]:
         reverse=True,
     )
     removed = []
-    for path in versions[keep:]:
-        if path.name != current:
+    for rank, path in enumerate(versions):
+        if path.name == current:
+            continue
+        stale = rank >= keep or (built_before is not None and _created_at(path) < built_before)
+        if stale:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)
     for leftover in scope_dir.glob(".staging-*"):

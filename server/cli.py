@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     jobs.add_argument("name", choices=JOB_NAMES)
     jobs.add_argument("--scope", default=None, help="one scope (default: every scope with data)")
 
+    export = sub.add_parser("export", help="export features of consenting users (analytics)")
+    export.add_argument("kind", choices=["features"])
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--scope", default=None, help="one scope (default: all)")
+
     token = sub.add_parser("token", help="mint a signed bearer token")
     token.add_argument("--role", required=True, choices=["service", "admin", "user"])
     token.add_argument("--subject", default="")
@@ -77,16 +82,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def _migrate_schema(database_url: str) -> list[str]:
+    """Apply migrations as the login itself (the owner), not as the service role."""
+    owner = await PgStore.connect(database_url, timeout_s=30.0, role=None, max_size=1)
+    try:
+        return await owner.migrate()
+    finally:
+        await owner.close()
+
+
 @contextlib.asynccontextmanager
 async def _stores(
     config: Config, urls: embedded.EmbeddedUrls
 ) -> AsyncIterator[tuple[PgStore, RankCache]]:
+    """The schema migrated, then stores acting as the non-owner service role."""
+    await _migrate_schema(urls.database_url)
     pg = await PgStore.connect(urls.database_url, timeout_s=max(config.store_timeout_s, 5.0))
     cache = RankCache.from_url(
         urls.redis_url, timeout_s=max(config.redis_timeout_s, 5.0), ttl_s=config.cache_ttl_s
     )
     try:
-        await pg.migrate()
         yield pg, cache
     finally:
         await cache.close()
@@ -138,9 +153,24 @@ async def _jobs(config: Config, urls: embedded.EmbeddedUrls, name: str, scope: s
 
 
 async def _migrate(config: Config, urls: embedded.EmbeddedUrls) -> None:
-    async with _stores(config, urls) as (pg, _):
-        applied = await pg.migrate()
+    applied = await _migrate_schema(urls.database_url)
     print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+
+
+async def _export(config: Config, urls: embedded.EmbeddedUrls, args: argparse.Namespace) -> None:
+    """Write the features of consenting users (and nobody else) as CSV."""
+    import csv
+
+    from features.schema import FEATURE_NAMES
+
+    scope = validate_scope(args.scope) if args.scope else None
+    async with _stores(config, urls) as (pg, _):
+        rows = await pg.consenting_features(scope)
+    with args.out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["scope", "user_id", *FEATURE_NAMES])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"exported the features of {len(rows)} consenting users to {args.out}")
 
 
 def _print_demo_banner(config: Config, port: int) -> None:
@@ -237,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             "import": lambda urls: _import(config, urls, args),
             "synth": lambda urls: _synth(config, urls, args),
             "jobs": lambda urls: _jobs(config, urls, args.name, args.scope),
+            "export": lambda urls: _export(config, urls, args),
         }
         with embedded.services(config.data_dir, config.database_url, config.redis_url) as urls:
             asyncio.run(commands[args.command](urls))

@@ -1,8 +1,9 @@
-"""The opted-out set each server process keeps in memory.
+"""The privacy state each server process keeps in memory: who opted out, who was erased.
 
-Kept current by PostgreSQL LISTEN/NOTIFY (a trigger announces every settings change) and a
-periodic full re-read. If the set has not been confirmed against PostgreSQL within
-``max_staleness_s`` it fails closed: nobody is personalized until it is confirmed again.
+Kept current by PostgreSQL LISTEN/NOTIFY (triggers announce every settings change and every
+erasure) and a periodic full re-read. If the opt-out set has not been confirmed against
+PostgreSQL within ``max_staleness_s`` it fails closed: nobody is personalized until it is
+confirmed again. Erased users are remembered by hash only (``features.schema.user_digest``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 
 from features.errors import StoreUnavailable
 from features.postgres import PgStore
+from features.schema import user_digest
+
+ERASURE_MEMORY = timedelta(days=30)  # longer than any snapshot serves
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +30,7 @@ class OptOutRegistry:
         self._refresh_s = refresh_s
         self._max_staleness_s = max_staleness_s
         self._opted_out: set[str] = set()
+        self._erased: dict[str, float] = {}  # user hash -> erasure time (unix seconds)
         self._changes_during_read: dict[str, bool] = {}
         self._confirmed_at = float("-inf")
         self._stop_listening: Callable[[], Awaitable[None]] | None = None
@@ -38,6 +44,19 @@ class OptOutRegistry:
 
     def personalization_allowed(self, user_id: str) -> bool:
         return self.fresh and user_id not in self._opted_out
+
+    def erased_at(self, user_id: str) -> float | None:
+        """When the user was erased (unix seconds), or None."""
+        return self._erased.get(user_digest(user_id)) if self._erased else None
+
+    def mark_erased(self, user_id: str) -> None:
+        self._erased[user_digest(user_id)] = time.time()
+
+    def _on_message(self, kind: str, subject: str) -> None:
+        if kind == "E":
+            self._erased[subject] = time.time()
+        else:
+            self.apply(subject, kind == "1")
 
     def apply(self, user_id: str, enabled: bool) -> None:
         """Record one settings change (from NOTIFY, or from this process's own update)."""
@@ -64,12 +83,14 @@ class OptOutRegistry:
             else:
                 opted_out.add(user_id)
         self._opted_out = opted_out
-        # a listener that is down may have missed changes: only a live one keeps us fresh
+        erased = await self._pg.erasures(since=datetime.now(UTC) - ERASURE_MEMORY)
+        for digest, at in erased.items():
+            self._erased[digest] = max(at, self._erased.get(digest, 0.0))
         self._confirmed_at = started
 
     async def _listen(self) -> None:
         if self._stop_listening is None:
-            self._stop_listening = await self._pg.listen_settings(self.apply)
+            self._stop_listening = await self._pg.listen_settings(self._on_message)
 
     async def start(self) -> None:
         try:

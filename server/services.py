@@ -231,8 +231,9 @@ class SettingsService(rpc.SettingsServicer):
     ) -> pb.DeletionReceipt:
         user_id = self._user(request.user_id)
         removed = await self._app.pg.delete_user(user_id)
+        self._app.optouts.mark_erased(user_id)  # other processes hear it through NOTIFY
         removed["redis"] = await self._app.forget_cached(user_id)
-        removed["snapshot"] = self._app.ranker.erase(user_id)
+        removed["snapshot"] = self._app.ranker.holders(user_id)
         return pb.DeletionReceipt(
             user_id=user_id, removed=removed, deleted_at=_timestamp(datetime.now(UTC))
         )

@@ -13,16 +13,25 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 import redis
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from features.cache import RankCache
-from features.postgres import PgStore
+from features.postgres import SERVICE_ROLE, PgStore
+from jobs.runner import run_job
+from jobs.steps import JobContext
+from jobs.synth import generate
 from server import embedded
+from server.api import privrank_pb2_grpc as rpc
+from server.app import App, create_server
+from server.auth import mint_token
 from server.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +66,9 @@ async def pg_url(server_pg_url: str) -> AsyncIterator[str]:
     admin = await asyncpg.connect(server_pg_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
+        role_existed = await admin.fetchval(
+            "SELECT count(*) > 0 FROM pg_roles WHERE rolname = $1", SERVICE_ROLE
+        )
     finally:
         await admin.close()
     try:
@@ -65,6 +77,9 @@ async def pg_url(server_pg_url: str) -> AsyncIterator[str]:
         admin = await asyncpg.connect(server_pg_url)
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            if not role_existed:  # the migrations created the cluster-wide role: remove it
+                with contextlib.suppress(asyncpg.DependentObjectsStillExistError):
+                    await admin.execute(f"DROP ROLE IF EXISTS {SERVICE_ROLE}")
         finally:
             await admin.close()
 
@@ -105,9 +120,18 @@ def config(data_dir: Path, pg_url: str, redis_url: str) -> Config:
 
 
 @pytest.fixture(scope="session")
-async def pg(pg_url: str) -> AsyncIterator[PgStore]:
-    store = await PgStore.connect(pg_url, timeout_s=10)
+async def owner_pg(pg_url: str) -> AsyncIterator[PgStore]:
+    """The database's owner (migrations; bypasses nothing the tests rely on)."""
+    store = await PgStore.connect(pg_url, timeout_s=10, role=None, max_size=2)
     await store.migrate()
+    yield store
+    await store.close()
+
+
+@pytest.fixture(scope="session")
+async def pg(owner_pg: PgStore, pg_url: str) -> AsyncIterator[PgStore]:
+    """The store as privrank uses it: acting as the non-owner service role."""
+    store = await PgStore.connect(pg_url, timeout_s=10)
     yield store
     await store.close()
 
@@ -154,3 +178,69 @@ def privrank(
             f"{result.stdout}\n{result.stderr}"
         )
     return result
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class Client:
+    app: App
+    channel: aio.Channel
+    ranking: rpc.RankingStub
+    settings: rpc.SettingsStub
+    admin: rpc.AdminStub
+    health: health_pb2_grpc.HealthStub
+    config: Config
+    port: int
+
+    def token(self, role: str, subject: str = "", ttl: int = 600) -> list[tuple[str, str]]:
+        secret = self.config.signing_keys()[0]
+        token = mint_token(
+            secret, role=role, subject=subject, ttl_s=ttl, issuer=self.config.token_issuer
+        )
+        return [("authorization", f"Bearer {token}")]
+
+    @property
+    def svc(self) -> list[tuple[str, str]]:
+        return self.token("service", "backend")
+
+    @property
+    def adm(self) -> list[tuple[str, str]]:
+        return self.token("admin", "ops")
+
+
+@pytest.fixture(scope="session")
+async def seeded(config: Config, pg: PgStore, cache: RankCache) -> JobContext:
+    ctx = JobContext(config, pg, cache)
+    await pg.insert_event_batches(
+        generate(users=SEED_USERS, items=SEED_ITEMS, events=SEED_EVENTS, scope="default", seed=3)
+    )
+    await run_job(ctx, "nightly", ["default"])
+    return ctx
+
+
+@pytest.fixture(scope="module")
+async def client(
+    config: Config, pg_url: str, redis_url: str, seeded: JobContext
+) -> AsyncIterator[Client]:
+    app = await App.open(config, pg_url, redis_url)
+    server, port = create_server(app, "127.0.0.1:0")
+    await app.set_serving(False)
+    await server.start()
+    await app.warm()
+    channel = aio.insecure_channel(f"127.0.0.1:{port}")
+    yield Client(
+        app,
+        channel,
+        rpc.RankingStub(channel),
+        rpc.SettingsStub(channel),
+        rpc.AdminStub(channel),
+        health_pb2_grpc.HealthStub(channel),
+        config,
+        port,
+    )
+    await channel.close()
+    await server.stop(1)
+    await app.close()

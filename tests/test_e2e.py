@@ -5,90 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from features.cache import RankCache
-from features.postgres import PgStore
 from jobs.runner import run_job
 from jobs.steps import JobContext
 from jobs.synth import generate
 from server.api import privrank_pb2 as pb
-from server.api import privrank_pb2_grpc as rpc
 from server.app import App, create_server
 from server.auth import mint_token
 from server.config import Config
-from tests.conftest import SEED_EVENTS, SEED_ITEMS, SEED_USERS
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-@dataclass
-class Client:
-    app: App
-    channel: aio.Channel
-    ranking: rpc.RankingStub
-    settings: rpc.SettingsStub
-    admin: rpc.AdminStub
-    health: health_pb2_grpc.HealthStub
-    config: Config
-    port: int
-
-    def token(self, role: str, subject: str = "", ttl: int = 600) -> list[tuple[str, str]]:
-        secret = self.config.signing_keys()[0]
-        token = mint_token(
-            secret, role=role, subject=subject, ttl_s=ttl, issuer=self.config.token_issuer
-        )
-        return [("authorization", f"Bearer {token}")]
-
-    @property
-    def svc(self) -> list[tuple[str, str]]:
-        return self.token("service", "backend")
-
-    @property
-    def adm(self) -> list[tuple[str, str]]:
-        return self.token("admin", "ops")
-
-
-@pytest.fixture(scope="module")
-async def seeded(config: Config, pg: PgStore, cache: RankCache) -> JobContext:
-    ctx = JobContext(config, pg, cache)
-    await pg.insert_event_batches(
-        generate(users=SEED_USERS, items=SEED_ITEMS, events=SEED_EVENTS, scope="default", seed=3)
-    )
-    await run_job(ctx, "nightly", ["default"])
-    return ctx
-
-
-@pytest.fixture(scope="module")
-async def client(
-    config: Config, pg_url: str, redis_url: str, seeded: JobContext
-) -> AsyncIterator[Client]:
-    app = await App.open(config, pg_url, redis_url)
-    server, port = create_server(app, "127.0.0.1:0")
-    await app.set_serving(False)
-    await server.start()
-    await app.warm()
-    channel = aio.insecure_channel(f"127.0.0.1:{port}")
-    yield Client(
-        app,
-        channel,
-        rpc.RankingStub(channel),
-        rpc.SettingsStub(channel),
-        rpc.AdminStub(channel),
-        health_pb2_grpc.HealthStub(channel),
-        config,
-        port,
-    )
-    await channel.close()
-    await server.stop(1)
-    await app.close()
+from tests.conftest import NOT_SERVING, SEED_ITEMS, SERVING, Client
 
 
 async def _code(call) -> grpc.StatusCode:

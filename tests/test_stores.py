@@ -12,7 +12,7 @@ import pytest
 from features.cache import RankCache, pack_ranking, rank_key, unpack_ranking
 from features.errors import JobLocked, StoreUnavailable
 from features.postgres import PgStore
-from features.schema import make_interaction
+from features.schema import make_interaction, user_digest
 
 
 def _scope() -> str:
@@ -42,8 +42,8 @@ def _event(
     )
 
 
-async def test_migrate_is_idempotent(pg: PgStore) -> None:
-    assert await pg.migrate() == []
+async def test_migrate_is_idempotent(owner_pg: PgStore) -> None:
+    assert await owner_pg.migrate() == []
 
 
 async def test_events_round_trip_into_training_pairs(pg: PgStore) -> None:
@@ -114,15 +114,24 @@ async def test_settings_default_update_and_optout_set(pg: PgStore) -> None:
     assert kept.data_sharing_consent
 
 
-async def test_settings_changes_are_notified(pg: PgStore) -> None:
+async def test_settings_changes_and_erasures_are_notified(pg: PgStore) -> None:
     user = "user-" + uuid.uuid4().hex[:8]
-    heard: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()
-    stop = await pg.listen_settings(lambda u, enabled: heard.put_nowait((u, enabled)))
+    heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    stop = await pg.listen_settings(lambda kind, subject: heard.put_nowait((kind, subject)))
+
+    async def next_about(subject: str) -> tuple[str, str]:
+        while (got := await asyncio.wait_for(heard.get(), 5))[1] != subject:
+            pass
+        return got
+
     try:
         await pg.update_settings(user, personalization_enabled=False, data_sharing_consent=None)
-        while (got := await asyncio.wait_for(heard.get(), 5))[0] != user:
-            pass
-        assert got == (user, False)
+        assert await next_about(user) == ("0", user)
+        await pg.update_settings(user, personalization_enabled=True, data_sharing_consent=None)
+        assert await next_about(user) == ("1", user)
+        await pg.delete_user(user)
+        # an erasure is announced by hash only, never by the ID
+        assert await next_about(user_digest(user)) == ("E", user_digest(user))
     finally:
         await stop()
 
