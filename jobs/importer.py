@@ -1,6 +1,8 @@
 """Bulk import of interaction events from CSV/TSV, every row validated before anything is kept.
 
-Columns are mapped by name. Timestamps are unix seconds or ISO 8601. Without an event column,
+Columns are mapped by name; any other column is refused unless the caller names it to be
+discarded, so nothing outside the allow-list is read by accident. Timestamps are unix
+seconds or ISO 8601. Without an event column,
 rows are ``rating`` events when a value column is present and ``view`` events otherwise.
 """
 
@@ -24,6 +26,7 @@ class ColumnMap:
     time: str = "timestamp"
     event: str = "event_type"
     sep: str = ","
+    drop: frozenset[str] = frozenset()  # columns the caller explicitly discards
 
 
 def parse_time(raw: str, where: str) -> datetime:
@@ -33,9 +36,7 @@ def parse_time(raw: str, where: str) -> datetime:
             return datetime.fromtimestamp(float(text), tz=UTC)
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except (ValueError, OverflowError, OSError):
-        raise InvalidInput(
-            f"{where}: timestamp {raw!r} is neither unix seconds nor ISO 8601"
-        ) from None
+        raise InvalidInput(f"{where}: timestamp is neither unix seconds nor ISO 8601") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
@@ -52,6 +53,14 @@ def read_interactions(
                 raise InvalidInput(
                     f"{path.name}: no column {required!r} (columns: {', '.join(header)})"
                 )
+        mapped = {columns.user, columns.item, columns.time, columns.value, columns.event}
+        extra = [name for name in header if name not in mapped and name not in columns.drop]
+        if extra:
+            raise InvalidInput(
+                f"{path.name}: column {extra[0]!r} is outside the allow-list; privrank keeps "
+                "only user, item, event type, value and time (name columns to discard with "
+                "--drop-columns)"
+            )
         has_value = columns.value in header
         has_event = columns.event in header
         default_event = "rating" if has_value else "view"
@@ -62,7 +71,7 @@ def read_interactions(
             try:
                 value = float(raw_value) if raw_value else 1.0
             except ValueError:
-                raise InvalidInput(f"{where}: value {raw_value!r} is not a number") from None
+                raise InvalidInput(f"{where}: value is not a number") from None
             batch.append(
                 make_interaction(
                     scope=scope,

@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--time-col", default="timestamp")
     imp.add_argument("--event-col", default="event_type")
     imp.add_argument("--sep", default=",", help="field separator; '\\t' or 'tab' for TSV")
+    imp.add_argument(
+        "--drop-columns", default="", help="comma-separated columns to discard (never read)"
+    )
 
     synth = sub.add_parser("synth", help="generate seeded synthetic interactions")
     synth.add_argument("--users", type=int, required=True)
@@ -113,8 +116,15 @@ async def _import(config: Config, urls: embedded.EmbeddedUrls, args: argparse.Na
 
     if not args.file.is_file():
         raise PrivrankError(f"{args.file}: no such file")
+    drop = frozenset(name.strip() for name in args.drop_columns.split(",") if name.strip())
     columns = ColumnMap(
-        args.user_col, args.item_col, args.value_col, args.time_col, args.event_col, args.sep
+        args.user_col,
+        args.item_col,
+        args.value_col,
+        args.time_col,
+        args.event_col,
+        args.sep,
+        drop,
     )
     async with _stores(config, urls) as (pg, _):
         stored = await pg.insert_event_batches(
@@ -170,7 +180,8 @@ async def _export(config: Config, urls: embedded.EmbeddedUrls, args: argparse.Na
         writer = csv.DictWriter(handle, fieldnames=["scope", "user_id", *FEATURE_NAMES])
         writer.writeheader()
         writer.writerows(rows)
-    print(f"exported the features of {len(rows)} consenting users to {args.out}")
+    users = len({row["user_id"] for row in rows})
+    print(f"exported {len(rows)} feature rows of {users} consenting users to {args.out}")
 
 
 def _print_demo_banner(config: Config, port: int) -> None:

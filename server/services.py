@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc import aio
 
 from features.errors import InvalidInput, NotFound
@@ -50,6 +52,16 @@ def _ids(field: str, values: Sequence[str], cap: int) -> list[str]:
     if len(values) > cap:
         raise InvalidInput(f"{field} holds {len(values)} IDs; at most {cap} are accepted")
     return [validate_id(f"{field}[{n}]", v) for n, v in enumerate(values)]
+
+
+def _reject_unknown_fields(where: str, message: Message) -> None:
+    """Refuse fields this API does not define (e.g. from a client with another .proto):
+    ingest accepts the allow-listed fields and nothing else."""
+    fields = UnknownFieldSet(message)
+    unknown = [fields[i].field_number for i in range(len(fields))]
+    if unknown:
+        numbers = ", ".join(str(n) for n in unknown)
+        raise InvalidInput(f"{where}: field number {numbers} is not part of the privrank API")
 
 
 def _timestamp(when: datetime | None) -> Timestamp:
@@ -132,10 +144,13 @@ class RankingService(rpc.RankingServicer):
             raise InvalidInput("events is required")
         if len(request.events) > MAX_EVENTS:
             raise InvalidInput(f"at most {MAX_EVENTS} events per call")
+        _reject_unknown_fields("request", request)
         latest = datetime.now(UTC) + MAX_CLOCK_SKEW
         events = []
         for n, event in enumerate(request.events):
             where = f"events[{n}]"
+            _reject_unknown_fields(where, event)
+            _reject_unknown_fields(f"{where}.context", event.context)
             if event.event_type == pb.EVENT_TYPE_UNSPECIFIED or event.event_type not in (
                 pb.EventType.values()
             ):

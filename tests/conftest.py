@@ -8,6 +8,7 @@ own database, uses its own Redis key prefix space in the given db, and removes b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -146,17 +147,12 @@ async def cache(redis_url: str) -> AsyncIterator[RankCache]:
 def cli_env(config: Config) -> dict[str, str]:
     """Environment for running the ``privrank`` CLI against the test stores."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVRANK_")}
-    env.update(
-        {
-            "PRIVRANK_DATA_DIR": str(config.data_dir),
-            "PRIVRANK_DATABASE_URL": str(config.database_url),
-            "PRIVRANK_REDIS_URL": str(config.redis_url),
-            "PRIVRANK_AUTH_SECRET": str(config.auth_secret),
-            "PRIVRANK_LISTEN": config.listen,
-            "PRIVRANK_METRICS_LISTEN": config.metrics_listen,
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value is not None:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            env[f"PRIVRANK_{field.name.upper()}"] = text
+    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
