@@ -5,17 +5,20 @@ ever read for the model version that produced it; a swap makes older keys unreac
 TTL reclaims them. Values are the ranking packed as little-endian int32 item positions in the
 snapshot followed by float32 scores (``RANKING_DTYPE`` pairs).
 
-Every call carries the configured socket timeout; errors become ``StoreUnavailable``.
+Every call carries the configured socket timeout and passes a circuit breaker; errors become
+``StoreUnavailable``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 
 import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from features.breaker import CircuitBreaker
 from features.errors import StoreUnavailable
 
 KEY_PREFIX = "privrank:rank:"
@@ -41,38 +44,57 @@ def unpack_ranking(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 class RankCache:
-    """Precomputed rankings in Redis."""
+    """Precomputed rankings in Redis, behind a circuit breaker."""
 
-    def __init__(self, client: aioredis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: aioredis.Redis, ttl_s: int, breaker: CircuitBreaker) -> None:
         self._client = client
         self._ttl = ttl_s
+        self._breaker = breaker
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float, ttl_s: int) -> RankCache:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout_s: float,
+        ttl_s: int,
+        breaker_failures: int = 5,
+        breaker_cooldown_s: float = 1.0,
+    ) -> RankCache:
         client = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             health_check_interval=0,
         )
-        return cls(client, ttl_s)
+        breaker = CircuitBreaker("Redis", failures=breaker_failures, cooldown_s=breaker_cooldown_s)
+        return cls(client, ttl_s, breaker)
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self._breaker
 
     async def close(self) -> None:
         await self._client.aclose()
 
+    @asynccontextmanager
+    async def _redis(self) -> AsyncIterator[aioredis.Redis]:
+        """The client, behind the breaker, with driver errors translated."""
+        async with self._breaker.guard():
+            try:
+                yield self._client
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable(f"Redis: {type(exc).__name__}: {exc}") from exc
+
     async def ping(self) -> None:
-        try:
-            await self._client.ping()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis: {exc}") from exc
+        async with self._redis() as client:
+            await client.ping()
 
     async def get(
         self, scope: str, model_version: str, user_id: str
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        try:
-            raw = await self._client.get(rank_key(scope, model_version, user_id))
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis: {exc}") from exc
+        async with self._redis() as client:
+            raw = await client.get(rank_key(scope, model_version, user_id))
         if raw is None:
             return None
         assert isinstance(raw, bytes)  # the client is created without decode_responses
@@ -88,25 +110,20 @@ class RankCache:
     ) -> int:
         """Write (user_id, items, scores) rankings in pipelined batches; returns the count."""
         written = 0
-        try:
-            pipe = self._client.pipeline(transaction=False)
+        async with self._redis() as client:
+            pipe = client.pipeline(transaction=False)
             for user_id, items, scores in rankings:
-                pipe.set(
-                    rank_key(scope, model_version, user_id),
-                    pack_ranking(items, scores),
-                    ex=self._ttl,
-                )
+                key = rank_key(scope, model_version, user_id)
+                pipe.set(key, pack_ranking(items, scores), ex=self._ttl)
                 written += 1
                 if written % batch == 0:
                     await pipe.execute()
             await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis: {exc}") from exc
         return written
 
-    async def _user_keys(self, user_id: str) -> list[bytes]:
+    async def _user_keys(self, client: aioredis.Redis, user_id: str) -> list[bytes]:
         keys: list[bytes] = []
-        async for key in self._client.scan_iter(match=f"{KEY_PREFIX}*:*:{user_id}", count=1000):
+        async for key in client.scan_iter(match=f"{KEY_PREFIX}*:*:{user_id}", count=1000):
             # a glob '*' also matches ':', so confirm the exact user part of the key
             parts = key.decode().split(":", 4)
             if len(parts) == 5 and parts[4] == user_id:
@@ -115,15 +132,11 @@ class RankCache:
 
     async def delete_user(self, user_id: str) -> int:
         """Delete every cached ranking of a user, across scopes and model versions."""
-        try:
-            keys = await self._user_keys(user_id)
-            return int(await self._client.delete(*keys)) if keys else 0
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis: {exc}") from exc
+        async with self._redis() as client:
+            keys = await self._user_keys(client, user_id)
+            return int(await client.delete(*keys)) if keys else 0
 
     async def count_user(self, user_id: str) -> int:
         """How many cached rankings a user has."""
-        try:
-            return len(await self._user_keys(user_id))
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis: {exc}") from exc
+        async with self._redis() as client:
+            return len(await self._user_keys(client, user_id))

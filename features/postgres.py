@@ -20,6 +20,7 @@ import asyncpg
 import numpy as np
 from asyncpg.pool import PoolConnectionProxy
 
+from features.breaker import CircuitBreaker
 from features.errors import InvalidInput, JobLocked, StoreUnavailable
 from features.schema import EVENT_WEIGHTS, FEATURE_NAMES, Interaction, user_digest
 
@@ -108,12 +109,22 @@ class PgStore:
     """A pool of connections to one database plus the statements privrank runs on it."""
 
     def __init__(
-        self, pool: asyncpg.Pool, dsn: str, timeout_s: float, settings: dict[str, str]
+        self,
+        pool: asyncpg.Pool,
+        dsn: str,
+        timeout_s: float,
+        settings: dict[str, str],
+        breaker: CircuitBreaker,
     ) -> None:
         self._pool = pool
         self._dsn = dsn
         self._timeout = timeout_s
         self._settings = settings
+        self._breaker = breaker
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self._breaker
 
     @classmethod
     async def connect(
@@ -124,6 +135,8 @@ class PgStore:
         role: str | None = SERVICE_ROLE,
         min_size: int = 1,
         max_size: int = 8,
+        breaker_failures: int = 5,
+        breaker_cooldown_s: float = 1.0,
     ) -> PgStore:
         """A pool on ``dsn`` whose sessions act as ``role`` (the non-owner service role by
         default; ``None`` keeps the login's own role, as migrations need)."""
@@ -139,14 +152,21 @@ class PgStore:
             )
         except _DRIVER_ERRORS as exc:
             raise _unavailable(exc) from exc
-        return cls(pool, dsn, timeout_s, settings)
+        breaker = CircuitBreaker(
+            "PostgreSQL", failures=breaker_failures, cooldown_s=breaker_cooldown_s
+        )
+        return cls(pool, dsn, timeout_s, settings, breaker)
 
     async def close(self) -> None:
         await self._pool.close()
 
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[PoolConnectionProxy]:
-        async with _translated(), self._pool.acquire(timeout=self._timeout) as conn:
+        async with (
+            self._breaker.guard(),
+            _translated(),
+            self._pool.acquire(timeout=self._timeout) as conn,
+        ):
             yield conn
 
     @asynccontextmanager

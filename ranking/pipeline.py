@@ -11,9 +11,10 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from ranking.snapshot import Snapshot
 log = logging.getLogger(__name__)
 
 EMPTY = np.empty(0, dtype=np.int64)
+_T = TypeVar("_T")
 
 
 class Source(enum.IntEnum):
@@ -98,13 +100,15 @@ class Ranker:
         optouts: OptOutView,
         *,
         personalization_enabled: bool = True,
-        cache_timeout_s: float = 0.05,
+        executor: Executor | None = None,
+        offload_min_work: int = 1_000_000,
     ) -> None:
         self._cache = cache
         self._optouts = optouts
+        self._executor = executor
+        self._offload_min_work = offload_min_work
         self._scopes: dict[str, LoadedScope] = {}
         self.personalization_enabled = personalization_enabled
-        self._cache_timeout = cache_timeout_s
 
     # -- snapshots ------------------------------------------------------------------------
 
@@ -150,10 +154,9 @@ class Ranker:
         if self._cache is None:
             return None
         try:
-            hit = await asyncio.wait_for(
-                self._cache.get(snap.scope, snap.version, user_id), self._cache_timeout
-            )
-        except (StoreUnavailable, TimeoutError) as exc:
+            # the cache's own socket timeout bounds this, and its breaker skips a dead Redis
+            hit = await self._cache.get(snap.scope, snap.version, user_id)
+        except StoreUnavailable as exc:
             log.debug("rank cache unavailable: %s", exc)
             return None
         if hit is None:
@@ -185,14 +188,20 @@ class Ranker:
         cached = await self._cached(snap, user_id, caller_excluded, limit)
         if cached is not None:
             return cached
-        _check_deadline(deadline)
         excluded = np.union1d(snap.seen(user), caller_excluded).astype(np.int64)
-        items, scores = loaded.retriever.top_k(snap.user_vectors[user], excluded, limit)
+        items, scores = await self._compute(
+            deadline,
+            snap.n_items * snap.dim,
+            loaded.retriever.top_k,
+            snap.user_vectors[user],
+            excluded,
+            limit,
+        )
         if len(items) == 0:
             return self.popular(snap, caller_excluded, limit)
         return _answer(snap, items, scores, Source.LIVE)
 
-    def rank_candidates(
+    async def rank_candidates(
         self, user_id: str, scope: str, candidate_ids: Sequence[str], limit: int, deadline: float
     ) -> Ranked:
         """Order the caller's candidates for the user; unknown candidates are dropped."""
@@ -201,26 +210,59 @@ class Ranker:
         limit = limit or len(candidates)
         personal = self._personal(user_id, snap)
         user = snap.user_position(user_id) if personal else None
-        _check_deadline(deadline)
+        work = len(candidates) * snap.dim
         if user is None:
             query = np.zeros(snap.dim, dtype=np.float32)
-            items, scores = kernels.topk_candidates(
-                query, snap.item_vectors, snap.item_popularity, candidates, EMPTY, limit
+            items, scores = await self._compute(
+                deadline,
+                work,
+                kernels.topk_candidates,
+                query,
+                snap.item_vectors,
+                snap.item_popularity,
+                candidates,
+                EMPTY,
+                limit,
             )
             return _answer(snap, items, scores, Source.POPULAR, blocked=not personal)
-        items, scores = kernels.topk_candidates(
-            snap.user_vectors[user], snap.item_vectors, snap.item_bias, candidates, EMPTY, limit
+        items, scores = await self._compute(
+            deadline,
+            work,
+            kernels.topk_candidates,
+            snap.user_vectors[user],
+            snap.item_vectors,
+            snap.item_bias,
+            candidates,
+            EMPTY,
+            limit,
         )
         return _answer(snap, items, scores, Source.LIVE)
 
-    def similar_items(self, item_id: str, scope: str, limit: int, deadline: float) -> Ranked:
+    async def similar_items(self, item_id: str, scope: str, limit: int, deadline: float) -> Ranked:
         """Items nearest to ``item_id`` by cosine similarity of their embeddings."""
         snap = self.scope(scope).snapshot
         pos = snap.item_position(item_id)
         if pos is None:
             raise NotFound(f"item {item_id!r} is not in scope {scope!r}")
-        _check_deadline(deadline)
-        items, scores = kernels.topk_dense(
-            snap.item_unit[pos], snap.item_unit, snap.zero_bias, np.array([pos], np.int64), limit
+        items, scores = await self._compute(
+            deadline,
+            snap.n_items * snap.dim,
+            kernels.topk_dense,
+            snap.item_unit[pos],
+            snap.item_unit,
+            snap.zero_bias,
+            np.array([pos], np.int64),
+            limit,
         )
         return _answer(snap, items, scores, Source.LIVE)
+
+    async def _compute(
+        self, deadline: float, work: int, fn: Callable[..., _T], *args: object
+    ) -> _T:
+        """Run CPU work (a kernel or a retrieval) unless the deadline has passed: inline when
+        small, else on the kernel pool, so the event loop keeps accepting and shedding calls.
+        ``work`` is the number of multiply-adds, roughly."""
+        _check_deadline(deadline)
+        if self._executor is None or work < self._offload_min_work:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import faiss
@@ -32,7 +33,7 @@ from ranking.pipeline import EMPTY, LoadedScope, Ranker
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.config import Config
-from server.interceptors import AuthInterceptor, ErrorInterceptor
+from server.interceptors import Admission, AuthInterceptor, ErrorInterceptor
 from server.metrics import ServiceMetrics
 from server.optout import OptOutRegistry
 from server.services import AdminService, RankingService, SettingsService
@@ -55,6 +56,7 @@ class App:
     cache: RankCache
     optouts: OptOutRegistry
     ranker: Ranker
+    kernels_pool: ThreadPoolExecutor
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
     _poller: asyncio.Task[None] | None = None
@@ -63,20 +65,36 @@ class App:
     @classmethod
     async def open(cls, config: Config, database_url: str, redis_url: str) -> App:
         faiss.omp_set_num_threads(1)  # one query per request: threads only add overhead
-        pg = await PgStore.connect(database_url, timeout_s=config.store_timeout_s)
+        failures, cooldown = config.breaker_failures, config.breaker_cooldown_s
+        # min_size=0: a server starts (and serves its snapshots) while PostgreSQL is down
+        pg = await PgStore.connect(
+            database_url,
+            timeout_s=config.store_timeout_s,
+            min_size=0,
+            breaker_failures=failures,
+            breaker_cooldown_s=cooldown,
+        )
         cache = RankCache.from_url(
-            redis_url, timeout_s=config.redis_timeout_s, ttl_s=config.cache_ttl_s
+            redis_url,
+            timeout_s=config.redis_timeout_s,
+            ttl_s=config.cache_ttl_s,
+            breaker_failures=failures,
+            breaker_cooldown_s=cooldown,
         )
         optouts = OptOutRegistry(
             pg, refresh_s=config.optout_refresh_s, max_staleness_s=config.optout_max_staleness_s
+        )
+        kernels_pool = ThreadPoolExecutor(
+            max_workers=config.kernel_threads, thread_name_prefix="privrank-kernel"
         )
         ranker = Ranker(
             cache,
             optouts,
             personalization_enabled=config.personalization_enabled,
-            cache_timeout_s=config.redis_timeout_s,
+            executor=kernels_pool,
+            offload_min_work=config.offload_min_work,
         )
-        return cls(config, database_url, redis_url, pg, cache, optouts, ranker)
+        return cls(config, database_url, redis_url, pg, cache, optouts, ranker, kernels_pool)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -152,6 +170,7 @@ class App:
         await self.optouts.close()
         await self.cache.close()
         await self.pg.close()
+        self.kernels_pool.shutdown(wait=True)
 
 
 def _load_warm(path: os.PathLike[str]) -> LoadedScope:
@@ -168,7 +187,11 @@ def create_server(app: App, listen: str | None = None) -> tuple[aio.Server, int]
     config = app.config
     server = aio.server(
         interceptors=[
-            ErrorInterceptor(app.metrics, config.default_deadline_s),
+            ErrorInterceptor(
+                app.metrics,
+                config.default_deadline_s,
+                Admission(config.max_active_rpcs, config.max_queued_rpcs),
+            ),
             AuthInterceptor(config.signing_keys(), config.token_issuer),
         ],
         options=[

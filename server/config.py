@@ -48,7 +48,13 @@ class Config:
     personalization_enabled: bool = True
     default_deadline_s: float = 1.0
     max_message_bytes: int = 4 * 1024 * 1024
-    max_concurrent_rpcs: int = 256
+    max_concurrent_rpcs: int = 256  # gRPC's own hard cap on open calls
+    max_active_rpcs: int = 8  # handlers running at once (the CPU work is on one event loop)
+    max_queued_rpcs: int = 256  # waiting for a slot; past this, RESOURCE_EXHAUSTED at once
+    kernel_threads: int = 2  # threads scoring large requests off the event loop (numba nogil)
+    offload_min_work: int = 1_000_000  # multiply-adds above which scoring leaves the loop
+    breaker_failures: int = 5  # consecutive store failures that open its circuit
+    breaker_cooldown_s: float = 1.0  # then one probe call per cooldown
     shutdown_delay_s: float = 2.0  # NOT_SERVING but still answering, so balancers move away
     shutdown_grace_s: float = 10.0  # then in-flight calls get this long to finish
     store_timeout_s: float = 2.0
@@ -87,6 +93,11 @@ class Config:
             "DEFAULT_DEADLINE_S": self.default_deadline_s,
             "MAX_MESSAGE_BYTES": self.max_message_bytes,
             "MAX_CONCURRENT_RPCS": self.max_concurrent_rpcs,
+            "MAX_ACTIVE_RPCS": self.max_active_rpcs,
+            "MAX_QUEUED_RPCS": self.max_queued_rpcs,
+            "KERNEL_THREADS": self.kernel_threads,
+            "BREAKER_FAILURES": self.breaker_failures,
+            "BREAKER_COOLDOWN_S": self.breaker_cooldown_s,
             "STORE_TIMEOUT_S": self.store_timeout_s,
             "REDIS_TIMEOUT_S": self.redis_timeout_s,
             "CACHE_TTL_S": self.cache_ttl_s,

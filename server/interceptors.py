@@ -1,6 +1,7 @@
 """The interceptor chain, outermost first:
 
-    ErrorInterceptor  request id, deadline budget, metrics; the error tree → gRPC status
+    ErrorInterceptor  request id, deadline budget, admission control, metrics;
+                      the error tree → gRPC status
     AuthInterceptor   bearer token → Principal, checked against auth.POLICY
 
 Unary handlers are wrapped; streaming methods are only the public health and reflection ones.
@@ -11,11 +12,12 @@ go to the server log only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,10 +80,57 @@ def _wrap_unary(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behav
     )
 
 
+class Admission:
+    """Admission control: at most ``active + queued`` calls are admitted at once, and at most
+    ``active`` handlers run at once; a call beyond that is refused at once (RESOURCE_EXHAUSTED),
+    so overload sheds load instead of slowing every call down. A call whose deadline passed
+    while it waited is answered DEADLINE_EXCEEDED without starting any work.
+
+    Ranking handlers do their CPU work without awaiting, so waiting calls queue in the event
+    loop rather than on a semaphore: a call registers on arrival and yields once, so every call
+    that has arrived is counted before any of them does work.
+    """
+
+    def __init__(self, active: int, queued: int) -> None:
+        self._slots = asyncio.Semaphore(active)
+        self._limit = active + queued
+        self._admitted = 0
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    @contextlib.asynccontextmanager
+    async def admit(self, deadline: float) -> AsyncIterator[None]:
+        if self._admitted >= self._limit:
+            raise errors.Overloaded("server at capacity; retry with backoff")
+        self._admitted += 1
+        try:
+            await asyncio.sleep(0)  # let every call that has arrived register first
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise errors.DeadlineExceeded("deadline passed while waiting for capacity")
+            try:
+                await asyncio.wait_for(self._slots.acquire(), remaining)
+            except TimeoutError:
+                raise errors.DeadlineExceeded(
+                    "deadline passed while waiting for capacity"
+                ) from None
+            try:
+                yield
+            finally:
+                self._slots.release()
+        finally:
+            self._admitted -= 1
+
+
 class ErrorInterceptor(aio.ServerInterceptor):
-    def __init__(self, metrics: ServiceMetrics, default_deadline_s: float) -> None:
+    def __init__(
+        self, metrics: ServiceMetrics, default_deadline_s: float, admission: Admission | None = None
+    ) -> None:
         self._metrics = metrics
         self._default_deadline_s = default_deadline_s
+        self._admission = admission
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
@@ -99,7 +148,10 @@ class ErrorInterceptor(aio.ServerInterceptor):
                 code = grpc.StatusCode.OK
                 try:
                     async with asyncio.timeout(budget):
-                        return await inner(request, context)
+                        if self._admission is None or method in PUBLIC_METHODS:
+                            return await inner(request, context)
+                        async with self._admission.admit(scope.deadline):
+                            return await inner(request, context)
                 except errors.PrivrankError as exc:
                     code = status_for(exc)
                     if code is grpc.StatusCode.INTERNAL:

@@ -122,7 +122,7 @@ class RankingService(rpc.RankingServicer):
         if not candidates:
             raise InvalidInput("candidate_item_ids is required")
         limit = _limit(request.limit, default=0) if request.limit else 0
-        answer = self._app.ranker.rank_candidates(
+        answer = await self._app.ranker.rank_candidates(
             user_id, scope, candidates, limit, current().deadline
         )
         return self._observed(scope, answer)
@@ -132,7 +132,7 @@ class RankingService(rpc.RankingServicer):
     ) -> pb.RankedItems:
         item_id = validate_id("item_id", request.item_id)
         scope = validate_scope(request.scope)
-        answer = self._app.ranker.similar_items(
+        answer = await self._app.ranker.similar_items(
             item_id, scope, _limit(request.limit), current().deadline
         )
         return self._observed(scope, answer)

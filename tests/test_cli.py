@@ -204,6 +204,7 @@ async def test_serve_drains_in_flight_calls_on_sigterm(
     env = cli_env(config) | {
         "PRIVRANK_LISTEN": f"127.0.0.1:{port}",
         "PRIVRANK_SHUTDOWN_DELAY_S": "1",
+        "PRIVRANK_MAX_QUEUED_RPCS": "1000",
         "PRIVRANK_SHUTDOWN_GRACE_S": "20",
     }
     log_file = log_path.open("w")

@@ -1,0 +1,258 @@
+"""Keeps answering when things break: a hung or dead Redis, overload, short deadlines, and
+jobs killed at random points. Real servers throughout; no timing assertions (figures are for
+tests/bench/chaos.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import grpc
+import numpy as np
+import pytest
+from grpc import aio
+
+from features.breaker import CircuitBreaker
+from features.errors import StoreUnavailable
+from ranking import snapshot
+from server import embedded
+from server.api import privrank_pb2 as pb
+from server.api import privrank_pb2_grpc as rpc
+from server.app import App, create_server
+from server.auth import mint_token
+from server.config import Config
+from tests.conftest import ROOT, cli_env, privrank
+
+
+async def test_breaker_opens_probes_and_closes(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("features.breaker.time.monotonic", lambda: now[0])
+    breaker = CircuitBreaker("dep", failures=3, cooldown_s=2.0)
+
+    async def call(fail: bool) -> str:
+        try:
+            async with breaker.guard():
+                if fail:
+                    raise StoreUnavailable("down")
+        except StoreUnavailable as exc:
+            return "open" if "circuit open" in str(exc) else "failed"
+        return "ok"
+
+    assert [await call(True) for _ in range(3)] == ["failed"] * 3
+    assert breaker.state == "open"
+    assert await call(False) == "open"  # refused without calling the store
+    now[0] += 2.0
+    assert breaker.state == "half-open"
+    assert await call(True) == "failed"  # the probe fails: open again
+    assert await call(False) == "open"
+    now[0] += 2.0
+    assert await call(False) == "ok"  # the probe succeeds: closed
+    assert breaker.state == "closed"
+    assert await call(True) == "failed"  # one failure does not reopen it
+    assert breaker.state == "closed"
+
+
+@contextlib.contextmanager
+def _own_redis(root: Path) -> Iterator[tuple[str, int]]:
+    """A Redis of this test's own (so it may be stopped): (url, pid)."""
+    with embedded.embedded_redis(root) as url:
+        pid = int(
+            subprocess.check_output(["pgrep", "-f", str(root.resolve() / "redis")]).split()[0]
+        )
+        yield url, pid
+
+
+@contextlib.asynccontextmanager
+async def _serving(
+    config: Config, pg_url: str, redis_url: str
+) -> AsyncIterator[tuple[App, rpc.RankingStub, list[tuple[str, str]]]]:
+    app = await App.open(config, pg_url, redis_url)
+    server, port = create_server(app, "127.0.0.1:0")
+    await server.start()
+    await app.warm()
+    token = mint_token(
+        config.signing_keys()[0], role="service", subject="t", ttl_s=600, issuer=config.token_issuer
+    )
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield app, rpc.RankingStub(channel), [("authorization", f"Bearer {token}")]
+    finally:
+        await server.stop(0)
+        await app.close()
+
+
+async def _burst(
+    stub: rpc.RankingStub, metadata: list[tuple[str, str]], users: list[str], **request: object
+) -> list[tuple[grpc.StatusCode, int]]:
+    async def one(user: str) -> tuple[grpc.StatusCode, int]:
+        try:
+            answer = await stub.Recommend(
+                pb.RecommendRequest(user_id=user, **request), metadata=metadata, timeout=5
+            )
+        except aio.AioRpcError as exc:
+            return exc.code(), 0
+        return grpc.StatusCode.OK, answer.source
+
+    return list(await asyncio.gather(*(one(u) for u in users)))
+
+
+async def test_redis_hung_then_killed_then_back(
+    config: Config, pg_url: str, seeded: object, tmp_path: Path
+) -> None:
+    with _own_redis(tmp_path) as (redis_url, pid):
+        async with _serving(config, pg_url, redis_url) as (app, stub, metadata):
+            snap = app.ranker.scope("default").snapshot
+            # users no other test opts out or erases, and whom the model knows
+            known = (f"u{n}" for n in range(100, 200))
+            users = [u for u in known if snap.user_position(u) is not None][:60]
+            # cache every user's ranking, as precompute would
+            from jobs.steps import top_k_for_users
+
+            positions = np.array([snap.user_position(u) for u in users], dtype=np.int64)
+            items, scores, counts = top_k_for_users(snap, positions, 100)
+            await app.cache.put_many(
+                "default",
+                snap.version,
+                [(u, items[r, : counts[r]], scores[r, : counts[r]]) for r, u in enumerate(users)],
+            )
+            healthy = await _burst(stub, metadata, users)
+            assert {code for code, _ in healthy} == {grpc.StatusCode.OK}
+            assert {source for _, source in healthy} == {pb.SOURCE_CACHED}
+
+            os.kill(pid, signal.SIGSTOP)  # hung: accepts nothing, answers nothing
+            try:
+                hung = await _burst(stub, metadata, users * 3)
+                assert {code for code, _ in hung} == {grpc.StatusCode.OK}
+                assert {source for _, source in hung} == {pb.SOURCE_LIVE}
+                assert app.cache.breaker.state in ("open", "half-open")
+                # same items live as cached: the ladder changes the source, not the answer
+                live = await stub.Recommend(
+                    pb.RecommendRequest(user_id=users[0]), metadata=metadata
+                )
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            await asyncio.sleep(config.breaker_cooldown_s + 0.1)
+            await _burst(stub, metadata, users[:1])  # after the cooldown one call probes
+            assert app.cache.breaker.state == "closed"
+            back = await _burst(stub, metadata, users)
+            assert {source for _, source in back} == {pb.SOURCE_CACHED}
+            cached = await stub.Recommend(pb.RecommendRequest(user_id=users[0]), metadata=metadata)
+            assert [i.item_id for i in cached.items] == [i.item_id for i in live.items]
+
+            os.kill(pid, signal.SIGKILL)  # dead
+            dead = await _burst(stub, metadata, users * 3)
+            assert {code for code, _ in dead} == {grpc.StatusCode.OK}
+            assert {source for _, source in dead} == {pb.SOURCE_LIVE}
+
+
+async def test_overload_is_shed_at_once_and_queued_calls_respect_deadlines(
+    config: Config, pg_url: str, redis_url: str, seeded: object
+) -> None:
+    # every request scores on the kernel pool, so waiting calls are visible to admission
+    tight = dataclasses.replace(config, max_active_rpcs=1, max_queued_rpcs=4, offload_min_work=0)
+    async with _serving(tight, pg_url, redis_url) as (app, stub, metadata):
+        candidates = [f"i{n}" for n in range(100)] * 100
+
+        async def heavy() -> grpc.StatusCode:
+            try:
+                await stub.RankCandidates(
+                    pb.RankCandidatesRequest(user_id="u1", candidate_item_ids=candidates),
+                    metadata=metadata,
+                    timeout=10,
+                )
+            except aio.AioRpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        codes = await asyncio.gather(*(heavy() for _ in range(60)))
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert codes.count(grpc.StatusCode.OK) >= 5  # one running + four queued, at least
+
+        answers_before = sum(app.metrics.figures().served_by_source.values())
+        blockers = [asyncio.create_task(heavy()) for _ in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(aio.AioRpcError) as err:
+            await stub.Recommend(
+                pb.RecommendRequest(user_id="u2"), metadata=metadata, timeout=0.001
+            )
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert set(await asyncio.gather(*blockers)) == {grpc.StatusCode.OK}
+        # three answers were produced (the blockers); the expired call started no work
+        answers_after = sum(app.metrics.figures().served_by_source.values())
+        assert answers_after - answers_before == 3
+        # the server still serves normally afterwards
+        answer = await stub.Recommend(pb.RecommendRequest(user_id="u2"), metadata=metadata)
+        assert answer.items
+
+
+def _content_hash(root: Path, scope: str) -> str:
+    """The current snapshot's content hash (its version without the publication time)."""
+    version = snapshot.current_version(root, scope)
+    assert version is not None
+    return version.split("Z-", 1)[1]
+
+
+async def _ranks(pg_url: str, scope: str) -> list[tuple[str, str, list[str]]]:
+    conn = await asyncpg.connect(pg_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT user_id, model_version, item_ids FROM ranks WHERE scope = $1 ORDER BY user_id",
+            scope,
+        )
+    finally:
+        await conn.close()
+    return [(r["user_id"], r["model_version"].split("Z-", 1)[1], list(r["item_ids"])) for r in rows]
+
+
+async def test_a_job_killed_at_random_points_reruns_to_the_clean_result(
+    config: Config, pg_url: str, seeded: object
+) -> None:
+    scope = "crash"
+    privrank(
+        config,
+        "synth",
+        "--users",
+        "300",
+        "--items",
+        "150",
+        "--events",
+        "8000",
+        "--scope",
+        scope,
+        "--seed",
+        "21",
+    )
+    started = time.monotonic()
+    await asyncio.to_thread(privrank, config, "jobs", "nightly", "--scope", scope)
+    clean_seconds = time.monotonic() - started
+    clean_hash = _content_hash(config.snapshot_dir, scope)
+    clean_ranks = await _ranks(pg_url, scope)
+    assert clean_ranks
+
+    rng = random.Random(5)
+    for attempt in range(5):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "jobs", "nightly", "--scope", scope],
+            env=cli_env(config),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        await asyncio.sleep(rng.uniform(0.2, clean_seconds))
+        process.kill()
+        await asyncio.to_thread(process.wait)
+        # whatever the kill interrupted, readers still find a complete snapshot
+        snapshot.load_current(config.snapshot_dir, scope)
+        await asyncio.to_thread(privrank, config, "jobs", "nightly", "--scope", scope)
+        assert _content_hash(config.snapshot_dir, scope) == clean_hash, f"attempt {attempt}"
+        assert await _ranks(pg_url, scope) == clean_ranks, f"attempt {attempt}"
