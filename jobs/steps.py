@@ -6,10 +6,11 @@ returns a one-line summary; failures raise from the error tree.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from features.cache import RankCache
 from features.errors import JobError
 from features.postgres import PgStore, TrainingPairs
 from jobs.als import AlsParams, to_csr, train_als
-from jobs.metrics import evaluate_rankings
+from jobs.metrics import evaluate_rankings, ndcg_at_k
 from ranking import kernels, snapshot
 from ranking.retrieval import build_index, write_index
 from server.config import Config
@@ -34,6 +35,10 @@ HOLDOUT_FRACTION = 0.2
 EVAL_USERS = 2000
 EVAL_KS = (5, 10, 20)
 BATCH_USERS = 1024
+TUNE_REGULARIZATION = (0.01, 0.1, 1.0)
+TUNE_ALPHA = (1.0, 4.0, 10.0, 40.0)
+TUNE_MAX_PAIRS = 2_000_000
+TUNE_MIN_USERS = 20
 
 
 @dataclass(frozen=True)
@@ -66,13 +71,16 @@ class _Factorized:
     seen_indices: np.ndarray  # int64[nnz], positions in item_ids
 
 
-def _factorize(pairs: TrainingPairs, params: AlsParams, label: str) -> _Factorized:
+def _factorize(
+    pairs: TrainingPairs, params: AlsParams, label: str, *, progress: bool = True
+) -> _Factorized:
     if not np.any(pairs.strength > 0):
         raise JobError("no positive interactions to train on")
     user_ids, users = np.unique(pairs.user_ids, return_inverse=True)
     item_ids, items = np.unique(pairs.item_ids, return_inverse=True)
     positive = pairs.strength > 0
-    with tqdm(total=params.iterations, desc=label, unit="iter", disable=None) as bar:
+    show = None if progress else True  # tqdm: None = only on a terminal, True = never
+    with tqdm(total=params.iterations, desc=label, unit="iter", disable=show) as bar:
         user_vectors, item_vectors = train_als(
             users[positive],
             items[positive],
@@ -91,16 +99,111 @@ async def refresh_features(ctx: JobContext, scope: str) -> str:
     return f"{rows} user feature vectors refreshed"
 
 
+def _subset(pairs: TrainingPairs, keep: np.ndarray) -> TrainingPairs:
+    return TrainingPairs(
+        pairs.user_ids[keep], pairs.item_ids[keep], pairs.strength[keep], pairs.last_at[keep]
+    )
+
+
+def _validation_split(
+    pairs: TrainingPairs, fraction: float
+) -> tuple[TrainingPairs, dict[str, set[str]]]:
+    """Carve a validation set out of training data: for each user with at least three
+    positive pairs, the most recent ``fraction`` of them (by last interaction) is held out."""
+    positive = np.flatnonzero(pairs.strength > 0)
+    order = positive[np.lexsort((pairs.last_at[positive], pairs.user_ids[positive]))]
+    keep = np.ones(len(pairs.strength), dtype=bool)
+    held: dict[str, set[str]] = {}
+    users = pairs.user_ids[order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    for start, end in zip(starts, np.r_[starts[1:], len(order)], strict=True):
+        count = end - start
+        if count < 3:
+            continue
+        last = order[end - max(1, int(count * fraction)) : end]
+        keep[last] = False
+        held[str(users[start])] = set(pairs.item_ids[last].tolist())
+    return _subset(pairs, keep), held
+
+
+def _rank(
+    model: _Factorized, users: np.ndarray, k: int, bias: np.ndarray | None = None
+) -> list[list[int]]:
+    """Top-k item positions for model user positions ``users``, their training items excluded."""
+    indptr, indices = select_rows(model.seen_indptr, model.seen_indices, users)
+    zeros = np.zeros(len(model.item_ids), np.float32)
+    items, _, counts = kernels.topk_dense_batch(
+        np.ascontiguousarray(model.user_vectors[users]),
+        model.item_vectors,
+        zeros if bias is None else bias,
+        indptr,
+        indices,
+        k,
+    )
+    return [items[r, : counts[r]].tolist() for r in range(len(users))]
+
+
+def _tune(pairs: TrainingPairs, base: AlsParams, label: str) -> tuple[AlsParams, str]:
+    """Choose regularization and confidence scaling by NDCG@10 on a validation split carved
+    from the training data. Deterministic: the grid is fixed and ties keep the earlier one."""
+    if len(pairs.strength) > TUNE_MAX_PAIRS:
+        return base, f"default hyperparameters (over {TUNE_MAX_PAIRS} pairs: not tuned)"
+    train_part, held = _validation_split(pairs, HOLDOUT_FRACTION)
+    if len(held) < TUNE_MIN_USERS:
+        return base, "default hyperparameters (too little data to tune)"
+    best: tuple[float, AlsParams] = (-1.0, base)
+    grid = [(reg, alpha) for reg in TUNE_REGULARIZATION for alpha in TUNE_ALPHA]
+    for reg, alpha in tqdm(grid, desc=f"tune {label}", unit="fit", disable=None):
+        params = replace(base, regularization=reg, alpha=alpha)
+        model = _factorize(train_part, params, label, progress=False)
+        user_pos = {u: n for n, u in enumerate(model.user_ids.tolist())}
+        item_pos = {i: n for n, i in enumerate(model.item_ids.tolist())}
+        users = [u for u in sorted(held) if u in user_pos]
+        rankings = _rank(model, np.array([user_pos[u] for u in users], np.int64), 10)
+        score = float(
+            np.mean(
+                [
+                    ndcg_at_k(ranked, {item_pos[i] for i in held[u] if i in item_pos}, 10)
+                    for u, ranked in zip(users, rankings, strict=True)
+                ]
+            )
+        )
+        if score > best[0]:
+            best = (score, params)
+    chosen = best[1]
+    return chosen, (
+        f"regularization={chosen.regularization} alpha={chosen.alpha} "
+        f"(validation ndcg@10 {best[0]:.4f} over {len(grid)} settings)"
+    )
+
+
 async def train(ctx: JobContext, scope: str) -> str:
     pairs = await ctx.pg.training_pairs(scope)
-    model = _factorize(pairs, ctx.als_params(), f"train {scope}")
+    params, chosen = _tune(pairs, ctx.als_params(), scope)
+    model = _factorize(pairs, params, f"train {scope}")
     path = ctx.model_path(scope)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".model-{os.getpid()}.npz")
-    np.savez(staging, **{k: getattr(model, k) for k in _Factorized.__dataclass_fields__})
+    np.savez(
+        staging,
+        params=np.array(json.dumps(asdict(params), sort_keys=True)),
+        **{k: getattr(model, k) for k in _Factorized.__dataclass_fields__},
+    )
     os.replace(staging, path)
     await ctx.pg.save_embeddings(scope, list(model.user_ids), model.user_vectors)
-    return f"{len(model.user_ids)} users x {len(model.item_ids)} items, {len(pairs.strength)} pairs"
+    return (
+        f"{len(model.user_ids)} users x {len(model.item_ids)} items, "
+        f"{len(pairs.strength)} pairs; {chosen}"
+    )
+
+
+def _trained_params(ctx: JobContext, scope: str) -> AlsParams:
+    """The hyperparameters the last train chose (defaults if it has not run)."""
+    try:
+        with np.load(ctx.model_path(scope), allow_pickle=False) as data:
+            return AlsParams(**json.loads(str(data["params"])))
+    except (OSError, KeyError, ValueError, TypeError):
+        return ctx.als_params()
 
 
 def _load_model(path: Path) -> _Factorized:
@@ -233,7 +336,7 @@ async def evaluate(ctx: JobContext, scope: str) -> str:
         raise JobError("too few interactions to hold any out")
     train_pairs = await ctx.pg.training_pairs(scope, before=cutoff)
     all_pairs = await ctx.pg.training_pairs(scope)
-    model = _factorize(train_pairs, ctx.als_params(), f"evaluate {scope}")
+    model = _factorize(train_pairs, _trained_params(ctx, scope), f"evaluate {scope}")
 
     train_keys = set(zip(train_pairs.user_ids.tolist(), train_pairs.item_ids.tolist(), strict=True))
     item_pos = {item: i for i, item in enumerate(model.item_ids.tolist())}
