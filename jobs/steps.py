@@ -12,7 +12,9 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -21,8 +23,10 @@ from features.cache import RankCache
 from features.errors import JobError
 from features.postgres import PgStore, TrainingPairs
 from jobs.als import AlsParams, to_csr, train_als
+from jobs.ease import gram, train_ease
 from jobs.metrics import evaluate_rankings, ndcg_at_k
 from ranking import kernels, snapshot
+from ranking.itemitem import item_item_top_k
 from ranking.retrieval import build_index, write_index
 from server.config import Config
 
@@ -39,6 +43,8 @@ TUNE_REGULARIZATION = (0.01, 0.1, 1.0)
 TUNE_ALPHA = (1.0, 4.0, 10.0, 40.0)
 TUNE_MAX_PAIRS = 2_000_000
 TUNE_MIN_USERS = 20
+EASE_MAX_ITEMS = 10_000  # n² floats in memory, n³ to train
+EASE_LAMBDA = (50.0, 200.0, 800.0, 3200.0)
 
 
 @dataclass(frozen=True)
@@ -143,67 +149,152 @@ def _rank(
     return [items[r, : counts[r]].tolist() for r in range(len(users))]
 
 
-def _tune(pairs: TrainingPairs, base: AlsParams, label: str) -> tuple[AlsParams, str]:
-    """Choose regularization and confidence scaling by NDCG@10 on a validation split carved
-    from the training data. Deterministic: the grid is fixed and ties keep the earlier one."""
-    if len(pairs.strength) > TUNE_MAX_PAIRS:
-        return base, f"default hyperparameters (over {TUNE_MAX_PAIRS} pairs: not tuned)"
-    train_part, held = _validation_split(pairs, HOLDOUT_FRACTION)
-    if len(held) < TUNE_MIN_USERS:
-        return base, "default hyperparameters (too little data to tune)"
-    best: tuple[float, AlsParams] = (-1.0, base)
-    grid = [(reg, alpha) for reg in TUNE_REGULARIZATION for alpha in TUNE_ALPHA]
-    for reg, alpha in tqdm(grid, desc=f"tune {label}", unit="fit", disable=None):
-        params = replace(base, regularization=reg, alpha=alpha)
-        model = _factorize(train_part, params, label, progress=False)
-        user_pos = {u: n for n, u in enumerate(model.user_ids.tolist())}
-        item_pos = {i: n for n, i in enumerate(model.item_ids.tolist())}
-        users = [u for u in sorted(held) if u in user_pos]
-        rankings = _rank(model, np.array([user_pos[u] for u in users], np.int64), 10)
-        score = float(
+@dataclass(frozen=True)
+class _Validation:
+    """A validation split carved from training pairs, and the scores models reach on it."""
+
+    train: TrainingPairs
+    held: dict[str, set[str]]  # user → held-out items
+    index: _Factorized  # the training part's user/item positions and seen items
+
+    def ndcg(self, rank: Callable[[np.ndarray], list[list[int]]]) -> float:
+        """Mean NDCG@10 of ``rank(user positions) -> item positions`` over held-out users."""
+        user_pos = {u: n for n, u in enumerate(self.index.user_ids.tolist())}
+        item_pos = {i: n for n, i in enumerate(self.index.item_ids.tolist())}
+        users = [u for u in sorted(self.held) if u in user_pos]
+        rankings = rank(np.array([user_pos[u] for u in users], np.int64))
+        return float(
             np.mean(
                 [
-                    ndcg_at_k(ranked, {item_pos[i] for i in held[u] if i in item_pos}, 10)
+                    ndcg_at_k(ranked, {item_pos[i] for i in self.held[u] if i in item_pos}, 10)
                     for u, ranked in zip(users, rankings, strict=True)
                 ]
             )
         )
+
+
+def _validation(pairs: TrainingPairs, base: AlsParams) -> _Validation | str:
+    """The validation split, or the reason there is none."""
+    if len(pairs.strength) > TUNE_MAX_PAIRS:
+        return f"over {TUNE_MAX_PAIRS} pairs: not tuned"
+    train_part, held = _validation_split(pairs, HOLDOUT_FRACTION)
+    if len(held) < TUNE_MIN_USERS:
+        return "too little data to tune"
+    index = _factorize(train_part, replace(base, iterations=0), "index", progress=False)
+    return _Validation(train_part, held, index)
+
+
+def _tune_als(split: _Validation, base: AlsParams, label: str) -> tuple[AlsParams, float]:
+    """Regularization and confidence scaling by validation NDCG@10. Deterministic: the grid
+    is fixed and ties keep the earlier setting."""
+    best: tuple[float, AlsParams] = (-1.0, base)
+    grid = [(reg, alpha) for reg in TUNE_REGULARIZATION for alpha in TUNE_ALPHA]
+    for reg, alpha in tqdm(grid, desc=f"tune ALS {label}", unit="fit", disable=None):
+        params = replace(base, regularization=reg, alpha=alpha)
+        model = _factorize(split.train, params, label, progress=False)
+        score = split.ndcg(partial(_rank, model, k=10))
         if score > best[0]:
             best = (score, params)
-    chosen = best[1]
-    return chosen, (
-        f"regularization={chosen.regularization} alpha={chosen.alpha} "
-        f"(validation ndcg@10 {best[0]:.4f} over {len(grid)} settings)"
-    )
+    return best[1], best[0]
+
+
+def _positive_gram(pairs: TrainingPairs, index: _Factorized) -> np.ndarray:
+    positive = pairs.strength > 0
+    users = np.searchsorted(index.user_ids, pairs.user_ids[positive])
+    items = np.searchsorted(index.item_ids, pairs.item_ids[positive])
+    return gram(users, items, len(index.item_ids))
+
+
+def _rank_item_item(
+    matrix: np.ndarray, index: _Factorized, users: np.ndarray, k: int
+) -> list[list[int]]:
+    bias = np.zeros(len(index.item_ids), np.float32)
+    out = []
+    for u in users:
+        seen = index.seen_indices[index.seen_indptr[u] : index.seen_indptr[u + 1]]
+        out.append(item_item_top_k(matrix, bias, seen, seen, k)[0].tolist())
+    return out
+
+
+def _tune_ease(split: _Validation, label: str) -> tuple[float, float]:
+    """EASE's λ by validation NDCG@10: (λ, score)."""
+    g = _positive_gram(split.train, split.index)
+    best = (-1.0, EASE_LAMBDA[0])
+    for lam in tqdm(EASE_LAMBDA, desc=f"tune EASE {label}", unit="fit", disable=None):
+        matrix = train_ease(g, lam)
+        score = split.ndcg(partial(_rank_item_item, matrix, split.index, k=10))
+        if score > best[0]:
+            best = (score, lam)
+    return best[1], best[0]
 
 
 async def train(ctx: JobContext, scope: str) -> str:
+    """Embeddings always (similar items, candidates, the ANN index); for catalogs up to
+    EASE_MAX_ITEMS also EASE, which serves Recommend when it wins on validation."""
     pairs = await ctx.pg.training_pairs(scope)
-    params, chosen = _tune(pairs, ctx.als_params(), scope)
+    params, note, ease_lambda = ctx.als_params(), "", None
+    split = _validation(pairs, params)
+    if isinstance(split, str):
+        note = f"default hyperparameters ({split})"
+    else:
+        params, als_score = _tune_als(split, params, scope)
+        note = (
+            f"ALS regularization={params.regularization} alpha={params.alpha}: validation "
+            f"ndcg@10 {als_score:.4f}"
+        )
+        if len(split.index.item_ids) <= EASE_MAX_ITEMS:
+            lam, ease_score = _tune_ease(split, scope)
+            note += f"; EASE lambda={lam:g}: {ease_score:.4f}"
+            if ease_score > als_score:
+                ease_lambda = lam
     model = _factorize(pairs, params, f"train {scope}")
+    extra: dict[str, np.ndarray] = {}
+    if ease_lambda is not None:
+        extra["item_item"] = train_ease(_positive_gram(pairs, model), ease_lambda)
+    chosen = {
+        **asdict(params),
+        "model": "ease" if ease_lambda else "als",
+        "ease_lambda": ease_lambda,
+    }
     path = ctx.model_path(scope)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".model-{os.getpid()}.npz")
-    np.savez(
-        staging,
-        params=np.array(json.dumps(asdict(params), sort_keys=True)),
-        **{k: getattr(model, k) for k in _Factorized.__dataclass_fields__},
-    )
+    arrays: dict[str, Any] = {k: getattr(model, k) for k in _Factorized.__dataclass_fields__}
+    arrays["params"] = np.array(json.dumps(chosen, sort_keys=True))
+    arrays.update(extra)
+    np.savez(staging, **arrays)
     os.replace(staging, path)
     await ctx.pg.save_embeddings(scope, list(model.user_ids), model.user_vectors)
     return (
         f"{len(model.user_ids)} users x {len(model.item_ids)} items, "
-        f"{len(pairs.strength)} pairs; {chosen}"
+        f"{len(pairs.strength)} pairs; serving {chosen['model'].upper()} ({note})"
     )
 
 
-def _trained_params(ctx: JobContext, scope: str) -> AlsParams:
-    """The hyperparameters the last train chose (defaults if it has not run)."""
+def _trained(ctx: JobContext, scope: str) -> dict[str, object]:
+    """What the last train chose (empty if it has not run)."""
     try:
         with np.load(ctx.model_path(scope), allow_pickle=False) as data:
-            return AlsParams(**json.loads(str(data["params"])))
-    except (OSError, KeyError, ValueError, TypeError):
-        return ctx.als_params()
+            chosen: dict[str, object] = json.loads(str(data["params"]))
+            return chosen
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
+def _trained_params(ctx: JobContext, scope: str) -> AlsParams:
+    """The ALS hyperparameters the last train chose (defaults if it has not run)."""
+    fields = set(AlsParams.__dataclass_fields__)
+    chosen = {k: v for k, v in _trained(ctx, scope).items() if k in fields}
+    return AlsParams(**chosen) if chosen else ctx.als_params()  # type: ignore[arg-type]
+
+
+def _load_item_item(path: Path) -> np.ndarray | None:
+    """The trained EASE matrix, if the last train chose EASE."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return np.asarray(data["item_item"]) if "item_item" in data.files else None
+    except (OSError, ValueError) as exc:
+        raise JobError(f"no usable trained model at {path}; run train first ({exc})") from exc
 
 
 def _load_model(path: Path) -> _Factorized:
@@ -260,6 +351,10 @@ async def build(ctx: JobContext, scope: str) -> str:
         "seen_indptr": seen_indptr,
         "seen_indices": seen_indices,
     }
+    item_item = _load_item_item(ctx.model_path(scope))
+    if item_item is not None:  # EASE serves: its matrix in snapshot item order
+        arrays["item_item"] = np.zeros((n, n), dtype=np.float32)
+        arrays["item_item"][np.ix_(pos[known], pos[known])] = item_item[np.ix_(known, known)]
     index_writer = None
     if n > ctx.config.exact_search_max_items:
         index = build_index(item_vectors, item_bias)
@@ -267,10 +362,13 @@ async def build(ctx: JobContext, scope: str) -> str:
         def index_writer(path: Path) -> None:
             write_index(index, path)
 
-    version = snapshot.publish(ctx.config.snapshot_dir, scope, arrays, index_writer=index_writer)
+    kind = "ease" if item_item is not None else "als"
+    version = snapshot.publish(
+        ctx.config.snapshot_dir, scope, arrays, index_writer=index_writer, extra={"model": kind}
+    )
     published = snapshot.load(ctx.config.snapshot_dir / scope / version)
     await ctx.pg.record_model_version(scope, version, published.manifest)
-    return f"published {version}: {n} items, {len(model.user_ids)} users"
+    return f"published {version}: {kind.upper()}, {n} items, {len(model.user_ids)} users"
 
 
 async def precompute(ctx: JobContext, scope: str) -> str:
@@ -315,6 +413,16 @@ def top_k_for_users(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batched live ranking for snapshot user positions ``users`` (int64[b]), seen excluded:
     (items int64[b, k], scores float32[b, k], counts int64[b]) — what Recommend would serve."""
+    if snap.item_item is not None:
+        k = min(k, snap.n_items)
+        out_i = np.full((len(users), k), -1, dtype=np.int64)
+        out_s = np.zeros((len(users), k), dtype=np.float32)
+        counts = np.zeros(len(users), dtype=np.int64)
+        for r, user in enumerate(users):
+            seen = snap.seen(int(user))
+            items, scores = item_item_top_k(snap.item_item, snap.item_bias, seen, seen, k)
+            out_i[r, : len(items)], out_s[r, : len(items)], counts[r] = items, scores, len(items)
+        return out_i, out_s, counts
     indptr, indices = select_rows(snap.seen_indptr, snap.seen_indices, users)
     result: tuple[np.ndarray, np.ndarray, np.ndarray] = kernels.topk_dense_batch(
         np.ascontiguousarray(snap.user_vectors[users]),
@@ -373,17 +481,25 @@ async def evaluate(ctx: JobContext, scope: str) -> str:
         ),
     }
     version = snapshot.current_version(ctx.config.snapshot_dir, scope) or "unpublished"
+    chosen = _trained(ctx, scope)
+    ease_matrix = None
+    if chosen.get("model") == "ease":  # score what serves: EASE at the chosen λ
+        lam = float(chosen["ease_lambda"])  # type: ignore[arg-type]
+        ease_matrix = train_ease(_positive_gram(train_pairs, model), lam)
     summary = []
     for name, (queries, vectors, bias) in candidates.items():
-        items, _, counts = kernels.topk_dense_batch(
-            np.ascontiguousarray(queries),
-            np.ascontiguousarray(vectors),
-            bias,
-            indptr,
-            indices,
-            k,
-        )
-        rankings = [items[r, : counts[r]].tolist() for r in range(len(users))]
+        if name == "privrank" and ease_matrix is not None:
+            rankings = _rank_item_item(ease_matrix, model, users, k)
+        else:
+            items, _, counts = kernels.topk_dense_batch(
+                np.ascontiguousarray(queries),
+                np.ascontiguousarray(vectors),
+                bias,
+                indptr,
+                indices,
+                k,
+            )
+            rankings = [items[r, : counts[r]].tolist() for r in range(len(users))]
         metrics = evaluate_rankings(rankings, relevant, n_items, EVAL_KS)
         await ctx.pg.save_evaluation(scope, version, name, metrics, len(users))
         summary.append(f"{name} ndcg@10={metrics['ndcg@10']:.4f}")

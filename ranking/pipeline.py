@@ -20,6 +20,7 @@ import numpy as np
 
 from features.errors import DeadlineExceeded, InvalidInput, NotFound, StoreUnavailable
 from ranking import kernels
+from ranking.itemitem import item_item_top_k
 from ranking.retrieval import Retriever, retriever_for
 from ranking.snapshot import Snapshot
 
@@ -188,15 +189,28 @@ class Ranker:
         cached = await self._cached(snap, user_id, caller_excluded, limit)
         if cached is not None:
             return cached
-        excluded = np.union1d(snap.seen(user), caller_excluded).astype(np.int64)
-        items, scores = await self._compute(
-            deadline,
-            snap.n_items * snap.dim,
-            loaded.retriever.top_k,
-            snap.user_vectors[user],
-            excluded,
-            limit,
-        )
+        seen = snap.seen(user)
+        excluded = np.union1d(seen, caller_excluded).astype(np.int64)
+        if snap.item_item is not None:  # EASE: the user's items' rows of the item-item matrix
+            items, scores = await self._compute(
+                deadline,
+                len(seen) * snap.n_items,
+                item_item_top_k,
+                snap.item_item,
+                snap.item_bias,
+                seen,
+                excluded,
+                limit,
+            )
+        else:
+            items, scores = await self._compute(
+                deadline,
+                snap.n_items * snap.dim,
+                loaded.retriever.top_k,
+                snap.user_vectors[user],
+                excluded,
+                limit,
+            )
         if len(items) == 0:
             return self.popular(snap, caller_excluded, limit)
         return _answer(snap, items, scores, Source.LIVE)

@@ -45,6 +45,8 @@ ARRAYS: dict[str, tuple[str, int]] = {
     "seen_indptr": ("i", 1),
     "seen_indices": ("i", 1),
 }
+# arrays a snapshot may carry: the item-item matrix of an EASE model (float32[n, n])
+OPTIONAL_ARRAYS: dict[str, tuple[str, int]] = {"item_item": ("f", 2)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,6 +70,7 @@ class Snapshot:
     item_unit: np.ndarray = field(repr=False)  # float32[n, d], rows of norm 1 (or 0)
     zero_bias: np.ndarray = field(repr=False)  # float32[n]
     popular: np.ndarray = field(repr=False)  # int64[n], positions by popularity desc, then ID
+    item_item: np.ndarray | None = field(default=None, repr=False)  # float32[n, n] (EASE)
 
     @property
     def n_items(self) -> int:
@@ -151,6 +154,12 @@ def _check_arrays(arrays: dict[str, np.ndarray]) -> None:
         raise SnapshotError("item_ids must be sorted and unique")
     if u and np.any(arrays["user_ids"][1:] <= arrays["user_ids"][:-1]):
         raise SnapshotError("user_ids must be sorted and unique")
+    for name, (kind, ndim) in OPTIONAL_ARRAYS.items():
+        extra = arrays.get(name)
+        if extra is not None and (
+            extra.dtype.kind != kind or extra.ndim != ndim or extra.shape != (n, n)
+        ):
+            raise SnapshotError(f"{name}: expected a {n}x{n} float matrix")
 
 
 def publish(
@@ -174,7 +183,7 @@ def publish(
     staging.mkdir()
     try:
         checksums: dict[str, str] = {}
-        for name in ARRAYS:
+        for name in [*ARRAYS, *(a for a in OPTIONAL_ARRAYS if arrays.get(a) is not None)]:
             path = staging / f"{name}.npy"
             np.save(path, np.ascontiguousarray(arrays[name]), allow_pickle=False)
             checksums[path.name] = _sha256(path)
@@ -265,8 +274,9 @@ def load(path: Path) -> Snapshot:
             raise SnapshotError(f"{path}: {name} unreadable: {exc}") from exc
         if actual != expected:
             raise SnapshotError(f"{path}: {name} fails its checksum")
+    names = [*ARRAYS, *(a for a in OPTIONAL_ARRAYS if f"{a}.npy" in files)]
     try:
-        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in names}
     except (OSError, ValueError) as exc:
         raise SnapshotError(f"{path}: unreadable array: {exc}") from exc
     _check_arrays(arrays)
@@ -293,6 +303,7 @@ def load(path: Path) -> Snapshot:
         item_unit=unit.astype(np.float32),
         zero_bias=np.zeros(len(vectors), dtype=np.float32),
         popular=popular,
+        item_item=arrays.get("item_item"),
     )
 
 

@@ -1,0 +1,28 @@
+"""Serving an item-item model (EASE): a user's scores are the sum of the rows of the item-item
+matrix for the items they interacted with; the fused top-k kernel then selects over that row
+(a one-column "vector" per item) with the same exclusion mask and ID tie-break as every other
+ranking. Pure functions over arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ranking import kernels
+
+_ONE = np.ones(1, dtype=np.float32)
+
+
+def item_item_scores(matrix: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Σ matrix[j] over the positions ``seen`` (int64[m]): float32[n]; zeros if m = 0."""
+    if len(seen) == 0:
+        return np.zeros(matrix.shape[1], dtype=np.float32)
+    return np.asarray(matrix[seen].sum(axis=0, dtype=np.float32))
+
+
+def item_item_top_k(
+    matrix: np.ndarray, bias: np.ndarray, seen: np.ndarray, excluded: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` items by item-item score + bias, minus ``excluded`` (sorted int64)."""
+    row = item_item_scores(matrix, seen).reshape(-1, 1)
+    result: tuple[np.ndarray, np.ndarray] = kernels.topk_dense(_ONE, row, bias, excluded, k)
+    return result
