@@ -52,8 +52,12 @@ def evaluate_rankings(
     relevant: Sequence[set[int]],
     n_items: int,
     ks: Sequence[int] = (5, 10, 20),
+    *,
+    unit_vectors: np.ndarray | None = None,
+    item_share: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Mean precision, recall, NDCG and MAP at each k, plus catalog coverage at each k."""
+    """Mean precision, recall, NDCG and MAP at each k, catalog coverage at each k, and — given
+    item vectors / item shares — intra-list diversity, novelty and popularity bias at each k."""
     result: dict[str, float] = {}
     functions = {
         "precision": precision_at_k,
@@ -66,4 +70,41 @@ def evaluate_rankings(
             values = [fn(r, rel, k) for r, rel in zip(rankings, relevant, strict=True)]
             result[f"{name}@{k}"] = float(np.mean(values)) if values else 0.0
         result[f"coverage@{k}"] = catalog_coverage(rankings, n_items, k)
+        if unit_vectors is not None:
+            result[f"diversity@{k}"] = intra_list_diversity(rankings, unit_vectors, k)
+        if item_share is not None:
+            result[f"novelty@{k}"] = novelty(rankings, item_share, k)
+            result[f"popularity_bias@{k}"] = popularity_bias(rankings, item_share, k)
     return result
+
+
+def intra_list_diversity(
+    rankings: Sequence[Sequence[int]], unit_vectors: np.ndarray, k: int
+) -> float:
+    """Mean over lists of the average pairwise cosine distance (1 - cos) of the top-k items;
+    ``unit_vectors`` float[n, d] has rows of norm 1 (or 0). Lists shorter than 2 count 0."""
+    values = []
+    for ranked in rankings:
+        top = list(ranked[:k])
+        if len(top) < 2:
+            values.append(0.0)
+            continue
+        vectors = unit_vectors[top].astype(np.float64)
+        cos = vectors @ vectors.T
+        pairs = len(top) * (len(top) - 1)
+        values.append(float((pairs - (cos.sum() - np.trace(cos))) / pairs))
+    return float(np.mean(values)) if values else 0.0
+
+
+def novelty(rankings: Sequence[Sequence[int]], item_share: np.ndarray, k: int) -> float:
+    """Mean self-information -log2(share) of recommended items, where ``item_share`` float[n]
+    is the share of users who interacted with each item (floored at 1/ (10 * n))."""
+    floor = 1.0 / (10 * max(len(item_share), 1))
+    bits = [-np.log2(max(float(item_share[i]), floor)) for r in rankings for i in r[:k]]
+    return float(np.mean(bits)) if bits else 0.0
+
+
+def popularity_bias(rankings: Sequence[Sequence[int]], item_share: np.ndarray, k: int) -> float:
+    """Average recommendation popularity (ARP): the mean ``item_share`` of recommended items."""
+    shares = [float(item_share[i]) for r in rankings for i in r[:k]]
+    return float(np.mean(shares)) if shares else 0.0

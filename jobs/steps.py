@@ -472,6 +472,11 @@ async def evaluate(ctx: JobContext, scope: str) -> str:
     indptr, indices = select_rows(model.seen_indptr, model.seen_indices, users)
     n_items = len(model.item_ids)
     counts_by_item = np.bincount(model.seen_indices, minlength=n_items).astype(np.float32)
+    share = counts_by_item / max(len(model.user_ids), 1)
+    norms = np.linalg.norm(model.item_vectors, axis=1, keepdims=True)
+    unit = np.divide(
+        model.item_vectors, norms, out=np.zeros_like(model.item_vectors), where=norms > 0
+    )
     candidates = {
         "privrank": (model.user_vectors[users], model.item_vectors, np.zeros(n_items, np.float32)),
         "popularity": (
@@ -500,7 +505,9 @@ async def evaluate(ctx: JobContext, scope: str) -> str:
                 k,
             )
             rankings = [items[r, : counts[r]].tolist() for r in range(len(users))]
-        metrics = evaluate_rankings(rankings, relevant, n_items, EVAL_KS)
+        metrics = evaluate_rankings(
+            rankings, relevant, n_items, EVAL_KS, unit_vectors=unit, item_share=share
+        )
         await ctx.pg.save_evaluation(scope, version, name, metrics, len(users))
         summary.append(f"{name} ndcg@10={metrics['ndcg@10']:.4f}")
     return f"{len(users)} users: " + ", ".join(summary)

@@ -403,8 +403,17 @@ async def test_admin_metrics_model_info_and_job_history(client: Client) -> None:
     models = {e.model for e in metrics.offline}
     assert {"privrank", "popularity"} <= models
     for evaluation in metrics.offline:
-        for key in ("precision@10", "recall@10", "ndcg@10", "map@10", "coverage@10"):
-            assert 0.0 <= evaluation.values[key] <= 1.0
+        for key in (
+            "precision@10",
+            "recall@10",
+            "ndcg@10",
+            "map@10",
+            "coverage@10",
+            "diversity@10",
+            "popularity_bias@10",
+        ):
+            assert 0.0 <= evaluation.values[key] <= 1.0, key
+        assert evaluation.values["novelty@10"] > 0
     assert metrics.online.requests > 0
     assert metrics.online.latency_p99_ms >= metrics.online.latency_p50_ms > 0
     info = await client.admin.GetModelInfo(

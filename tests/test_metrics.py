@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -165,3 +166,29 @@ def test_metrics_are_within_unit_interval(ranked: list[int], relevant: set[int],
         assert ndcg_at_k(ranked, relevant, k) == pytest.approx(1.0)
         assert average_precision_at_k(ranked, relevant, k) == pytest.approx(1.0)
     assert catalog_coverage([ranked], 31, k) == pytest.approx(len(ranked[:k]) / 31)
+
+
+def test_intra_list_diversity_by_hand() -> None:
+    from jobs.metrics import intra_list_diversity
+
+    # items 0 and 1 point the same way (distance 0), item 2 is orthogonal to both (distance 1)
+    unit = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    # list [0, 1]: one pair at distance 0 -> 0; list [0, 2]: distance 1 -> 1; list [0, 1, 2]:
+    # pairs (0,1)=0, (0,2)=1, (1,2)=1 -> 2/3; a single item -> 0
+    assert intra_list_diversity([[0, 1]], unit, 10) == pytest.approx(0.0)
+    assert intra_list_diversity([[0, 2]], unit, 10) == pytest.approx(1.0)
+    assert intra_list_diversity([[0, 1, 2]], unit, 10) == pytest.approx(2 / 3)
+    assert intra_list_diversity([[0, 1, 2], [2]], unit, 10) == pytest.approx(1 / 3)
+    assert intra_list_diversity([[0, 2, 1]], unit, 2) == pytest.approx(1.0)  # only the top 2
+
+
+def test_novelty_and_popularity_bias_by_hand() -> None:
+    from jobs.metrics import novelty, popularity_bias
+
+    share = np.array([0.5, 0.25, 0.0])
+    # -log2(0.5) = 1, -log2(0.25) = 2; an unseen item is floored at 1/(10*3) -> log2(30)
+    assert novelty([[0, 1]], share, 10) == pytest.approx(1.5)
+    assert novelty([[2]], share, 10) == pytest.approx(np.log2(30))
+    # ARP: mean share of recommended items (0.5 + 0.25) / 2
+    assert popularity_bias([[0, 1]], share, 10) == pytest.approx(0.375)
+    assert popularity_bias([], share, 10) == 0.0
