@@ -22,6 +22,9 @@ from features.breaker import CircuitBreaker
 from features.errors import StoreUnavailable
 
 KEY_PREFIX = "privrank:rank:"
+RECENT_PREFIX = "privrank:recent:"  # privrank:recent:{scope}:{user_id} → newest item IDs first
+RECENT_ITEMS = 20
+RECENT_TTL_S = 7 * 24 * 3600
 RANKING_DTYPE = np.dtype([("item", "<i4"), ("score", "<f4")])
 
 
@@ -121,13 +124,38 @@ class RankCache:
             await pipe.execute()
         return written
 
+    async def push_recent(self, events: Iterable[tuple[str, str, str]]) -> None:
+        """Remember (scope, user_id, item_id) interactions as each user's most recent items,
+        for ranking users the current model does not know yet."""
+        async with self._redis() as client:
+            pipe = client.pipeline(transaction=False)
+            for scope, user_id, item_id in events:
+                key = f"{RECENT_PREFIX}{scope}:{user_id}"
+                pipe.lpush(key, item_id)
+                pipe.ltrim(key, 0, RECENT_ITEMS - 1)
+                pipe.expire(key, RECENT_TTL_S)
+            await pipe.execute()
+
+    async def recent(self, scope: str, user_id: str) -> list[str]:
+        """The user's most recent item IDs in the scope, newest first (possibly repeated)."""
+        async with self._redis() as client:
+            raw = await client.lrange(f"{RECENT_PREFIX}{scope}:{user_id}", 0, RECENT_ITEMS - 1)
+        return [item.decode() if isinstance(item, bytes) else str(item) for item in raw]
+
     async def _user_keys(self, client: aioredis.Redis, user_id: str) -> list[bytes]:
+        """Every key holding data of the user: cached rankings and recent items."""
         keys: list[bytes] = []
-        async for key in client.scan_iter(match=f"{KEY_PREFIX}*:*:{user_id}", count=1000):
-            # a glob '*' also matches ':', so confirm the exact user part of the key
-            parts = key.decode().split(":", 4)
-            if len(parts) == 5 and parts[4] == user_id:
-                keys.append(key)
+        patterns = {
+            KEY_PREFIX: f"{KEY_PREFIX}*:*:{user_id}",
+            RECENT_PREFIX: f"{RECENT_PREFIX}*:{user_id}",
+        }
+        for prefix, pattern in patterns.items():
+            fields = 5 if prefix == KEY_PREFIX else 4
+            async for key in client.scan_iter(match=pattern, count=1000):
+                # a glob '*' also matches ':', so confirm the exact user part of the key
+                parts = key.decode().split(":", fields - 1)
+                if len(parts) == fields and parts[-1] == user_id:
+                    keys.append(key)
         return keys
 
     async def delete_user(self, user_id: str) -> int:
@@ -137,6 +165,6 @@ class RankCache:
             return int(await client.delete(*keys)) if keys else 0
 
     async def count_user(self, user_id: str) -> int:
-        """How many cached rankings a user has."""
+        """How many keys (cached rankings, recent items) hold data of the user."""
         async with self._redis() as client:
             return len(await self._user_keys(client, user_id))

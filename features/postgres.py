@@ -320,6 +320,32 @@ class PgStore:
             last_at=np.array([float(r["last_at"]) for r in rows], dtype=np.float64),
         )
 
+    async def segment_popularity(
+        self, scope: str, *, now: datetime, window_days: int = 30
+    ) -> list[tuple[int, int, str, float]]:
+        """Weighted engagement per (daypart, device code, item) over the window; dayparts are
+        the user's local hours // 6 (0 = night, 1 = morning, 2 = afternoon, 3 = evening)."""
+        names, weights = _weights()
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT (extract(hour FROM e.occurred_at"
+                "          + make_interval(mins => coalesce(e.utc_offset_minutes, 0)))::int / 6)"
+                "         AS daypart, e.device, e.item_id, sum(w.weight) AS pop"
+                " FROM events e"
+                " JOIN unnest($2::text[], $3::real[]) AS w(event_type, weight) USING (event_type)"
+                " WHERE e.scope = $1 AND w.weight > 0"
+                "   AND e.occurred_at > $4::timestamptz - make_interval(days => $5)"
+                "   AND e.occurred_at <= $4"
+                " GROUP BY 1, 2, 3",
+                scope,
+                names,
+                weights,
+                now,
+                window_days,
+                timeout=600,
+            )
+        return [(r["daypart"], r["device"], r["item_id"], float(r["pop"])) for r in rows]
+
     async def holdout_cutoff(self, scope: str, fraction: float) -> datetime | None:
         """The time after which the newest ``fraction`` of the scope's interactions fall."""
         async with self._conn() as conn:

@@ -102,6 +102,11 @@ def validate_scope(value: str) -> str:
     return value
 
 
+def context_segment(device: int, local_hour: int) -> int:
+    """The context segment of a device code and a local hour: daypart (hour // 6) x device."""
+    return (local_hour // 6) * len(DEVICE_CATEGORIES) + device
+
+
 def device_code(category: str) -> int:
     """Integer code of a device category (unknown categories are refused)."""
     if not category:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from features.cache import RankCache
 from features.errors import JobError
 from features.postgres import PgStore, TrainingPairs
+from features.schema import DEVICE_CATEGORIES, context_segment
 from jobs.als import AlsParams, to_csr, train_als
 from jobs.ease import gram, train_ease
 from jobs.metrics import evaluate_rankings, ndcg_at_k
@@ -45,6 +46,9 @@ TUNE_MAX_PAIRS = 2_000_000
 TUNE_MIN_USERS = 20
 EASE_MAX_ITEMS = 10_000  # n² floats in memory, n³ to train
 EASE_LAMBDA = (50.0, 200.0, 800.0, 3200.0)
+DAYPARTS = 4  # local hour // 6
+SEGMENT_DEPTH = 200
+SEGMENT_MIN_WEIGHT = 50.0
 
 
 @dataclass(frozen=True)
@@ -288,6 +292,32 @@ def _trained_params(ctx: JobContext, scope: str) -> AlsParams:
     return AlsParams(**chosen) if chosen else ctx.als_params()  # type: ignore[arg-type]
 
 
+def _segments(
+    rows: list[tuple[int, int, str, float]], item_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top SEGMENT_DEPTH item positions (and scores in [0, 1]) per context segment
+    ``daypart * len(DEVICE_CATEGORIES) + device``; -1 / 0 padded. Segments with fewer than
+    SEGMENT_MIN_WEIGHT of engagement stay empty, so serving falls back to scope popularity."""
+    shape = (DAYPARTS * len(DEVICE_CATEGORIES), SEGMENT_DEPTH)
+    items = np.full(shape, -1, dtype=np.int64)
+    scores = np.zeros(shape, dtype=np.float32)
+    by_segment: dict[int, list[tuple[float, int]]] = {}
+    for daypart, device, item_id, weight in rows:
+        pos = int(np.searchsorted(item_ids, item_id))
+        if pos < len(item_ids) and item_ids[pos] == item_id:
+            segment = context_segment(device, daypart * 6)
+            by_segment.setdefault(segment, []).append((weight, pos))
+    for segment, entries in by_segment.items():
+        if sum(w for w, _ in entries) < SEGMENT_MIN_WEIGHT:
+            continue
+        top = sorted(entries, key=lambda e: (-e[0], e[1]))[:SEGMENT_DEPTH]
+        peak = top[0][0]
+        for slot, (weight, pos) in enumerate(top):
+            items[segment, slot] = pos
+            scores[segment, slot] = weight / peak
+    return items, scores
+
+
 def _load_item_item(path: Path) -> np.ndarray | None:
     """The trained EASE matrix, if the last train chose EASE."""
     try:
@@ -351,6 +381,9 @@ async def build(ctx: JobContext, scope: str) -> str:
         "seen_indptr": seen_indptr,
         "seen_indices": seen_indices,
     }
+    arrays["segment_items"], arrays["segment_scores"] = _segments(
+        await ctx.pg.segment_popularity(scope, now=as_of), item_ids
+    )
     item_item = _load_item_item(ctx.model_path(scope))
     if item_item is not None:  # EASE serves: its matrix in snapshot item order
         arrays["item_item"] = np.zeros((n, n), dtype=np.float32)

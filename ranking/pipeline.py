@@ -36,12 +36,16 @@ class Source(enum.IntEnum):
     CACHED = 1
     LIVE = 2
     POPULAR = 3
+    CONTEXT = 4
+    RECENT = 5
 
 
 class RankingCache(Protocol):
     async def get(
         self, scope: str, model_version: str, user_id: str
     ) -> tuple[np.ndarray, np.ndarray] | None: ...
+
+    async def recent(self, scope: str, user_id: str) -> list[str]: ...
 
 
 class OptOutView(Protocol):
@@ -141,13 +145,61 @@ class Ranker:
     # -- the rungs ------------------------------------------------------------------------
 
     @staticmethod
-    def popular(snap: Snapshot, excluded: np.ndarray, limit: int, blocked: bool = False) -> Ranked:
-        """The non-personalized ranking: most popular in scope, minus ``excluded``."""
-        head = snap.popular[: limit + len(excluded)]
-        if len(excluded):
-            head = head[~np.isin(head, excluded)]
-        head = head[:limit]
-        return _answer(snap, head, snap.item_popularity[head], Source.POPULAR, blocked)
+    def popular(
+        snap: Snapshot,
+        excluded: np.ndarray,
+        limit: int,
+        blocked: bool = False,
+        segment: int | None = None,
+    ) -> Ranked:
+        """The non-personalized ranking, minus ``excluded``: the most popular items of the
+        request's context segment (daypart x device) if the snapshot has them, topped up with
+        the most popular of the scope."""
+        picked = np.empty(0, dtype=np.int64)
+        scores = np.empty(0, dtype=np.float32)
+        if segment is not None and snap.segment_items is not None:
+            assert snap.segment_scores is not None
+            row = snap.segment_items[segment]
+            keep = (row >= 0) & ~np.isin(row, excluded)
+            picked, scores = row[keep][:limit], snap.segment_scores[segment][keep][:limit]
+        source = Source.CONTEXT if len(picked) else Source.POPULAR
+        if len(picked) < limit:
+            head = snap.popular[: limit + len(excluded) + len(picked)]
+            head = head[~np.isin(head, excluded) & ~np.isin(head, picked)]
+            head = head[: limit - len(picked)]
+            # top-ups rank below every context pick: scale scope popularity under the last one
+            floor = float(scores[-1]) if len(scores) else 1.0
+            picked = np.concatenate([picked, head])
+            scores = np.concatenate([scores, snap.item_popularity[head] * floor])
+        return _answer(snap, picked, scores, source, blocked)
+
+    async def _recent_neighbours(
+        self, snap: Snapshot, user_id: str, excluded: np.ndarray, limit: int, deadline: float
+    ) -> Ranked | None:
+        """For a user the model does not know yet: the items most similar to the items of
+        their events since the model was built (kept briefly in the cache)."""
+        if self._cache is None:
+            return None
+        try:
+            recent = snap.item_positions(await self._cache.recent(snap.scope, user_id))
+        except StoreUnavailable as exc:
+            log.debug("recent items unavailable: %s", exc)
+            return None
+        if len(recent) == 0:
+            return None
+        # Σ_j cos(item_j, i) = (Σ_j unit_j) · unit_i: one query scores all items
+        query = np.ascontiguousarray(snap.item_unit[recent].sum(axis=0), dtype=np.float32)
+        items, scores = await self._compute(
+            deadline,
+            snap.n_items * snap.dim,
+            kernels.topk_dense,
+            query,
+            snap.item_unit,
+            snap.zero_bias,
+            np.union1d(recent, excluded),
+            limit,
+        )
+        return _answer(snap, items, scores, Source.RECENT) if len(items) else None
 
     async def _cached(
         self, snap: Snapshot, user_id: str, excluded: np.ndarray, limit: int
@@ -176,16 +228,24 @@ class Ranker:
     # -- the RPCs -------------------------------------------------------------------------
 
     async def recommend(
-        self, user_id: str, scope: str, limit: int, exclude_ids: Sequence[str], deadline: float
+        self,
+        user_id: str,
+        scope: str,
+        limit: int,
+        exclude_ids: Sequence[str],
+        deadline: float,
+        segment: int | None = None,
     ) -> Ranked:
+        """``segment`` is the request's context segment (features.schema.context_segment)."""
         loaded = self.scope(scope)
         snap = loaded.snapshot
         caller_excluded = snap.item_positions(list(exclude_ids))
         if not self._personal(user_id, snap):
-            return self.popular(snap, caller_excluded, limit, blocked=True)
+            return self.popular(snap, caller_excluded, limit, blocked=True, segment=segment)
         user = snap.user_position(user_id)
         if user is None:
-            return self.popular(snap, caller_excluded, limit)
+            recent = await self._recent_neighbours(snap, user_id, caller_excluded, limit, deadline)
+            return recent or self.popular(snap, caller_excluded, limit, segment=segment)
         cached = await self._cached(snap, user_id, caller_excluded, limit)
         if cached is not None:
             return cached

@@ -45,8 +45,14 @@ ARRAYS: dict[str, tuple[str, int]] = {
     "seen_indptr": ("i", 1),
     "seen_indices": ("i", 1),
 }
-# arrays a snapshot may carry: the item-item matrix of an EASE model (float32[n, n])
-OPTIONAL_ARRAYS: dict[str, tuple[str, int]] = {"item_item": ("f", 2)}
+# arrays a snapshot may carry: the item-item matrix of an EASE model (float32[n, n]), and the
+# most popular items per context segment (daypart x device; int64 positions, -1 padded, with
+# their float32 scores)
+OPTIONAL_ARRAYS: dict[str, tuple[str, int]] = {
+    "item_item": ("f", 2),
+    "segment_items": ("i", 2),
+    "segment_scores": ("f", 2),
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,6 +77,8 @@ class Snapshot:
     zero_bias: np.ndarray = field(repr=False)  # float32[n]
     popular: np.ndarray = field(repr=False)  # int64[n], positions by popularity desc, then ID
     item_item: np.ndarray | None = field(default=None, repr=False)  # float32[n, n] (EASE)
+    segment_items: np.ndarray | None = field(default=None, repr=False)  # int64[S, T]
+    segment_scores: np.ndarray | None = field(default=None, repr=False)  # float32[S, T]
 
     @property
     def n_items(self) -> int:
@@ -156,10 +164,19 @@ def _check_arrays(arrays: dict[str, np.ndarray]) -> None:
         raise SnapshotError("user_ids must be sorted and unique")
     for name, (kind, ndim) in OPTIONAL_ARRAYS.items():
         extra = arrays.get(name)
-        if extra is not None and (
-            extra.dtype.kind != kind or extra.ndim != ndim or extra.shape != (n, n)
-        ):
-            raise SnapshotError(f"{name}: expected a {n}x{n} float matrix")
+        if extra is not None and (extra.dtype.kind != kind or extra.ndim != ndim):
+            raise SnapshotError(f"{name}: expected kind {kind!r} with {ndim} dims")
+    if arrays.get("item_item") is not None and arrays["item_item"].shape != (n, n):
+        raise SnapshotError(f"item_item: expected a {n}x{n} matrix")
+    segments, scores = arrays.get("segment_items"), arrays.get("segment_scores")
+    if (segments is None) != (scores is None):
+        raise SnapshotError("segment_items and segment_scores come together")
+    if (
+        segments is not None
+        and scores is not None
+        and (segments.shape != scores.shape or (segments.size and segments.max() >= n))
+    ):
+        raise SnapshotError("segment_items / segment_scores do not fit the items")
 
 
 def publish(
@@ -304,6 +321,8 @@ def load(path: Path) -> Snapshot:
         zero_bias=np.zeros(len(vectors), dtype=np.float32),
         popular=popular,
         item_item=arrays.get("item_item"),
+        segment_items=arrays.get("segment_items"),
+        segment_scores=arrays.get("segment_scores"),
     )
 
 

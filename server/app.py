@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from features.cache import RankCache
 from features.errors import SnapshotError, StoreUnavailable
 from features.postgres import PgStore
+from features.schema import ENGAGED_EVENTS, Interaction
 from ranking import kernels, snapshot
 from ranking.pipeline import EMPTY, LoadedScope, Ranker
 from server.api import privrank_pb2 as pb
@@ -144,6 +145,23 @@ class App:
                 await self.reload()
             except Exception:
                 log.exception("snapshot poll failed")
+
+    async def remember_recent(self, events: Sequence[Interaction]) -> None:
+        """Keep the items of fresh events for ranking users the model does not know yet; never
+        for a user who opted out. Best effort: the events themselves are already stored."""
+        allowed = [
+            (e.scope, e.user_id, e.item_id)
+            for e in events
+            if e.event_type in ENGAGED_EVENTS
+            and self.ranker.personalization_enabled
+            and self.optouts.personalization_allowed(e.user_id)
+        ]
+        if not allowed:
+            return
+        try:
+            await self.cache.push_recent(allowed)
+        except StoreUnavailable as exc:
+            log.warning("could not remember recent items: %s", exc)
 
     async def forget_cached(self, user_id: str) -> int:
         """Delete a user's cached rankings; 0 if Redis is unreachable (the ranker never

@@ -20,7 +20,14 @@ from grpc import aio
 
 from features.errors import InvalidInput, NotFound
 from features.postgres import UserSettingsRow
-from features.schema import FEATURE_NAMES, make_interaction, validate_id, validate_scope
+from features.schema import (
+    FEATURE_NAMES,
+    context_segment,
+    device_code,
+    make_interaction,
+    validate_id,
+    validate_scope,
+)
 from jobs.runner import JOB_NAMES
 from ranking.pipeline import Ranked
 from server.api import privrank_pb2 as pb
@@ -62,6 +69,14 @@ def _reject_unknown_fields(where: str, message: Message) -> None:
     if unknown:
         numbers = ", ".join(str(n) for n in unknown)
         raise InvalidInput(f"{where}: field number {numbers} is not part of the privrank API")
+
+
+def _segment(context: pb.EventContext) -> int:
+    """The context segment of a request: its device and its local time of day."""
+    if not -720 <= context.utc_offset_minutes <= 840:
+        raise InvalidInput("context.utc_offset_minutes must be within -720..840")
+    local = datetime.now(UTC) + timedelta(minutes=context.utc_offset_minutes)
+    return context_segment(device_code(context.device_category), local.hour)
 
 
 def _timestamp(when: datetime | None) -> Timestamp:
@@ -108,8 +123,9 @@ class RankingService(rpc.RankingServicer):
         scope = validate_scope(request.scope)
         limit = _limit(request.limit)
         excluded = _ids("exclude_item_ids", request.exclude_item_ids, MAX_EXCLUDED)
+        segment = _segment(request.context) if request.HasField("context") else None
         answer = await self._app.ranker.recommend(
-            user_id, scope, limit, excluded, current().deadline
+            user_id, scope, limit, excluded, current().deadline, segment
         )
         return self._observed(scope, answer)
 
@@ -179,6 +195,7 @@ class RankingService(rpc.RankingServicer):
                 )
             )
         accepted = await self._app.pg.insert_events(events)
+        await self._app.remember_recent(events)
         return pb.RecordEventsResponse(accepted=accepted)
 
 

@@ -245,7 +245,9 @@ async def test_planted_pii_is_rejected_everywhere_and_found_nowhere(
         await conn.close()
     store = redis.Redis.from_url(redis_url)
     for key in store.scan_iter(match="*", count=1000):
-        blob = key + (store.get(key) or b"")
+        kind = store.type(key)
+        values = store.lrange(key, 0, -1) if kind == b"list" else [store.get(key) or b""]
+        blob = key + b"".join(values)
         found += [f"redis:{k}" for k, v in CANARIES.items() if v.encode() in blob]
     store.close()
     for file in client.config.data_dir.rglob("*"):

@@ -16,6 +16,8 @@ class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SOURCE_CACHED: _ClassVar[Source]
     SOURCE_LIVE: _ClassVar[Source]
     SOURCE_POPULAR: _ClassVar[Source]
+    SOURCE_CONTEXT: _ClassVar[Source]
+    SOURCE_RECENT: _ClassVar[Source]
 
 class EventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -32,6 +34,8 @@ SOURCE_UNSPECIFIED: Source
 SOURCE_CACHED: Source
 SOURCE_LIVE: Source
 SOURCE_POPULAR: Source
+SOURCE_CONTEXT: Source
+SOURCE_RECENT: Source
 EVENT_TYPE_UNSPECIFIED: EventType
 IMPRESSION: EventType
 CLICK: EventType
@@ -43,16 +47,18 @@ RATING: EventType
 PURCHASE: EventType
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "scope", "limit", "exclude_item_ids")
+    __slots__ = ("user_id", "scope", "limit", "exclude_item_ids", "context")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     scope: str
     limit: int
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, user_id: _Optional[str] = ..., scope: _Optional[str] = ..., limit: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    context: EventContext
+    def __init__(self, user_id: _Optional[str] = ..., scope: _Optional[str] = ..., limit: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., context: _Optional[_Union[EventContext, _Mapping]] = ...) -> None: ...
 
 class RankCandidatesRequest(_message.Message):
     __slots__ = ("user_id", "scope", "candidate_item_ids", "limit")
