@@ -110,14 +110,16 @@ class RankCache:
         rankings: Iterable[tuple[str, np.ndarray, np.ndarray]],
         *,
         batch: int = 1000,
+        ttl_s: int | None = None,
     ) -> int:
-        """Write (user_id, items, scores) rankings in pipelined batches; returns the count."""
+        """Write (user_id, items, scores) rankings in pipelined batches, each with ``ttl_s``
+        (default: the cache's TTL); returns the count."""
         written = 0
         async with self._redis() as client:
             pipe = client.pipeline(transaction=False)
             for user_id, items, scores in rankings:
                 key = rank_key(scope, model_version, user_id)
-                pipe.set(key, pack_ranking(items, scores), ex=self._ttl)
+                pipe.set(key, pack_ranking(items, scores), ex=ttl_s or self._ttl)
                 written += 1
                 if written % batch == 0:
                     await pipe.execute()

@@ -27,14 +27,13 @@ from jobs.als import AlsParams, to_csr, train_als
 from jobs.ease import gram, train_ease
 from jobs.metrics import evaluate_rankings, ndcg_at_k
 from ranking import kernels, snapshot
+from ranking.diversity import mmr
 from ranking.itemitem import item_item_top_k
 from ranking.retrieval import build_index, write_index
 from server.config import Config
 
 log = logging.getLogger(__name__)
 
-POPULARITY_WEIGHT = 0.05
-RECENCY_WEIGHT = 0.02
 RECENCY_DAYS = 7.0
 HOLDOUT_FRACTION = 0.2
 EVAL_USERS = 2000
@@ -353,7 +352,10 @@ async def build(ctx: JobContext, scope: str) -> str:
     popularity = popularity / popularity.max() if n and popularity.max() > 0 else popularity
     age_days = (as_of.timestamp() - stats.first_seen[order]) / 86400.0
     recency = np.exp(-np.clip(age_days, 0, None) / RECENCY_DAYS)
-    item_bias = (POPULARITY_WEIGHT * popularity + RECENCY_WEIGHT * recency).astype(np.float32)
+    profile = ctx.config.profile(scope)
+    item_bias = (profile.popularity_weight * popularity + profile.recency_weight * recency).astype(
+        np.float32
+    )
 
     remap = np.where(known, pos, -1)
     seen = remap[model.seen_indices]
@@ -420,7 +422,9 @@ async def precompute(ctx: JobContext, scope: str) -> str:
                 (user_id, items[r, : counts[r]], scores[r, : counts[r]])
                 for r, (user_id, _) in enumerate(chunk)
             ]
-            written += await ctx.cache.put_many(scope, snap.version, batch)
+            written += await ctx.cache.put_many(
+                scope, snap.version, batch, ttl_s=ctx.config.profile(scope).cache_ttl_s
+            )
             rows.extend(
                 (user_id, [str(i) for i in snap.item_ids[its]], [float(s) for s in scs])
                 for user_id, its, scs in batch
@@ -520,14 +524,16 @@ async def evaluate(ctx: JobContext, scope: str) -> str:
     }
     version = snapshot.current_version(ctx.config.snapshot_dir, scope) or "unpublished"
     chosen = _trained(ctx, scope)
+    profile = ctx.config.profile(scope)
     ease_matrix = None
     if chosen.get("model") == "ease":  # score what serves: EASE at the chosen λ
         lam = float(chosen["ease_lambda"])  # type: ignore[arg-type]
         ease_matrix = train_ease(_positive_gram(train_pairs, model), lam)
     summary = []
     for name, (queries, vectors, bias) in candidates.items():
+        depth = max(k, profile.candidates) if name == "privrank" and profile.diversity else k
         if name == "privrank" and ease_matrix is not None:
-            rankings = _rank_item_item(ease_matrix, model, users, k)
+            rankings = _rank_item_item(ease_matrix, model, users, depth)
         else:
             items, _, counts = kernels.topk_dense_batch(
                 np.ascontiguousarray(queries),
@@ -535,9 +541,23 @@ async def evaluate(ctx: JobContext, scope: str) -> str:
                 bias,
                 indptr,
                 indices,
-                k,
+                depth,
             )
             rankings = [items[r, : counts[r]].tolist() for r in range(len(users))]
+        if depth > k:  # diversify as served: MMR over the candidates (relevance = rank order)
+            rankings = [
+                [
+                    r[i]
+                    for i in mmr(
+                        np.array(r, np.int64),
+                        -np.arange(len(r), dtype=np.float64),
+                        unit,
+                        k,
+                        profile.diversity,
+                    )
+                ]
+                for r in rankings
+            ]
         metrics = evaluate_rankings(
             rankings, relevant, n_items, EVAL_KS, unit_vectors=unit, item_share=share
         )

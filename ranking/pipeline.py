@@ -11,7 +11,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -20,7 +20,9 @@ import numpy as np
 
 from features.errors import DeadlineExceeded, InvalidInput, NotFound, StoreUnavailable
 from ranking import kernels
+from ranking.diversity import mmr
 from ranking.itemitem import item_item_top_k
+from ranking.profiles import DEFAULT_PROFILE, Profile
 from ranking.retrieval import Retriever, retriever_for
 from ranking.snapshot import Snapshot
 
@@ -107,11 +109,13 @@ class Ranker:
         personalization_enabled: bool = True,
         executor: Executor | None = None,
         offload_min_work: int = 1_000_000,
+        profiles: Mapping[str, Profile] | None = None,
     ) -> None:
         self._cache = cache
         self._optouts = optouts
         self._executor = executor
         self._offload_min_work = offload_min_work
+        self._profiles = dict(profiles or {})
         self._scopes: dict[str, LoadedScope] = {}
         self.personalization_enabled = personalization_enabled
 
@@ -203,7 +207,8 @@ class Ranker:
 
     async def _cached(
         self, snap: Snapshot, user_id: str, excluded: np.ndarray, limit: int
-    ) -> Ranked | None:
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The user's precomputed ranking minus ``excluded``, if it still holds ``limit``."""
         if self._cache is None:
             return None
         try:
@@ -223,7 +228,20 @@ class Ranker:
             items, scores = items[keep], scores[keep]
         if len(items) < limit:
             return None
-        return _answer(snap, items[:limit], scores[:limit], Source.CACHED)
+        return items, scores
+
+    def _finish(
+        self, snap: Snapshot, items: np.ndarray, scores: np.ndarray, limit: int, source: Source
+    ) -> Ranked:
+        """Cut a best-first list to ``limit``, diversified by the scope's MMR strength."""
+        strength = self._profile(snap.scope).diversity
+        if strength > 0 and len(items) > 1:
+            order = mmr(items, scores, snap.item_unit, limit, strength)
+            items, scores = items[order], scores[order]
+        return _answer(snap, items[:limit], scores[:limit], source)
+
+    def _profile(self, scope: str) -> Profile:
+        return self._profiles.get(scope, DEFAULT_PROFILE)
 
     # -- the RPCs -------------------------------------------------------------------------
 
@@ -239,7 +257,8 @@ class Ranker:
         """``segment`` is the request's context segment (features.schema.context_segment)."""
         loaded = self.scope(scope)
         snap = loaded.snapshot
-        caller_excluded = snap.item_positions(list(exclude_ids))
+        profile = self._profile(scope)
+        caller_excluded = snap.item_positions([*exclude_ids, *profile.exclude_items])
         if not self._personal(user_id, snap):
             return self.popular(snap, caller_excluded, limit, blocked=True, segment=segment)
         user = snap.user_position(user_id)
@@ -248,7 +267,8 @@ class Ranker:
             return recent or self.popular(snap, caller_excluded, limit, segment=segment)
         cached = await self._cached(snap, user_id, caller_excluded, limit)
         if cached is not None:
-            return cached
+            return self._finish(snap, *cached, limit, Source.CACHED)
+        depth = max(limit, profile.candidates) if profile.diversity > 0 else limit
         seen = snap.seen(user)
         excluded = np.union1d(seen, caller_excluded).astype(np.int64)
         if snap.item_item is not None:  # EASE: the user's items' rows of the item-item matrix
@@ -260,7 +280,7 @@ class Ranker:
                 snap.item_bias,
                 seen,
                 excluded,
-                limit,
+                depth,
             )
         else:
             items, scores = await self._compute(
@@ -269,11 +289,11 @@ class Ranker:
                 loaded.retriever.top_k,
                 snap.user_vectors[user],
                 excluded,
-                limit,
+                depth,
             )
         if len(items) == 0:
             return self.popular(snap, caller_excluded, limit)
-        return _answer(snap, items, scores, Source.LIVE)
+        return self._finish(snap, items, scores, limit, Source.LIVE)
 
     async def rank_candidates(
         self, user_id: str, scope: str, candidate_ids: Sequence[str], limit: int, deadline: float
@@ -281,6 +301,8 @@ class Ranker:
         """Order the caller's candidates for the user; unknown candidates are dropped."""
         snap = self.scope(scope).snapshot
         candidates = snap.item_positions(list(candidate_ids))
+        excluded = snap.item_positions(list(self._profile(scope).exclude_items))
+        candidates = candidates[~np.isin(candidates, excluded)]
         limit = limit or len(candidates)
         personal = self._personal(user_id, snap)
         user = snap.user_position(user_id) if personal else None

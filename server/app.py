@@ -94,6 +94,7 @@ class App:
             personalization_enabled=config.personalization_enabled,
             executor=kernels_pool,
             offload_min_work=config.offload_min_work,
+            profiles=config.profiles,
         )
         return cls(config, database_url, redis_url, pg, cache, optouts, ranker, kernels_pool)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from features.errors import ConfigError
+from ranking.profiles import DEFAULT_PROFILE, Profile, load_profiles
 
 PREFIX = "PRIVRANK_"
 
@@ -70,6 +71,8 @@ class Config:
     features_retention_d: int = 30
     events_retention_d: int = 0  # 0 keeps events forever
     log_level: str = "INFO"
+    profiles_file: Path | None = None
+    profiles: Mapping[str, Profile] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -79,12 +82,19 @@ class Config:
         for f in fields(cls):
             key = PREFIX + f.name.upper()
             raw = source.get(key)
-            if raw is None or raw == "":
+            if raw is None or raw == "" or f.name == "profiles":
                 continue
             values[f.name] = _convert(key, f.type, raw)
+        profiles_file = values.get("profiles_file")
+        if isinstance(profiles_file, Path):
+            values["profiles"] = load_profiles(profiles_file)
         config = cls(**values)  # type: ignore[arg-type]
         config.validate()
         return config
+
+    def profile(self, scope: str) -> Profile:
+        """The scope's ranking profile (the defaults if the profiles file has none)."""
+        return self.profiles.get(scope, DEFAULT_PROFILE)
 
     def validate(self) -> None:
         _parse_address(PREFIX + "LISTEN", self.listen)
@@ -133,7 +143,7 @@ class Config:
 def _convert(key: str, type_name: object, raw: str) -> object:
     kind = str(type_name)
     try:
-        if kind == "Path":
+        if kind in ("Path", "Path | None"):
             return Path(raw)
         if kind == "bool":
             return _parse_bool(key, raw)

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -149,7 +149,7 @@ def cli_env(config: Config) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVRANK_")}
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if value is not None:
+        if value is not None and not isinstance(value, Mapping):  # profiles come from the file
             text = str(value).lower() if isinstance(value, bool) else str(value)
             env[f"PRIVRANK_{field.name.upper()}"] = text
     env["PYTHONUNBUFFERED"] = "1"
