@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from features.cache import RankCache
 from features.errors import JobLocked, PrivrankError
@@ -22,6 +22,9 @@ from features.schema import DEFAULT_SCOPE, validate_scope
 from server import embedded
 from server.auth import mint_token
 from server.config import Config
+
+if TYPE_CHECKING:
+    from jobs.report import Online
 
 log = logging.getLogger("privrank")
 
@@ -74,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("kind", choices=["features"])
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--scope", default=None, help="one scope (default: all)")
+
+    report = sub.add_parser("report", help="render an HTML report of quality and health")
+    report.add_argument("--out", type=Path, required=True)
+    report.add_argument("--scope", default=None, help="one scope (default: all)")
+    report.add_argument("--server", default=None, help="gRPC address (default: PRIVRANK_LISTEN)")
+    report.add_argument(
+        "--metrics", default=None, help="Prometheus address (default: PRIVRANK_METRICS_LISTEN)"
+    )
 
     token = sub.add_parser("token", help="mint a signed bearer token")
     token.add_argument("--role", required=True, choices=["service", "admin", "user"])
@@ -184,6 +195,73 @@ async def _export(config: Config, urls: embedded.EmbeddedUrls, args: argparse.Na
     print(f"exported {len(rows)} feature rows of {users} consenting users to {args.out}")
 
 
+async def _online(config: Config, server: str, metrics: str) -> Online:
+    """Online figures from a running server, or a note on why there are none."""
+    import urllib.request
+
+    from grpc import aio
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from jobs.report import Online
+    from server.api import privrank_pb2 as pb
+    from server.api import privrank_pb2_grpc as rpc
+
+    token = mint_token(
+        config.signing_keys()[0],
+        role="admin",
+        subject="report",
+        ttl_s=60,
+        issuer=config.token_issuer,
+    )
+    try:
+        async with aio.insecure_channel(server) as channel:
+            answer = await rpc.AdminStub(channel).GetMetrics(
+                pb.GetMetricsRequest(), metadata=[("authorization", f"Bearer {token}")], timeout=3
+            )
+        text = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://{metrics}/metrics", timeout=3).read().decode()
+        )
+    except (aio.AioRpcError, OSError) as exc:
+        return Online({}, {}, [], note=f"No server answered at {server} / {metrics}: {exc}")
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "privrank_request_seconds_bucket" and sample.labels.get("method") in (
+                "Recommend",
+                "RankCandidates",
+                "SimilarItems",
+            ):
+                bound = float(sample.labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    online = answer.online
+    figures = {
+        "requests": float(online.requests),
+        "latency p50 (ms)": online.latency_p50_ms,
+        "latency p95 (ms)": online.latency_p95_ms,
+        "latency p99 (ms)": online.latency_p99_ms,
+        "cache hit rate": online.cache_hit_rate,
+        "fallback rate": online.fallback_rate,
+        "opt-out rate": online.opt_out_rate,
+    }
+    return Online(figures, dict(online.served_by_source), sorted(buckets.items()))
+
+
+async def _report(config: Config, urls: embedded.EmbeddedUrls, args: argparse.Namespace) -> None:
+    from jobs.report import render
+
+    async with _stores(config, urls) as (pg, _):
+        scopes = [validate_scope(args.scope)] if args.scope else await pg.scopes()
+        evaluations = {scope: await pg.evaluations(scope, limit=500) for scope in scopes}
+    online = await _online(
+        config, args.server or config.listen, args.metrics or config.metrics_listen
+    )
+    args.out.write_text(render(evaluations, online))
+    print(
+        f"wrote {args.out} ({len(scopes)} scopes; server: "
+        f"{'reachable' if online.latency_buckets else 'not reachable'})"
+    )
+
+
 def _print_demo_banner(config: Config, port: int) -> None:
     keys = config.signing_keys()
     service = mint_token(
@@ -279,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             "synth": lambda urls: _synth(config, urls, args),
             "jobs": lambda urls: _jobs(config, urls, args.name, args.scope),
             "export": lambda urls: _export(config, urls, args),
+            "report": lambda urls: _report(config, urls, args),
         }
         with embedded.services(config.data_dir, config.database_url, config.redis_url) as urls:
             asyncio.run(commands[args.command](urls))
