@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from features.errors import InvalidInput, PiiRejected
 
 DEFAULT_SCOPE = "default"
+EARLIEST_EVENT = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_ID_LENGTH = 128
 
 # The allow-list of per-user aggregate features, in the column order of the feature matrix.
@@ -120,7 +121,7 @@ def device_code(category: str) -> int:
 
 def country_code(value: str) -> str:
     """Validated ISO 3166-1 alpha-2 code, or '' if absent."""
-    if value and not _COUNTRY_RE.fullmatch(value.upper()):
+    if value and not (value.isascii() and _COUNTRY_RE.fullmatch(value.upper())):
         raise InvalidInput("context.country_code must be a two-letter ISO 3166-1 code")
     return value.upper()
 
@@ -168,6 +169,8 @@ def make_interaction(
         when = occurred_at or datetime.now(UTC)
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
+        if when < EARLIEST_EVENT:
+            raise InvalidInput("occurred_at lies before 1970-01-01")
         return Interaction(
             scope=validate_scope(scope),
             user_id=validate_id("user_id", user_id),

@@ -43,9 +43,24 @@ def parse_time(raw: str, where: str) -> datetime:
 def read_interactions(
     path: Path, scope: str, columns: ColumnMap, *, chunk: int = 50_000
 ) -> Iterator[list[Interaction]]:
-    """Yield validated events in chunks; raise InvalidInput naming the line and field."""
+    """Yield validated events in chunks; raise InvalidInput naming the line and field (also for
+    a file that is not UTF-8 text or not CSV)."""
     sep = "\t" if columns.sep in ("\\t", "tab") else columns.sep
-    with path.open(newline="", encoding="utf-8") as handle:
+    if len(sep) != 1:
+        raise InvalidInput(f"the separator must be one character, got {columns.sep!r}")
+    try:
+        yield from _read(path, scope, columns, sep, chunk)
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{path.name}: not UTF-8 text (byte {exc.start} of a block)") from None
+    except csv.Error as exc:
+        raise InvalidInput(f"{path.name}: not readable as CSV: {exc}") from None
+
+
+def _read(
+    path: Path, scope: str, columns: ColumnMap, sep: str, chunk: int
+) -> Iterator[list[Interaction]]:
+    # utf-8-sig: a byte-order mark (as spreadsheet exports write) is not part of the header
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle, delimiter=sep)
         header = reader.fieldnames or []
         for required in (columns.user, columns.item, columns.time):
@@ -65,8 +80,16 @@ def read_interactions(
         has_event = columns.event in header
         default_event = "rating" if has_value else "view"
         batch: list[Interaction] = []
-        for line, row in enumerate(reader, start=2):
-            where = f"{path.name} line {line}"
+        rows = iter(reader)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                line = reader.line_num
+                raise InvalidInput(f"{path.name} line {line}: not readable as CSV: {exc}") from None
+            where = f"{path.name} line {reader.line_num}"
             raw_value = row.get(columns.value) or "" if has_value else ""
             try:
                 value = float(raw_value) if raw_value else 1.0

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from features import errors
@@ -70,12 +71,41 @@ def current() -> RequestScope:
 Behavior = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
 
 
-def _wrap_unary(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior]) -> Any:
+class _Undecodable:
+    """Stands for a request that is not a valid message of its type (set by the deserializer
+    and refused by the error interceptor, before any other code sees it)."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that returns UNDECODABLE instead of raising: grpcio would otherwise
+    answer UNKNOWN with the parser's message, before any interceptor could map it."""
+    if deserializer is None:
+        return None
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except DecodeError:
+            return UNDECODABLE
+
+    return deserialize
+
+
+def _wrap_unary(
+    handler: grpc.RpcMethodHandler,
+    wrap: Callable[[Behavior], Behavior],
+    *,
+    tolerant: bool = False,
+) -> Any:
     if handler is None or handler.unary_unary is None:
         return handler
+    deserializer = handler.request_deserializer
     return grpc.unary_unary_rpc_method_handler(
         wrap(handler.unary_unary),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_tolerant(deserializer) if tolerant else deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -147,6 +177,10 @@ class ErrorInterceptor(aio.ServerInterceptor):
                 token = _CURRENT.set(scope)
                 code = grpc.StatusCode.OK
                 try:
+                    if request is UNDECODABLE:
+                        raise errors.InvalidInput(
+                            "the request is not a valid message of this RPC's type"
+                        )
                     async with asyncio.timeout(budget):
                         if self._admission is None or method in PUBLIC_METHODS:
                             return await inner(request, context)
@@ -174,7 +208,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
 
             return behavior
 
-        return _wrap_unary(handler, wrap)
+        return _wrap_unary(handler, wrap, tolerant=True)
 
 
 class AuthInterceptor(aio.ServerInterceptor):

@@ -171,9 +171,14 @@ class RankingService(rpc.RankingServicer):
                 pb.EventType.values()
             ):
                 raise InvalidInput(f"{where}: event_type is required")
-            occurred = (
-                event.occurred_at.ToDatetime(tzinfo=UTC) if event.HasField("occurred_at") else None
-            )
+            try:
+                occurred = (
+                    event.occurred_at.ToDatetime(tzinfo=UTC)
+                    if event.HasField("occurred_at")
+                    else None
+                )
+            except (ValueError, OverflowError):
+                raise InvalidInput(f"{where}: occurred_at is not a valid timestamp") from None
             if occurred is not None and occurred > latest:
                 raise InvalidInput(f"{where}: occurred_at lies in the future")
             ctx = event.context

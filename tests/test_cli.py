@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,6 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from features.postgres import PgStore
 from ranking import snapshot
@@ -21,6 +19,7 @@ from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.config import Config
 from tests.conftest import ROOT, cli_env, privrank
+from tests.serving import free_port, start_serve, wait_serving
 
 SCOPE = "cli"
 
@@ -190,16 +189,10 @@ async def test_killing_a_run_midway_keeps_the_previous_snapshot(
     assert any(r.status == "failed" and "interrupted" in r.detail for r in runs)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def test_serve_drains_in_flight_calls_on_sigterm(
     config: Config, imported: str, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     env = cli_env(config) | {
         "PRIVRANK_LISTEN": f"127.0.0.1:{port}",
@@ -207,34 +200,10 @@ async def test_serve_drains_in_flight_calls_on_sigterm(
         "PRIVRANK_MAX_QUEUED_RPCS": "1000",
         "PRIVRANK_SHUTDOWN_GRACE_S": "20",
     }
-    log_file = log_path.open("w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from server.cli import main; sys.exit(main())",
-            "serve",
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=log_file,
-    )
+    process = start_serve(env, log_path)
     try:
+        await wait_serving(port, process, log_path)
         async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 120
-            while True:
-                assert process.poll() is None, log_path.read_text()
-                try:
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except aio.AioRpcError:
-                    pass
-                assert time.monotonic() < deadline, "server never became SERVING"
-                await asyncio.sleep(0.2)
-
             token = privrank(config, "token", "--role", "service").stdout.strip()
             stub = rpc.RankingStub(channel)
             metadata = [("authorization", f"Bearer {token}")]
@@ -259,7 +228,6 @@ async def test_serve_drains_in_flight_calls_on_sigterm(
         if process.poll() is None:
             process.kill()
             process.wait()
-        log_file.close()
     assert exit_code == 0
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, set(codes)
     assert codes.count(grpc.StatusCode.OK) > 0

@@ -9,20 +9,19 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server import embedded
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.config import Config
-from tests.conftest import ROOT, cli_env, privrank
+from tests.conftest import cli_env, privrank
+from tests.serving import free_port, start_serve, wait_serving
 
 USERS = 1000
 BOUND_S = 1.0
@@ -73,47 +72,17 @@ def optout_config(
     return config
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextlib.asynccontextmanager
 async def _server(config: Config, log: Path) -> AsyncIterator[tuple[subprocess.Popen[bytes], int]]:
-    port = _free_port()
+    port = free_port()
     env = cli_env(config) | {
         "PRIVRANK_LISTEN": f"127.0.0.1:{port}",
         "PRIVRANK_SHUTDOWN_DELAY_S": "0",
         "PRIVRANK_SHUTDOWN_GRACE_S": "2",
     }
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import sys; from server.cli import main; sys.exit(main())",
-                "serve",
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=sink,
-        )
+    process = start_serve(env, log)
     try:
-        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 120
-            while True:
-                assert process.poll() is None, f"server exited; see {log}"
-                with contextlib.suppress(aio.AioRpcError):
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                assert time.monotonic() < deadline, f"never SERVING; see {log}"
-                await asyncio.sleep(0.2)
+        await wait_serving(port, process, log)
         yield process, port
     finally:
         process.send_signal(signal.SIGTERM)

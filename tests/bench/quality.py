@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import csv
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from features.schema import EVENT_WEIGHTS  # noqa: E402
 from jobs.metrics import catalog_coverage, ndcg_at_k, recall_at_k  # noqa: E402
 from server import embedded  # noqa: E402
+from tests.serving import free_port, start_serve, wait_serving  # noqa: E402
 
 K = 10
 HOLDOUT = 0.2
@@ -197,12 +197,6 @@ def _mean_ndcg(lists: dict[str, list[str]], held_out: dict[str, set[str]]) -> fl
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _cli(env: dict[str, str], *args: str) -> str:
     result = subprocess.run(
         [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())", *args],
@@ -258,7 +252,7 @@ def _privrank(train, held_out, workdir: Path) -> dict[str, list[str]]:
         redis_url = os.environ.get("PRIVRANK_REDIS_URL") or stack.enter_context(
             embedded.embedded_redis(workdir)
         )
-        port = _free_port()
+        port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVRANK_")} | {
             "PRIVRANK_DATA_DIR": str(workdir / "data"),
             "PRIVRANK_DATABASE_URL": database,
@@ -273,41 +267,21 @@ def _privrank(train, held_out, workdir: Path) -> dict[str, list[str]]:
         print(f"nightly took {time.monotonic() - started:.1f}s")
         print("\n".join("  " + line for line in nightly.strip().splitlines()))
         token = _cli(env, "token", "--role", "service").strip()
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import sys; from server.cli import main; sys.exit(main())",
-                "serve",
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        server = start_serve(env, workdir / "serve.log")
         try:
-            _wait_serving(port, server)
-            return asyncio.run(_recommend_all(port, token, sorted(held_out)))
+            return asyncio.run(
+                _serve_and_ask(port, server, workdir / "serve.log", token, sorted(held_out))
+            )
         finally:
             server.terminate()
             server.wait(timeout=60)
 
 
-def _wait_serving(port: int, server: subprocess.Popen[bytes]) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + 300
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise SystemExit("privrank serve exited during start-up")
-            with contextlib.suppress(grpc.RpcError):
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            time.sleep(0.3)
-    raise SystemExit("privrank serve never became SERVING")
+async def _serve_and_ask(
+    port: int, server: subprocess.Popen[bytes], log: Path, token: str, users: list[str]
+) -> dict[str, list[str]]:
+    await wait_serving(port, server, log, timeout_s=300)
+    return await _recommend_all(port, token, users)
 
 
 def main() -> None:

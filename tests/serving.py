@@ -1,0 +1,48 @@
+"""Running ``privrank serve`` as a real process, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_serve(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``privrank serve`` with ``env``, its log (stderr) written to ``log``."""
+    with log.open("w") as sink:
+        return subprocess.Popen(
+            [*CLI, "serve"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sink
+        )
+
+
+async def wait_serving(
+    port: int, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 120
+) -> None:
+    """Until health says SERVING; AssertionError naming the log if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
+    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            assert process.poll() is None, f"privrank serve exited; see {log}"
+            with contextlib.suppress(aio.AioRpcError):
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            assert time.monotonic() < deadline, f"privrank serve never became SERVING; see {log}"
+            await asyncio.sleep(0.2)
