@@ -42,6 +42,7 @@ _EVENT_COLUMNS = (
     "device",
     "country",
     "utc_offset_minutes",
+    "variant",
 )
 
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
@@ -253,6 +254,7 @@ class PgStore:
                     e.device,
                     e.country,
                     e.utc_offset_minutes,
+                    e.variant,
                 )
                 for e in events
             ],
@@ -500,6 +502,24 @@ class PgStore:
                 removed[table] = int(status.split()[-1])
             await conn.execute("INSERT INTO erasures (user_hash) VALUES ($1)", user_digest(user_id))
         return removed
+
+    async def feedback_by_variant(
+        self, scope: str, *, since: datetime
+    ) -> dict[str, tuple[int, int, int]]:
+        """Per variant: (impressions, clicks, acceptances) recorded since ``since``."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT variant,"
+                "  count(*) FILTER (WHERE event_type = 'impression') AS impressions,"
+                "  count(*) FILTER (WHERE event_type = 'click') AS clicks,"
+                "  count(*) FILTER (WHERE event_type IN ('accept', 'complete', 'purchase'))"
+                "    AS accepted"
+                " FROM events WHERE scope = $1 AND received_at >= $2 AND variant <> ''"
+                " GROUP BY variant",
+                scope,
+                since,
+            )
+        return {r["variant"]: (r["impressions"], r["clicks"], r["accepted"]) for r in rows}
 
     async def erasures(self, *, since: datetime) -> dict[str, float]:
         """Erasures recorded since ``since``: user hash → erasure time (unix seconds)."""

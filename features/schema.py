@@ -140,6 +140,7 @@ class Interaction:
     device: int = 0
     country: str = ""
     utc_offset_minutes: int | None = None
+    variant: str = ""  # the A/B variant of the user when the event arrived ('' if none)
 
 
 def make_interaction(

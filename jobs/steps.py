@@ -29,6 +29,7 @@ from jobs.metrics import evaluate_rankings, ndcg_at_k
 from ranking import kernels, snapshot
 from ranking.diversity import mmr
 from ranking.itemitem import item_item_top_k
+from ranking.profiles import CONTROL, Profile
 from ranking.retrieval import build_index, write_index
 from server.config import Config
 
@@ -530,8 +531,10 @@ async def evaluate(ctx: JobContext, scope: str) -> str:
         lam = float(chosen["ease_lambda"])  # type: ignore[arg-type]
         ease_matrix = train_ease(_positive_gram(train_pairs, model), lam)
     summary = []
+    variants = {v: profile.for_variant(v) for v in profile.variant_names}
+    deepest = max([k, *(p.candidates for p in variants.values() if p.diversity > 0)])
     for name, (queries, vectors, bias) in candidates.items():
-        depth = max(k, profile.candidates) if name == "privrank" and profile.diversity else k
+        depth = deepest if name == "privrank" else k
         if name == "privrank" and ease_matrix is not None:
             rankings = _rank_item_item(ease_matrix, model, users, depth)
         else:
@@ -544,26 +547,45 @@ async def evaluate(ctx: JobContext, scope: str) -> str:
                 depth,
             )
             rankings = [items[r, : counts[r]].tolist() for r in range(len(users))]
-        if depth > k:  # diversify as served: MMR over the candidates (relevance = rank order)
-            rankings = [
-                [
-                    r[i]
-                    for i in mmr(
-                        np.array(r, np.int64),
-                        -np.arange(len(r), dtype=np.float64),
-                        unit,
-                        k,
-                        profile.diversity,
-                    )
-                ]
-                for r in rankings
-            ]
-        metrics = evaluate_rankings(
-            rankings, relevant, n_items, EVAL_KS, unit_vectors=unit, item_share=share
+        # privrank is measured as served: per A/B variant, diversified by its MMR strength
+        served = (
+            {_model_label(v): _diversified(rankings, unit, k, p) for v, p in variants.items()}
+            if name == "privrank"
+            else {name: rankings}
         )
-        await ctx.pg.save_evaluation(scope, version, name, metrics, len(users))
-        summary.append(f"{name} ndcg@10={metrics['ndcg@10']:.4f}")
+        for label, lists in served.items():
+            metrics = evaluate_rankings(
+                lists, relevant, n_items, EVAL_KS, unit_vectors=unit, item_share=share
+            )
+            await ctx.pg.save_evaluation(scope, version, label, metrics, len(users))
+            summary.append(f"{label} ndcg@10={metrics['ndcg@10']:.4f}")
     return f"{len(users)} users: " + ", ".join(summary)
+
+
+def _model_label(variant: str) -> str:
+    return "privrank" if variant == CONTROL else f"privrank/{variant}"
+
+
+def _diversified(
+    rankings: list[list[int]], unit: np.ndarray, k: int, profile: Profile
+) -> list[list[int]]:
+    """Each best-first list cut to k, re-ranked by MMR at the profile's strength."""
+    if profile.diversity <= 0:
+        return [r[:k] for r in rankings]
+    relevance = np.arange(max((len(r) for r in rankings), default=0), 0, -1, dtype=np.float64)
+    return [
+        [
+            r[i]
+            for i in mmr(
+                np.array(r[: profile.candidates], np.int64),
+                relevance[: min(len(r), profile.candidates)],
+                unit,
+                k,
+                profile.diversity,
+            )
+        ]
+        for r in rankings
+    ]
 
 
 async def cleanup(ctx: JobContext, scope: str) -> str:

@@ -8,6 +8,7 @@ start, so an answer never mixes two snapshot versions even while a swap happens.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -22,7 +23,7 @@ from features.errors import DeadlineExceeded, InvalidInput, NotFound, StoreUnava
 from ranking import kernels
 from ranking.diversity import mmr
 from ranking.itemitem import item_item_top_k
-from ranking.profiles import DEFAULT_PROFILE, Profile
+from ranking.profiles import CONTROL, DEFAULT_PROFILE, Profile
 from ranking.retrieval import Retriever, retriever_for
 from ranking.snapshot import Snapshot
 
@@ -69,6 +70,7 @@ class Ranked:
     model_version: str
     source: Source
     personalization_blocked: bool = False
+    variant: str = CONTROL
 
 
 @dataclass(frozen=True, eq=False)
@@ -231,10 +233,16 @@ class Ranker:
         return items, scores
 
     def _finish(
-        self, snap: Snapshot, items: np.ndarray, scores: np.ndarray, limit: int, source: Source
+        self,
+        snap: Snapshot,
+        items: np.ndarray,
+        scores: np.ndarray,
+        limit: int,
+        source: Source,
+        profile: Profile,
     ) -> Ranked:
-        """Cut a best-first list to ``limit``, diversified by the scope's MMR strength."""
-        strength = self._profile(snap.scope).diversity
+        """Cut a best-first list to ``limit``, diversified by the profile's MMR strength."""
+        strength = profile.diversity
         if strength > 0 and len(items) > 1:
             order = mmr(items, scores, snap.item_unit, limit, strength)
             items, scores = items[order], scores[order]
@@ -242,6 +250,12 @@ class Ranker:
 
     def _profile(self, scope: str) -> Profile:
         return self._profiles.get(scope, DEFAULT_PROFILE)
+
+    def variant(self, scope: str, user_id: str) -> tuple[str, Profile]:
+        """The user's A/B variant in the scope and the settings it serves with."""
+        base = self._profile(scope)
+        name = base.variant_of(scope, user_id)
+        return name, base.for_variant(name)
 
     # -- the RPCs -------------------------------------------------------------------------
 
@@ -256,8 +270,23 @@ class Ranker:
     ) -> Ranked:
         """``segment`` is the request's context segment (features.schema.context_segment)."""
         loaded = self.scope(scope)
+        variant, profile = self.variant(scope, user_id)
+        answer = await self._recommend(
+            loaded, user_id, limit, exclude_ids, deadline, segment, profile
+        )
+        return dataclasses.replace(answer, variant=variant)
+
+    async def _recommend(
+        self,
+        loaded: LoadedScope,
+        user_id: str,
+        limit: int,
+        exclude_ids: Sequence[str],
+        deadline: float,
+        segment: int | None,
+        profile: Profile,
+    ) -> Ranked:
         snap = loaded.snapshot
-        profile = self._profile(scope)
         caller_excluded = snap.item_positions([*exclude_ids, *profile.exclude_items])
         if not self._personal(user_id, snap):
             return self.popular(snap, caller_excluded, limit, blocked=True, segment=segment)
@@ -267,7 +296,7 @@ class Ranker:
             return recent or self.popular(snap, caller_excluded, limit, segment=segment)
         cached = await self._cached(snap, user_id, caller_excluded, limit)
         if cached is not None:
-            return self._finish(snap, *cached, limit, Source.CACHED)
+            return self._finish(snap, *cached, limit, Source.CACHED, profile)
         depth = max(limit, profile.candidates) if profile.diversity > 0 else limit
         seen = snap.seen(user)
         excluded = np.union1d(seen, caller_excluded).astype(np.int64)
@@ -293,7 +322,7 @@ class Ranker:
             )
         if len(items) == 0:
             return self.popular(snap, caller_excluded, limit)
-        return self._finish(snap, items, scores, limit, Source.LIVE)
+        return self._finish(snap, items, scores, limit, Source.LIVE, profile)
 
     async def rank_candidates(
         self, user_id: str, scope: str, candidate_ids: Sequence[str], limit: int, deadline: float
@@ -301,7 +330,7 @@ class Ranker:
         """Order the caller's candidates for the user; unknown candidates are dropped."""
         snap = self.scope(scope).snapshot
         candidates = snap.item_positions(list(candidate_ids))
-        excluded = snap.item_positions(list(self._profile(scope).exclude_items))
+        excluded = snap.item_positions(list(self.variant(scope, user_id)[1].exclude_items))
         candidates = candidates[~np.isin(candidates, excluded)]
         limit = limit or len(candidates)
         personal = self._personal(user_id, snap)

@@ -10,18 +10,35 @@ table uses the defaults:
     candidates = 100           # how many top items diversity re-ranks
     cache_ttl_s = 3600         # TTL of this scope's cached rankings (default: global)
     exclude_items = ["i13"]    # never served in this scope
+
+    [default.variants.diverse] # an A/B variant: a share of users, serve-time overrides
+    share = 0.5                # users are bucketed by a hash of scope and user ID
+    diversity = 0.6            # may override diversity, candidates, exclude_items
+
+Users outside every variant's share are in the variant "control" (the scope's own settings).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from features.errors import ConfigError
+
+CONTROL = "control"
+VARIANT_SETTINGS = frozenset({"diversity", "candidates", "exclude_items"})
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    share: float  # of the scope's users, in (0, 1]
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -32,6 +49,31 @@ class Profile:
     candidates: int = 100
     cache_ttl_s: int | None = None
     exclude_items: tuple[str, ...] = ()
+    variants: tuple[Variant, ...] = ()
+
+    def variant_of(self, scope: str, user_id: str) -> str:
+        """The user's variant: deterministic from a hash of scope and user ID."""
+        if not self.variants:
+            return CONTROL
+        digest = hashlib.sha256(f"{scope}:{user_id}".encode()).digest()
+        point = int.from_bytes(digest[:8], "big") / 2**64
+        edge = 0.0
+        for variant in self.variants:
+            edge += variant.share
+            if point < edge:
+                return variant.name
+        return CONTROL
+
+    def for_variant(self, name: str) -> Profile:
+        """The settings a variant serves with (the scope's own for control)."""
+        for variant in self.variants:
+            if variant.name == name:
+                return replace(self, **variant.overrides)
+        return self
+
+    @property
+    def variant_names(self) -> tuple[str, ...]:
+        return (CONTROL, *(v.name for v in self.variants))
 
     def validate(self, where: str) -> None:
         for name in ("popularity_weight", "recency_weight"):
@@ -48,9 +90,34 @@ class Profile:
             raise ConfigError(f"{where}: cache_ttl_s must be a positive integer")
         if not all(isinstance(item, str) and item for item in self.exclude_items):
             raise ConfigError(f"{where}: exclude_items must be a list of item IDs")
+        if sum(v.share for v in self.variants) > 1.0 + 1e-9:
+            raise ConfigError(f"{where}: the variants' shares add up to more than 1")
 
 
 DEFAULT_PROFILE = Profile()
+
+
+def _variants(where: str, tables: Any) -> tuple[Variant, ...]:
+    if not isinstance(tables, Mapping):
+        raise ConfigError(f"{where}: variants must be tables, [scope.variants.NAME]")
+    variants = []
+    for name, table in tables.items():
+        if name == CONTROL or not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: variant {name!r} must be a table, not named control")
+        share = table.get("share")
+        if not isinstance(share, int | float) or not 0.0 < share <= 1.0:
+            raise ConfigError(f"{where}: variant {name!r} needs a share within (0, 1]")
+        overrides = {k: v for k, v in table.items() if k != "share"}
+        unknown = sorted(set(overrides) - VARIANT_SETTINGS)
+        if unknown:
+            raise ConfigError(
+                f"{where}: variant {name!r} cannot set {unknown[0]!r} (it may set "
+                f"{sorted(VARIANT_SETTINGS)}; weights are built into the snapshot)"
+            )
+        if "exclude_items" in overrides:
+            overrides["exclude_items"] = tuple(overrides["exclude_items"])
+        variants.append(Variant(name, float(share), overrides))
+    return tuple(variants)
 
 
 def load_profiles(path: Path) -> dict[str, Profile]:
@@ -71,7 +138,10 @@ def load_profiles(path: Path) -> dict[str, Profile]:
         values = dict(table)
         if "exclude_items" in values:
             values["exclude_items"] = tuple(values["exclude_items"])
+        values["variants"] = _variants(where, values.get("variants", {}))
         profile = Profile(**values)
         profile.validate(where)
+        for variant in profile.variants:
+            profile.for_variant(variant.name).validate(f"{where} variant {variant.name!r}")
         profiles[scope] = profile
     return profiles

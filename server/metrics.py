@@ -28,6 +28,7 @@ class OnlineFigures:
     fallback_rate: float
     opt_out_rate: float
     served_by_source: dict[str, int]
+    served_by_variant: dict[str, int]
 
 
 class ServiceMetrics:
@@ -45,8 +46,8 @@ class ServiceMetrics:
         )
         self._served = Counter(
             "privrank_served",
-            "ranking answers by ladder rung",
-            ["scope", "source"],
+            "ranking answers by ladder rung and A/B variant",
+            ["scope", "source", "variant"],
             registry=self.registry,
         )
         self._blocked = Counter(
@@ -58,6 +59,7 @@ class ServiceMetrics:
         self._lock = threading.Lock()
         self._recent: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._by_source: Tally[str] = Tally()
+        self._by_variant: Tally[str] = Tally()
         self._ranking_requests = 0
         self._blocked_total = 0
 
@@ -70,10 +72,11 @@ class ServiceMetrics:
                 self._recent.append(seconds)
                 self._ranking_requests += 1
 
-    def observe_answer(self, scope: str, source: str, blocked: bool) -> None:
-        self._served.labels(scope, source).inc()
+    def observe_answer(self, scope: str, source: str, blocked: bool, variant: str) -> None:
+        self._served.labels(scope, source, variant).inc()
         with self._lock:
             self._by_source[source] += 1
+            self._by_variant[variant] += 1
             if blocked:
                 self._blocked_total += 1
         if blocked:
@@ -83,6 +86,7 @@ class ServiceMetrics:
         with self._lock:
             recent = np.array(self._recent, dtype=np.float64) * 1000.0
             by_source = dict(self._by_source)
+            by_variant = dict(self._by_variant)
             blocked = self._blocked_total
             requests = self._ranking_requests
         answers = sum(by_source.values())
@@ -97,6 +101,7 @@ class ServiceMetrics:
             fallback_rate=by_source.get("popular", 0) / answers if answers else 0.0,
             opt_out_rate=blocked / answers if answers else 0.0,
             served_by_source=by_source,
+            served_by_variant=by_variant,
         )
 
     def serve_http(self, address: str) -> int:

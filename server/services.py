@@ -7,6 +7,7 @@ error to its status.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from features.errors import InvalidInput, NotFound
 from features.postgres import UserSettingsRow
 from features.schema import (
     FEATURE_NAMES,
+    Interaction,
     context_segment,
     device_code,
     make_interaction,
@@ -45,6 +47,7 @@ MAX_EXCLUDED = 10_000
 MAX_CANDIDATES = 10_000
 MAX_EVENTS = 1000
 MAX_CLOCK_SKEW = timedelta(minutes=5)
+FEEDBACK_WINDOW = timedelta(days=7)
 
 
 def _limit(value: int, *, default: int = DEFAULT_LIMIT) -> int:
@@ -103,6 +106,7 @@ def _ranked(answer: Ranked) -> pb.RankedItems:
         ],
         model_version=answer.model_version,
         source=f"SOURCE_{answer.source.name}",
+        variant=answer.variant,
     )
 
 
@@ -112,9 +116,17 @@ class RankingService(rpc.RankingServicer):
 
     def _observed(self, scope: str, answer: Ranked) -> pb.RankedItems:
         self._app.metrics.observe_answer(
-            scope, answer.source.name.lower(), answer.personalization_blocked
+            scope, answer.source.name.lower(), answer.personalization_blocked, answer.variant
         )
         return _ranked(answer)
+
+    def _with_variant(self, event: Interaction) -> Interaction:
+        """Stamp feedback with the variant its user is in, where the scope runs variants."""
+        if not self._app.config.profile(event.scope).variants:
+            return event
+        return dataclasses.replace(
+            event, variant=self._app.ranker.variant(event.scope, event.user_id)[0]
+        )
 
     async def Recommend(
         self, request: pb.RecommendRequest, context: aio.ServicerContext
@@ -199,6 +211,7 @@ class RankingService(rpc.RankingServicer):
                     where=where,
                 )
             )
+        events = [self._with_variant(e) for e in events]
         accepted = await self._app.pg.insert_events(events)
         await self._app.remember_recent(events)
         return pb.RecordEventsResponse(accepted=accepted)
@@ -287,6 +300,9 @@ class AdminService(rpc.AdminServicer):
         scope = validate_scope(request.scope)
         stored = await self._app.pg.evaluations(scope)
         figures = self._app.metrics.figures()
+        feedback = await self._app.pg.feedback_by_variant(
+            scope, since=datetime.now(UTC) - FEEDBACK_WINDOW
+        )
         return pb.Metrics(
             scope=scope,
             offline=[
@@ -308,6 +324,13 @@ class AdminService(rpc.AdminServicer):
                 fallback_rate=figures.fallback_rate,
                 opt_out_rate=figures.opt_out_rate,
                 served_by_source=figures.served_by_source,
+                served_by_variant=figures.served_by_variant,
+                click_through_by_variant={
+                    v: clicks / shown for v, (shown, clicks, _) in feedback.items() if shown
+                },
+                acceptance_by_variant={
+                    v: accepted / shown for v, (shown, _, accepted) in feedback.items() if shown
+                },
             ),
         )
 

@@ -126,3 +126,117 @@ async def test_exclusions_and_diversity_are_served_and_measured(
         for scope, rows in stored.items()
     }
     assert served_diversity["diverse"] > served_diversity["plain"]
+
+
+AB_PROFILES = """
+[ab]
+diversity = 0.0
+
+[ab.variants.diverse]
+share = 0.5
+diversity = 0.8
+candidates = 60
+"""
+
+
+def test_bucketing_is_stable_and_split_as_configured(tmp_path: Path) -> None:
+    path = tmp_path / "profiles.toml"
+    path.write_text("[s]\n[s.variants.a]\nshare = 0.2\n[s.variants.b]\nshare = 0.3\n")
+    profile = load_profiles(path)["s"]
+    users = [f"user-{n}" for n in range(20_000)]
+    first = [profile.variant_of("s", u) for u in users]
+    assert first == [profile.variant_of("s", u) for u in users]  # deterministic
+    shares = {v: first.count(v) / len(users) for v in ("a", "b", "control")}
+    # binomial standard error at n = 20,000 is about 0.003: five of them either side
+    assert shares["a"] == pytest.approx(0.2, abs=0.015)
+    assert shares["b"] == pytest.approx(0.3, abs=0.015)
+    assert shares["control"] == pytest.approx(0.5, abs=0.015)
+    # another scope buckets the same users independently
+    other = [profile.variant_of("t", u) for u in users]
+    assert sum(x == y for x, y in zip(first, other, strict=True)) < 0.5 * len(users)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[s.variants.a]\nshare = 0.7\n[s.variants.b]\nshare = 0.6\n", "add up to more than 1"),
+        ("[s.variants.a]\nshare = 0\n", "needs a share"),
+        ("[s.variants.a]\nshare = 0.5\npopularity_weight = 1\n", "cannot set 'popularity"),
+        ("[s.variants.control]\nshare = 0.5\n", "not named control"),
+        ("[s.variants.a]\nshare = 0.5\ndiversity = 3\n", "variant 'a'"),
+    ],
+)
+def test_bad_variants_fail_fast(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "profiles.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_profiles(path)
+
+
+async def test_variants_are_served_recorded_and_measured_apart(
+    config: Config, pg: PgStore, cache: RankCache, pg_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "profiles.toml"
+    path.write_text(AB_PROFILES)
+    profiled = dataclasses.replace(config, profiles_file=path, profiles=load_profiles(path))
+    ctx = JobContext(profiled, pg, cache)
+    await pg.insert_event_batches(generate(users=120, items=150, events=4000, scope="ab", seed=23))
+    await run_job(ctx, "nightly", ["ab"])
+    rows = await pg.evaluations("ab", limit=10)
+    assert {"privrank", "privrank/diverse", "popularity"} <= {r["model"] for r in rows}
+
+    app = await App.open(profiled, pg_url, redis_url)
+    server, port = create_server(app, "127.0.0.1:0")
+    await server.start()
+    await app.warm()
+    secret, issuer = profiled.signing_keys()[0], profiled.token_issuer
+    service = [
+        (
+            "authorization",
+            f"Bearer {mint_token(secret, role='service', subject='t', ttl_s=600, issuer=issuer)}",
+        )
+    ]
+    admin = [
+        (
+            "authorization",
+            f"Bearer {mint_token(secret, role='admin', subject='t', ttl_s=600, issuer=issuer)}",
+        )
+    ]
+    profile = profiled.profile("ab")
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = rpc.RankingStub(channel)
+            seen_variants = set()
+            for n in range(30):
+                user = f"u{n}"
+                answer = await stub.Recommend(
+                    pb.RecommendRequest(user_id=user, scope="ab", limit=10), metadata=service
+                )
+                assert answer.variant == profile.variant_of("ab", user)
+                seen_variants.add(answer.variant)
+                # feedback: one impression, and a click from the diverse variant only
+                kinds = [pb.IMPRESSION] + ([pb.CLICK] if answer.variant == "diverse" else [])
+                await stub.RecordEvents(
+                    pb.RecordEventsRequest(
+                        events=[
+                            pb.Event(
+                                user_id=user,
+                                item_id=answer.items[0].item_id,
+                                scope="ab",
+                                event_type=kind,
+                            )
+                            for kind in kinds
+                        ]
+                    ),
+                    metadata=service,
+                )
+            assert seen_variants == {"control", "diverse"}
+            metrics = await rpc.AdminStub(channel).GetMetrics(
+                pb.GetMetricsRequest(scope="ab"), metadata=admin
+            )
+    finally:
+        await server.stop(0)
+        await app.close()
+    assert metrics.online.click_through_by_variant["diverse"] == pytest.approx(1.0)
+    assert metrics.online.click_through_by_variant["control"] == pytest.approx(0.0)
+    assert set(metrics.online.served_by_variant) == {"control", "diverse"}

@@ -91,14 +91,16 @@ class ScoredItem(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class RankedItems(_message.Message):
-    __slots__ = ("items", "model_version", "source")
+    __slots__ = ("items", "model_version", "source", "variant")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     model_version: str
     source: Source
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., source: _Optional[_Union[Source, str]] = ...) -> None: ...
+    variant: str
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., source: _Optional[_Union[Source, str]] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class EventContext(_message.Message):
     __slots__ = ("session_id", "device_category", "country_code", "utc_offset_minutes")
@@ -268,7 +270,7 @@ class OfflineEvaluation(_message.Message):
     def __init__(self, model_version: _Optional[str] = ..., model: _Optional[str] = ..., values: _Optional[_Mapping[str, float]] = ..., evaluated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., users_evaluated: _Optional[int] = ...) -> None: ...
 
 class OnlineMetrics(_message.Message):
-    __slots__ = ("requests", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cache_hit_rate", "fallback_rate", "opt_out_rate", "served_by_source")
+    __slots__ = ("requests", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "cache_hit_rate", "fallback_rate", "opt_out_rate", "served_by_source", "served_by_variant", "click_through_by_variant", "acceptance_by_variant")
     class ServedBySourceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +278,27 @@ class OnlineMetrics(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class ServedByVariantEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class ClickThroughByVariantEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class AcceptanceByVariantEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_P95_MS_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +307,9 @@ class OnlineMetrics(_message.Message):
     FALLBACK_RATE_FIELD_NUMBER: _ClassVar[int]
     OPT_OUT_RATE_FIELD_NUMBER: _ClassVar[int]
     SERVED_BY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SERVED_BY_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    CLICK_THROUGH_BY_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_BY_VARIANT_FIELD_NUMBER: _ClassVar[int]
     requests: int
     latency_p50_ms: float
     latency_p95_ms: float
@@ -292,7 +318,10 @@ class OnlineMetrics(_message.Message):
     fallback_rate: float
     opt_out_rate: float
     served_by_source: _containers.ScalarMap[str, int]
-    def __init__(self, requests: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., fallback_rate: _Optional[float] = ..., opt_out_rate: _Optional[float] = ..., served_by_source: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    served_by_variant: _containers.ScalarMap[str, int]
+    click_through_by_variant: _containers.ScalarMap[str, float]
+    acceptance_by_variant: _containers.ScalarMap[str, float]
+    def __init__(self, requests: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., fallback_rate: _Optional[float] = ..., opt_out_rate: _Optional[float] = ..., served_by_source: _Optional[_Mapping[str, int]] = ..., served_by_variant: _Optional[_Mapping[str, int]] = ..., click_through_by_variant: _Optional[_Mapping[str, float]] = ..., acceptance_by_variant: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Metrics(_message.Message):
     __slots__ = ("scope", "offline", "online")
