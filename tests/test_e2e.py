@@ -397,11 +397,16 @@ async def test_export_and_delete_user_data(client: Client) -> None:
     assert empty.cached_rankings == 0
 
 
-async def test_admin_metrics_model_info_and_job_history(client: Client) -> None:
+async def test_admin_metrics_model_info_and_job_history(client: Client, seeded: JobContext) -> None:
     await client.ranking.Recommend(pb.RecommendRequest(user_id="u1"), metadata=client.svc)
     metrics = await client.admin.GetMetrics(pb.GetMetricsRequest(), metadata=client.adm)
     models = {e.model for e in metrics.offline}
     assert {"privrank", "popularity"} <= models
+    # the RPC reports exactly what evaluate stored
+    stored = await seeded.pg.evaluations("default")
+    assert [(e.model_version, e.model, dict(e.values)) for e in metrics.offline] == [
+        (s["model_version"], s["model"], pytest.approx(s["metrics"])) for s in stored
+    ]
     for evaluation in metrics.offline:
         for key in (
             "precision@10",
