@@ -72,7 +72,8 @@ def field_names(message: Descriptor) -> set[str]:
 
 def test_ranked_items_carry_ids_and_scores_only() -> None:
     messages = privrank_pb2.DESCRIPTOR.message_types_by_name
-    assert field_names(messages["RankedItems"]) == {"items", "model_version", "source"}
+    # variant: the A/B bucket label, never user data
+    assert field_names(messages["RankedItems"]) == {"items", "model_version", "source", "variant"}
     assert field_names(messages["ScoredItem"]) == {"item_id", "score"}
 
 
@@ -113,5 +114,5 @@ def test_proto_source_response_messages() -> None:
         body = re.sub(r"//.*", "", match.group(1))
         return set(re.findall(r"(\w+)\s*=\s*\d+\s*;", body))
 
-    assert fields_of("RankedItems") == {"items", "model_version", "source"}
+    assert fields_of("RankedItems") == {"items", "model_version", "source", "variant"}
     assert fields_of("ScoredItem") == {"item_id", "score"}
