@@ -8,14 +8,124 @@ Conventions for every kernel here:
   position wins an equal score; results are deterministic;
 - results come best first as (positions int64[k'], scores float32[k']) with k' <= k.
 
+The score of item i is ``dot(query, vectors[i]) + bias[i]`` in float32, with the dot product
+summed in one fixed order (see ``_dot_intrinsic``): every kernel and every array layout computes the
+same bits for the same item, so the single, batched, chunked and candidate kernels agree
+exactly, and a plain numpy reference can reproduce them (tests/test_kernels.py).
+
 The top-k uses a bounded min-heap of size k: one pass, no full sort, no catalog-sized
-temporary.
+temporary. Once the heap is full, an item is only offered if its score reaches the worst kept
+score (one compare), so the heap is touched for a vanishing share of a large catalog.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, cast
+
 import numpy as np
-from numba import njit
+from llvmlite import ir  # type: ignore[import-untyped]
+from numba import njit, types
+from numba.core import cgutils
+from numba.core.errors import TypingError
+from numba.extending import intrinsic
+
+# The dot product's summation order, part of the score's definition (not a tunable): lane l
+# of 16 sums the products of the dimensions j with j % 16 == l in increasing j, then the lanes
+# are added pairwise (l + l+8, then + l+4, + l+2, + l+1). Changing it changes scores' low bits.
+DOT_LANES = 16
+
+
+def _element_pointer(
+    context: Any, builder: ir.IRBuilder, ty: types.Array, arr: Any, indices: list[ir.Value]
+) -> ir.Value:
+    return cgutils.get_item_pointer2(
+        context,
+        builder,
+        data=arr.data,
+        shape=cgutils.unpack_tuple(builder, arr.shape),
+        strides=cgutils.unpack_tuple(builder, arr.strides),
+        layout=ty.layout,
+        inds=indices,
+        wraparound=False,
+    )
+
+
+def _dot_intrinsic(typingctx: Any, query: Any, vectors: Any, row: Any) -> Any:
+    """float32 dot product of ``query`` (float32[d]) and ``vectors[row]`` (float32[n, d]).
+
+    Summed in DOT_LANES float32 lanes (an explicit SIMD vector, so the inner loop is
+    vectorized without fastmath): lane l accumulates ``query[j] * vectors[row, j]`` for
+    ``j % DOT_LANES == l`` in increasing j, starting from +0.0; the lanes are then reduced by
+    pairwise halving. Multiplies and adds are separate IEEE float32 operations (no FMA), so
+    the result is the same on every CPU. C-contiguous inputs load 16 floats at a time; any
+    other layout gives the same result through scalar loads. Uses the first
+    ``min(len(query), vectors.shape[1])`` dimensions; ``row`` must be in range.
+    """
+    for name, arg, ndim in (("query", query, 1), ("vectors", vectors, 2)):
+        if not (isinstance(arg, types.Array) and arg.ndim == ndim and arg.dtype == types.float32):
+            raise TypingError(f"_dot: {name} must be a float32 array of {ndim} dimension(s)")
+    if not isinstance(row, types.Integer):
+        raise TypingError("_dot: row must be an integer")
+    sig = types.float32(query, vectors, row)
+
+    def codegen(context: Any, builder: ir.IRBuilder, signature: Any, args: Any) -> ir.Value:
+        q_ty, v_ty, row_ty = signature.args
+        q = context.make_array(q_ty)(context, builder, args[0])
+        v = context.make_array(v_ty)(context, builder, args[1])
+        row_index = context.cast(builder, args[2], row_ty, types.intp)
+        intp = context.get_value_type(types.intp)
+        i32 = ir.IntType(32)
+        vec = ir.VectorType(ir.FloatType(), DOT_LANES)
+        d_q = builder.extract_value(q.shape, 0)
+        d_v = builder.extract_value(v.shape, 1)
+        d = builder.select(builder.icmp_signed("<", d_q, d_v), d_q, d_v)
+        n_full = builder.sdiv(d, ir.Constant(intp, DOT_LANES))
+        done = builder.mul(n_full, ir.Constant(intp, DOT_LANES))
+        acc = cgutils.alloca_once_value(builder, ir.Constant(vec, [0.0] * DOT_LANES))
+
+        def q_ptr(j: ir.Value) -> ir.Value:
+            return _element_pointer(context, builder, q_ty, q, [j])
+
+        def v_ptr(j: ir.Value) -> ir.Value:
+            return _element_pointer(context, builder, v_ty, v, [row_index, j])
+
+        def add_product(lane: ir.Value, j: ir.Value) -> None:
+            product = builder.fmul(builder.load(q_ptr(j)), builder.load(v_ptr(j)))
+            lanes = builder.load(acc)
+            total = builder.fadd(builder.extract_element(lanes, lane), product)
+            builder.store(builder.insert_element(lanes, total, lane), acc)
+
+        contiguous = q_ty.layout == "C" and v_ty.layout == "C"
+        with cgutils.for_range(builder, n_full) as chunk:
+            start = builder.mul(chunk.index, ir.Constant(intp, DOT_LANES))
+            if contiguous:
+                q_vec = builder.load(builder.bitcast(q_ptr(start), vec.as_pointer()), align=4)
+                v_vec = builder.load(builder.bitcast(v_ptr(start), vec.as_pointer()), align=4)
+                builder.store(builder.fadd(builder.load(acc), builder.fmul(q_vec, v_vec)), acc)
+            else:
+                for lane in range(DOT_LANES):
+                    add_product(ir.Constant(i32, lane), builder.add(start, ir.Constant(intp, lane)))
+        with cgutils.for_range(builder, builder.sub(d, done)) as tail:
+            add_product(builder.trunc(tail.index, i32), builder.add(done, tail.index))
+
+        lanes = builder.load(acc)
+        width = DOT_LANES // 2
+        while width >= 1:
+            low = ir.Constant(ir.VectorType(i32, width), list(range(width)))
+            high = ir.Constant(ir.VectorType(i32, width), list(range(width, 2 * width)))
+            lanes = builder.fadd(
+                builder.shuffle_vector(lanes, lanes, low),
+                builder.shuffle_vector(lanes, lanes, high),
+            )
+            width //= 2
+        return builder.extract_element(lanes, ir.Constant(i32, 0))
+
+    return sig, codegen
+
+
+# called from njit code as ``_dot(query, vectors, row) -> float32``
+_dot = cast(Callable[..., Any], intrinsic(_dot_intrinsic))
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -83,38 +193,112 @@ def _drain(heap_s: np.ndarray, heap_i: np.ndarray, size: int) -> tuple[np.ndarra
     return out_i, out_s
 
 
-@njit(cache=True, nogil=True)
-def _dot(query: np.ndarray, vectors: np.ndarray, row: int) -> np.float32:
-    acc = np.float32(0.0)
-    for j in range(query.shape[0]):
-        acc += query[j] * vectors[row, j]
-    return acc
-
-
-@njit(cache=True, nogil=True)
-def topk_dense(
-    query: np.ndarray, vectors: np.ndarray, bias: np.ndarray, excluded: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of every item by ``vectors @ query + bias``, skipping ``excluded`` positions."""
-    n = vectors.shape[0]
-    k = min(k, n)
-    heap_s = np.empty(max(k, 1), dtype=np.float32)
-    heap_i = np.empty(max(k, 1), dtype=np.int64)
-    size = 0
-    next_excluded = 0
-    for item in range(n):
-        while next_excluded < excluded.shape[0] and excluded[next_excluded] < item:
-            next_excluded += 1
-        if next_excluded < excluded.shape[0] and excluded[next_excluded] == item:
-            continue
-        if k == 0:
-            continue
+@njit(cache=True, nogil=True, error_model="numpy")
+def _scan(
+    query: np.ndarray,
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    start: int,
+    stop: int,
+    heap_s: np.ndarray,
+    heap_i: np.ndarray,
+    size: int,
+    k: int,
+) -> int:
+    """Offer every item in [start, stop) (none excluded) to the heap; returns the new size."""
+    item = start
+    while size < k and item < stop:
         score = _dot(query, vectors, item) + bias[item]
         size = _heap_offer(heap_s, heap_i, size, k, score, item)
+        item += 1
+    for i in range(item, stop):
+        score = _dot(query, vectors, i) + bias[i]
+        # the heap is full: most items fail this one compare against the worst kept score
+        if score >= heap_s[0] and _better(score, i, heap_s[0], heap_i[0]):
+            heap_s[0] = score
+            heap_i[0] = i
+            _sift_down(heap_s, heap_i, size, 0)
+    return size
+
+
+@njit(cache=True, nogil=True)
+def topk_init(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """An empty top-k heap for ``topk_dense_chunk``: (scores float32[max(k, 1)],
+    positions int64[max(k, 1)]), holding 0 items."""
+    capacity = max(k, 1)
+    return np.empty(capacity, dtype=np.float32), np.empty(capacity, dtype=np.int64)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def topk_dense_chunk(
+    query: np.ndarray,
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    excluded: np.ndarray,
+    k: int,
+    start: int,
+    stop: int,
+    heap_s: np.ndarray,
+    heap_i: np.ndarray,
+    size: int,
+) -> int:
+    """Offer the items at positions [start, stop) to a top-k heap; returns the heap's new size.
+
+    The same inputs as ``topk_dense`` plus a heap from ``topk_init(k)`` (``heap_s``
+    float32[>= k], ``heap_i`` int64[>= k]) holding ``size`` items. Scanning [0, n) in
+    disjoint chunks, in any order and with the same ``k`` and ``excluded`` every call, then
+    calling ``topk_finalize`` gives
+    exactly ``topk_dense``'s answer; a caller can check a deadline between chunks. ``stop``
+    is clipped to n, ``k`` to the heap's capacity; a chunk costs about (stop - start) * d
+    multiply-adds and reads (stop - start) * d * 4 bytes.
+    """
+    k = min(k, heap_s.shape[0])
+    stop = min(stop, vectors.shape[0])
+    start = max(start, 0)
+    if k <= 0 or start >= stop:
+        return size
+    n_excluded = excluded.shape[0]
+    e = np.searchsorted(excluded, start)
+    item = start
+    while item < stop:
+        while e < n_excluded and excluded[e] < item:
+            e += 1
+        if e < n_excluded and excluded[e] == item:
+            item += 1
+            continue
+        end = stop
+        if e < n_excluded and excluded[e] < stop:
+            end = excluded[e]
+        size = _scan(query, vectors, bias, item, end, heap_s, heap_i, size, k)
+        item = end
+    return size
+
+
+@njit(cache=True, nogil=True)
+def topk_finalize(
+    heap_s: np.ndarray, heap_i: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The heap's items best first: (positions int64[size], scores float32[size]). Consumes
+    the heap (its arrays are left in an unspecified state)."""
     return _drain(heap_s, heap_i, size)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
+def topk_dense(
+    query: np.ndarray, vectors: np.ndarray, bias: np.ndarray, excluded: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of every item by ``vectors @ query + bias``, skipping ``excluded`` positions.
+
+    One pass over ``vectors`` (n * d * 4 bytes), fused: score, skip, keep the best k.
+    """
+    n = vectors.shape[0]
+    k = min(k, n)
+    heap_s, heap_i = topk_init(k)
+    size = topk_dense_chunk(query, vectors, bias, excluded, k, 0, n, heap_s, heap_i, 0)
+    return _drain(heap_s, heap_i, size)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def topk_candidates(
     query: np.ndarray,
     vectors: np.ndarray,
@@ -130,20 +314,24 @@ def topk_candidates(
     size = 0
     ordered = np.sort(candidates)
     previous = -1
+    e = 0
     for c in range(ordered.shape[0]):
         item = ordered[c]
-        if item == previous or k == 0:
+        if item == previous or k <= 0:
             continue
         previous = item
-        slot = np.searchsorted(excluded, item)
-        if slot < excluded.shape[0] and excluded[slot] == item:
+        # candidates ascend, so the excluded cursor only moves forward
+        while e < excluded.shape[0] and excluded[e] < item:
+            e += 1
+        if e < excluded.shape[0] and excluded[e] == item:
             continue
         score = _dot(query, vectors, item) + bias[item]
-        size = _heap_offer(heap_s, heap_i, size, k, score, item)
+        if size < k or score >= heap_s[0]:
+            size = _heap_offer(heap_s, heap_i, size, k, score, item)
     return _drain(heap_s, heap_i, size)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def topk_dense_batch(
     queries: np.ndarray,
     vectors: np.ndarray,
@@ -151,35 +339,72 @@ def topk_dense_batch(
     excluded_indptr: np.ndarray,
     excluded_indices: np.ndarray,
     k: int,
+    tile_bytes: int = 1 << 18,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``topk_dense`` for each row of ``queries`` (float32[b, d]).
 
     Row r excludes ``excluded_indices[excluded_indptr[r]:excluded_indptr[r + 1]]`` (CSR, each
     row sorted). Returns (positions int64[b, k], scores float32[b, k], counts int64[b]); row r
     holds ``counts[r]`` results, identical to the single-query kernel's.
+
+    Items are scanned in tiles of about ``tile_bytes`` bytes of ``vectors`` (keep it within the
+    L2 cache), each tile scored for every query while it is cached, so memory traffic is one
+    pass over ``vectors`` for the whole batch instead of one per query.
     """
     b = queries.shape[0]
-    k = min(k, vectors.shape[0])
+    n = vectors.shape[0]
+    k = min(k, n)
     out_i = np.full((b, k), -1, dtype=np.int64)
     out_s = np.zeros((b, k), dtype=np.float32)
     counts = np.zeros(b, dtype=np.int64)
+    heaps_s = np.empty((b, max(k, 1)), dtype=np.float32)
+    heaps_i = np.empty((b, max(k, 1)), dtype=np.int64)
+    tile = max(1, tile_bytes // max(1, 4 * vectors.shape[1]))
+    for start in range(0, n, tile):
+        for r in range(b):
+            excluded = excluded_indices[excluded_indptr[r] : excluded_indptr[r + 1]]
+            counts[r] = topk_dense_chunk(
+                queries[r],
+                vectors,
+                bias,
+                excluded,
+                k,
+                start,
+                start + tile,
+                heaps_s[r],
+                heaps_i[r],
+                counts[r],
+            )
     for r in range(b):
-        excluded = excluded_indices[excluded_indptr[r] : excluded_indptr[r + 1]]
-        items, scores = topk_dense(queries[r], vectors, bias, excluded, k)
+        items, scores = _drain(heaps_s[r], heaps_i[r], counts[r])
         m = items.shape[0]
         out_i[r, :m] = items
         out_s[r, :m] = scores
-        counts[r] = m
     return out_i, out_s, counts
 
 
 def warm_up() -> None:
-    """Compile and run every kernel once, so no request pays for JIT compilation."""
+    """Compile and run every kernel once, so no request pays for JIT compilation.
+
+    Each kernel runs on writable and on read-only arrays in the mixes callers pass (a loaded
+    snapshot's arrays are read-only memory maps, a distinct signature to numba; a query row
+    of them meets writable item arrays in the retriever's popular head).
+    """
     rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((8, 4)).astype(np.float32)
-    bias = np.zeros(8, dtype=np.float32)
+    writable = rng.standard_normal((8, 4)).astype(np.float32)
+    read_only = writable.copy()
+    read_only.setflags(write=False)
     excluded = np.array([1, 3], dtype=np.int64)
-    query = vectors[0].copy()
-    topk_dense(query, vectors, bias, excluded, 3)
-    topk_candidates(query, vectors, bias, np.array([0, 2, 2, 5], dtype=np.int64), excluded, 3)
-    topk_dense_batch(vectors[:2].copy(), vectors, bias, np.array([0, 2, 2]), excluded, 3)
+    candidates = np.array([0, 2, 2, 5], dtype=np.int64)
+    indptr = np.array([0, 2, 2], dtype=np.int64)
+    for vectors in (writable, read_only):
+        bias = vectors[:, 0].copy()
+        bias.setflags(write=vectors.flags.writeable)
+        for query in (writable[0], read_only[0]):
+            topk_dense(query, vectors, bias, excluded, 3)
+            topk_candidates(query, vectors, bias, candidates, excluded, 3)
+            heap_s, heap_i = topk_init(3)
+            size = topk_dense_chunk(query, vectors, bias, excluded, 3, 0, 4, heap_s, heap_i, 0)
+            size = topk_dense_chunk(query, vectors, bias, excluded, 3, 4, 8, heap_s, heap_i, size)
+            topk_finalize(heap_s, heap_i, size)
+        topk_dense_batch(vectors[:2].copy(), vectors, bias, indptr, excluded, 3)

@@ -1,16 +1,32 @@
-"""Retrieval behind one small interface: exact scan (the fallback and oracle) and faiss HNSW.
+"""Retrieval behind one small interface: exact scan (the fallback and oracle) and faiss.
 
 The faiss index holds each item as ``[vector, bias]`` and is queried with ``[query, 1]``, so
 its inner product is exactly the kernel's score ``vector · query + bias``: the index retrieves
 by the same score the kernel ranks by. The candidates are then re-scored exactly by the
 kernel (which also applies the exclusions and the ID tie-break).
+
+The index ``build_index`` makes, chosen by measurement (tests/bench/retrieval.py): IVF-Flat
+over the augmented vectors with about sqrt(n) lists, plus a *popular head*: the ``head``
+items of highest bias are re-scored for every query whatever the index returns. On a
+clustered catalog with popularity-skewed bias almost every item IVF misses is such a popular
+item, lifted into a user's top k by its bias while its vector sits in a list the query does
+not probe; re-scoring the head catches them for ``head`` dot products. HNSW (the earlier
+choice) reached lower recall at several times the cost on the same data and builds ~10x
+slower; HNSW indexes written by earlier builds still load and are searched as before.
+
+How hard to search (lists probed, HNSW beam width, head size) is a ``SearchParams``;
+``tune_search`` picks the cheapest one that reaches a recall target on sample queries.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
@@ -22,6 +38,14 @@ log = logging.getLogger(__name__)
 
 HNSW_NEIGHBOURS = 32
 HNSW_EF_CONSTRUCTION = 80
+# IVF lists: about sqrt(n), with at least IVF_MIN_POINTS_PER_LIST items to train each one
+IVF_MIN_POINTS_PER_LIST = 39
+IVF_TRAIN_POINTS_PER_LIST = 64  # k-means trains on a sample of this many items per list
+# untuned defaults (tune_search measures better ones): lists probed and popular-head size
+IVF_DEFAULT_NPROBE = 8
+DEFAULT_HEAD = 1000
+# MANIFEST key under which a build job may record tuned SearchParams (see retriever_for)
+SEARCH_PARAMS_KEY = "search"
 
 
 class Retriever(Protocol):
@@ -33,6 +57,27 @@ class Retriever(Protocol):
         """Best ``k`` items for ``query`` (float32[d]) by vector · query + bias, minus
         ``excluded`` (sorted int64 positions): (positions int64[k'], scores float32[k'])."""
         ...
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """How hard a faiss index is searched.
+
+    ``nprobe``: IVF lists probed (0: the index's own ``nprobe``). ``ef_search``: HNSW beam
+    width (0: the earlier rule, ``max(4 * (k + excluded), 64)``). ``head``: how many items of
+    highest bias are re-scored for every query on top of the index's candidates.
+    """
+
+    nprobe: int = 0
+    ef_search: int = 0
+    head: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SearchParams:
+        return cls(**{f: int(data[f]) for f in ("nprobe", "ef_search", "head") if f in data})
 
 
 class ExactRetriever:
@@ -53,35 +98,111 @@ class ExactRetriever:
         return result
 
 
-class FaissRetriever:
-    """HNSW candidates, exactly re-scored; falls back to the exact scan if the index fails."""
+def popular_order(bias: np.ndarray) -> np.ndarray:
+    """All positions (int64[n]) by bias descending, ties to the lower position."""
+    return np.argsort(-np.asarray(bias, dtype=np.float64), kind="stable").astype(np.int64)
 
-    name = "faiss-hnsw"
+
+def popular_head(bias: np.ndarray, size: int, by_bias: np.ndarray | None = None) -> np.ndarray:
+    """Positions (int64, ascending) of the ``size`` items of highest bias, ties to the lower
+    position; ``by_bias`` is ``popular_order(bias)`` if already computed."""
+    size = max(0, min(size, len(bias)))
+    if size == 0:
+        return np.empty(0, dtype=np.int64)
+    order = popular_order(bias) if by_bias is None else by_bias
+    return np.sort(order[:size]).astype(np.int64)
+
+
+def default_params(index: faiss.Index) -> SearchParams:
+    """What an index is searched with when nobody tuned it: IVF gets its own ``nprobe`` and
+    the default popular head; any other index (HNSW from earlier builds) the earlier rule."""
+    if isinstance(index, faiss.IndexIVF):
+        return SearchParams(nprobe=int(index.nprobe), head=DEFAULT_HEAD)
+    return SearchParams()
+
+
+class FaissRetriever:
+    """faiss candidates plus the popular head, exactly re-scored; falls back to the exact
+    scan if the index fails or yields too few items."""
 
     def __init__(
-        self, index: faiss.Index, vectors: np.ndarray, bias: np.ndarray, *, oversample: int = 4
+        self,
+        index: faiss.Index,
+        vectors: np.ndarray,
+        bias: np.ndarray,
+        *,
+        oversample: int = 4,
+        params: SearchParams | None = None,
+        by_bias: np.ndarray | None = None,
     ) -> None:
+        """``by_bias``: all positions ordered by bias descending (``popular_order(bias)``),
+        if the caller has it, to save computing it."""
         self._index = index
         self._vectors = vectors
         self._bias = bias
         self._oversample = oversample
         self._exact = ExactRetriever(vectors, bias)
+        self.params = params if params is not None else default_params(index)
+        self._head = popular_head(bias, self.params.head, by_bias)
+        # a contiguous copy of the head's rows: scanned like a small catalog (same bits)
+        self._head_vectors = np.ascontiguousarray(vectors[self._head], dtype=np.float32)
+        self._head_bias = np.ascontiguousarray(bias[self._head], dtype=np.float32)
+        if isinstance(index, faiss.IndexIVF):
+            self.name = "faiss-ivf"
+        elif isinstance(index, faiss.IndexHNSW):
+            self.name = "faiss-hnsw"
+        else:
+            self.name = "faiss"
+
+    def _search(self, augmented: np.ndarray, wanted: int) -> np.ndarray:
+        """faiss's candidates (int64[m], may hold -1) for one augmented query."""
+        params = self.params
+        if isinstance(self._index, faiss.IndexIVF):
+            nprobe = params.nprobe or int(self._index.nprobe)
+            search = faiss.SearchParametersIVF()
+            search.nprobe = nprobe
+        elif isinstance(self._index, faiss.IndexHNSW):
+            if params.ef_search:
+                search = faiss.SearchParametersHNSW(efSearch=max(params.ef_search, wanted))  # type: ignore[attr-defined]
+            else:  # the earlier rule: oversample, with a beam at least as wide
+                wanted *= self._oversample
+                search = faiss.SearchParametersHNSW(efSearch=max(wanted, 64))  # type: ignore[attr-defined]
+        else:
+            wanted *= self._oversample
+            search = None
+        _, found = self._index.search(augmented, wanted, params=search)
+        candidates: np.ndarray = found[0]
+        return candidates
+
+    def _head_top_k(self, query: np.ndarray, excluded: np.ndarray, k: int) -> np.ndarray:
+        """Positions (int64) of the head's best k items, excluded ones left out: the only
+        head items that can make the answer."""
+        head = self._head
+        slots = np.searchsorted(head, excluded)
+        inside = slots < len(head)
+        inside[inside] = head[slots[inside]] == excluded[inside]
+        local, _ = kernels.topk_dense(
+            query, self._head_vectors, self._head_bias, slots[inside].astype(np.int64), k
+        )
+        chosen: np.ndarray = head[local]
+        return chosen
 
     def top_k(
         self, query: np.ndarray, excluded: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         if k <= 0:
             return self._exact.top_k(query, excluded, 0)
-        wanted = (k + len(excluded)) * self._oversample
+        # excluded items may take slots among the index's answers
+        wanted = k + len(excluded)
         try:
-            # faiss's bundled stubs predate SearchParametersHNSW
-            params = faiss.SearchParametersHNSW(efSearch=max(wanted, 64))  # type: ignore[attr-defined]
             augmented = np.append(query, np.float32(1.0)).reshape(1, -1)
-            _, found = self._index.search(augmented, wanted, params=params)
+            found = self._search(augmented, wanted)
         except (RuntimeError, ValueError):
             log.exception("faiss search failed; using the exact scan")
             return self._exact.top_k(query, excluded, k)
-        candidates = found[0][found[0] >= 0].astype(np.int64)
+        candidates = found[found >= 0].astype(np.int64)
+        if len(self._head):
+            candidates = np.concatenate([candidates, self._head_top_k(query, excluded, k)])
         items, scores = kernels.topk_candidates(
             query, self._vectors, self._bias, candidates, excluded, k
         )
@@ -90,13 +211,221 @@ class FaissRetriever:
         return items, scores
 
 
-def build_index(vectors: np.ndarray, bias: np.ndarray) -> faiss.Index:
-    """An inner-product HNSW index over ``[vectors, bias]`` (float32[n, d + 1])."""
+def ivf_lists(n: int) -> int:
+    """IVF lists for n items: about sqrt(n), each with enough items to train it."""
+    return max(1, min(math.isqrt(max(n, 1)), n // IVF_MIN_POINTS_PER_LIST))
+
+
+def build_index(
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    *,
+    kind: str = "ivf",
+    nlist: int | None = None,
+    hnsw_neighbours: int = HNSW_NEIGHBOURS,
+) -> faiss.Index:
+    """An inner-product index over ``[vectors, bias]`` (float32[n, d + 1]).
+
+    ``kind="ivf"`` (the default): IVF-Flat with ``nlist`` lists (default ``ivf_lists(n)``),
+    k-means trained on a fixed-seed sample, ``nprobe`` preset to ``IVF_DEFAULT_NPROBE``
+    (``tune_search`` measures a better one). ``kind="hnsw"``: HNSW-Flat as earlier builds made.
+    """
     augmented = np.hstack([vectors, bias.reshape(-1, 1)]).astype(np.float32)
-    index = faiss.IndexHNSWFlat(augmented.shape[1], HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    index.add(augmented)
-    return index
+    n, dim = augmented.shape
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, hnsw_neighbours, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.add(augmented)
+        return index
+    if kind != "ivf":
+        raise ValueError(f"unknown index kind {kind!r} (known: ivf, hnsw)")
+    if n == 0:  # nothing to train on: an empty exact index
+        return faiss.IndexFlatIP(dim)
+    lists = nlist or ivf_lists(n)
+    quantizer = faiss.IndexFlatIP(dim)
+    ivf = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+    train_size = min(n, lists * IVF_TRAIN_POINTS_PER_LIST)
+    sample = np.random.default_rng(0).choice(n, size=train_size, replace=False)
+    ivf.train(augmented[np.sort(sample)])
+    ivf.add(augmented)
+    ivf.nprobe = min(IVF_DEFAULT_NPROBE, lists)
+    return ivf
+
+
+def search_recall(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    params: SearchParams,
+    truth: np.ndarray | None = None,
+    by_bias: np.ndarray | None = None,
+) -> float:
+    """Mean recall@k of ``FaissRetriever(index, ..., params=params)`` against the exact scan
+    over ``queries`` (float32[q, d]), no exclusions. ``truth``: the exact top-k positions
+    (int64[q, k]) if already known; ``by_bias``: ``popular_order(bias)`` if known."""
+    recalls = query_recalls(index, vectors, bias, queries, k, params, truth, by_bias)
+    return float(recalls.mean()) if len(recalls) else 1.0
+
+
+def query_recalls(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    params: SearchParams,
+    truth: np.ndarray | None = None,
+    by_bias: np.ndarray | None = None,
+) -> np.ndarray:
+    """``search_recall`` per query (float64[q])."""
+    if truth is None:
+        truth = exact_top_k(vectors, bias, queries, k)
+    retriever = FaissRetriever(index, vectors, bias, params=params, by_bias=by_bias)
+    none = np.empty(0, dtype=np.int64)
+    recalls = np.ones(len(queries))
+    for row, (query, want) in enumerate(zip(queries, truth, strict=True)):
+        got, _ = retriever.top_k(np.ascontiguousarray(query), none, k)
+        if len(want):
+            recalls[row] = len(np.intersect1d(got, want)) / len(want)
+    return recalls
+
+
+def exact_top_k(vectors: np.ndarray, bias: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """The exact top-k positions for each query (int64[q, min(k, n)]), no exclusions."""
+    none = np.zeros(len(queries) + 1, dtype=np.int64)
+    items, _, _ = kernels.topk_dense_batch(
+        np.ascontiguousarray(queries, dtype=np.float32), vectors, bias, none, none[:0], k
+    )
+    truth: np.ndarray = items
+    return truth
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What ``tune_search`` chose and measured: ``params`` reached mean ``recall`` on the
+    sample (``recall_low``: that less ``margin_se`` standard errors) at ``ms_per_query`` (one
+    thread, batch of one). ``met`` is False if no setting tried reached the target; ``params``
+    is then the one of highest recall."""
+
+    params: SearchParams
+    recall: float
+    recall_low: float
+    ms_per_query: float
+    met: bool
+
+
+def tune_search(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    target_recall: float = 0.95,
+    *,
+    heads: tuple[int, ...] = (0, 250, 500, 1000, 2000, 4000),
+    margin_se: float = 1.645,
+) -> SearchParams:
+    """The cheapest ``SearchParams`` whose recall@k on ``queries`` reaches ``target_recall``.
+
+    ``queries`` (float32[q, d]) should be a sample of real ones (user vectors), a few hundred.
+    A setting qualifies when its mean recall on the sample, less ``margin_se`` standard errors
+    of that mean, reaches the target, so that queries outside the sample reach it too (1.645:
+    one-sided 95 %; 0 to take the sample at its word). For each head size the smallest
+    ``nprobe`` (IVF) or ``ef_search`` (HNSW) that qualifies is found (recall grows with both,
+    so the search stops there); of those, the one of lowest measured time per query (one
+    faiss thread, batch of one) wins. ``tune_search_report`` also returns the measurements.
+    """
+    return tune_search_report(
+        index, vectors, bias, queries, k, target_recall, heads=heads, margin_se=margin_se
+    ).params
+
+
+def _knob_values(index: faiss.Index, k: int) -> list[SearchParams]:
+    if isinstance(index, faiss.IndexIVF):
+        values = sorted(
+            {min(p, index.nlist) for p in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)}
+            | {p for p in (192, 256, 384, 512, 1024, 2048, 4096) if p < index.nlist}
+            | {index.nlist}
+        )
+        return [SearchParams(nprobe=p) for p in values]
+    if isinstance(index, faiss.IndexHNSW):
+        widths = sorted({max(k, int(k * f)) for f in (1, 1.5, 2, 3, 4, 6, 8, 12, 16)})
+        return [SearchParams(ef_search=w) for w in widths]
+    raise ValueError(f"cannot tune a {type(index).__name__}")
+
+
+def tune_search_report(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    target_recall: float = 0.95,
+    *,
+    heads: tuple[int, ...] = (0, 250, 500, 1000, 2000, 4000),
+    margin_se: float = 1.645,
+) -> Tuning:
+    """``tune_search`` with its measurements."""
+    truth = exact_top_k(vectors, bias, queries, k)
+    by_bias = popular_order(bias)
+    heads = tuple(sorted({min(h, len(bias)) for h in heads}))
+    feasible: list[tuple[SearchParams, float, float]] = []
+    best: tuple[float, float, SearchParams] | None = None
+    for head in heads:
+        for knob in _knob_values(index, k):
+            params = SearchParams(nprobe=knob.nprobe, ef_search=knob.ef_search, head=head)
+            recalls = query_recalls(index, vectors, bias, queries, k, params, truth, by_bias)
+            mean = float(recalls.mean()) if len(recalls) else 1.0
+            spread = float(recalls.std(ddof=1)) if len(recalls) > 1 else 0.0
+            low = mean - margin_se * spread / math.sqrt(max(1, len(recalls)))
+            if best is None or low > best[1]:
+                best = (mean, low, params)
+            if low >= target_recall:
+                feasible.append((params, mean, low))
+                break
+    if not feasible:
+        assert best is not None
+        mean, low, params = best
+        ms = time_per_query(index, vectors, bias, queries, k, params, by_bias)
+        log.warning("no search setting reached recall %.3f; best %s", target_recall, params)
+        return Tuning(params, mean, low, ms, met=False)
+    timed = [
+        (time_per_query(index, vectors, bias, queries, k, p, by_bias), p, mean, low)
+        for p, mean, low in feasible
+    ]
+    ms, params, mean, low = min(timed, key=lambda t: t[0])
+    log.info("tuned %s: recall@%d %.3f (>= %.3f) at %.3f ms per query", params, k, mean, low, ms)
+    return Tuning(params, mean, low, ms, met=True)
+
+
+def time_per_query(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    params: SearchParams,
+    by_bias: np.ndarray | None = None,
+) -> float:
+    """Median milliseconds of ``FaissRetriever.top_k`` per query, one faiss thread, batch of
+    one, no exclusions (timing is noisy on a busy machine: use a few hundred queries)."""
+    retriever = FaissRetriever(index, vectors, bias, params=params, by_bias=by_bias)
+    none = np.empty(0, dtype=np.int64)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        retriever.top_k(np.ascontiguousarray(queries[0]), none, k)  # warm
+        times = []
+        for query in queries:
+            q = np.ascontiguousarray(query)
+            start = time.perf_counter()
+            retriever.top_k(q, none, k)
+            times.append(time.perf_counter() - start)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return float(np.median(times) * 1e3)
 
 
 def write_index(index: faiss.Index, path: Path) -> None:
@@ -104,11 +433,17 @@ def write_index(index: faiss.Index, path: Path) -> None:
 
 
 def retriever_for(snapshot: Snapshot) -> Retriever:
-    """The retriever a loaded snapshot calls for: faiss if it ships an index, else exact."""
+    """The retriever a loaded snapshot calls for: faiss if it ships an index, else exact.
+
+    Search settings come from the manifest's ``SEARCH_PARAMS_KEY`` entry if the build
+    recorded one (``SearchParams.to_dict()``), else from ``default_params``.
+    """
     path = snapshot.path / INDEX_FILE
     if path.exists():
         index = faiss.read_index(str(path))
         if index.ntotal == snapshot.n_items and index.d == snapshot.dim + 1:
-            return FaissRetriever(index, snapshot.item_vectors, snapshot.item_bias)
+            recorded = snapshot.manifest.get(SEARCH_PARAMS_KEY)
+            params = SearchParams.from_dict(recorded) if isinstance(recorded, dict) else None
+            return FaissRetriever(index, snapshot.item_vectors, snapshot.item_bias, params=params)
         log.error("index %s does not match its snapshot; using the exact scan", path)
     return ExactRetriever(snapshot.item_vectors, snapshot.item_bias)

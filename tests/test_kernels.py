@@ -7,6 +7,8 @@ contract (higher score first, ties to the lower position, i.e. the lower item ID
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -40,11 +42,18 @@ def _positions(values: np.ndarray) -> np.ndarray:
 
 
 def reference_scores(query: np.ndarray, vectors: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """vectors @ query + bias with the kernel's float32 arithmetic (sequential over d)."""
-    acc = np.zeros(vectors.shape[0], dtype=np.float32)
+    """vectors @ query + bias with the kernel's float32 arithmetic and summation order: lane
+    l of DOT_LANES sums the products of dimensions j % DOT_LANES == l in increasing j, from 0;
+    then the lanes are added pairwise by halving (l + l+8, then + l+4, ...)."""
+    lanes = np.zeros((vectors.shape[0], kernels.DOT_LANES), dtype=np.float32)
     for j in range(vectors.shape[1]):
-        acc = acc + query[j] * vectors[:, j]
-    return acc + bias
+        lane = j % kernels.DOT_LANES
+        lanes[:, lane] = lanes[:, lane] + query[j] * vectors[:, j]
+    width = kernels.DOT_LANES // 2
+    while width >= 1:
+        lanes = lanes[:, :width] + lanes[:, width : 2 * width]
+        width //= 2
+    return lanes[:, 0] + bias
 
 
 def reference_topk(
@@ -129,8 +138,15 @@ def test_topk_dense_batch_equals_single_per_row(data: st.DataObject) -> None:
     indptr = _positions(np.cumsum([0, *map(len, rows)]))
     indices = _positions([p for row in rows for p in row])
     k = data.draw(st.integers(min_value=0, max_value=n + 3), label="k")
+    # from one-item tiles (every query visits every tile) to one tile for the whole catalog
+    tile_bytes = data.draw(st.sampled_from([1, 4 * d, 12 * d, 1 << 18]), label="tile_bytes")
 
-    out_i, out_s, counts = kernels.topk_dense_batch(queries, vectors, bias, indptr, indices, k)
+    if tile_bytes == 1 << 18:  # the default
+        out_i, out_s, counts = kernels.topk_dense_batch(queries, vectors, bias, indptr, indices, k)
+    else:
+        out_i, out_s, counts = kernels.topk_dense_batch(
+            queries, vectors, bias, indptr, indices, k, tile_bytes
+        )
 
     width = min(k, n)
     assert out_i.shape == (b, width)
@@ -149,17 +165,65 @@ def test_topk_dense_batch_equals_single_per_row(data: st.DataObject) -> None:
         assert (out_s[r, m:] == 0).all()
 
 
-def test_topk_dense_real_valued_scores_match_float32_reference() -> None:
-    # non-integer inputs: same float32 summation order, so the scores agree bit for bit
+@SETTINGS
+@given(problems(), st.data())
+def test_chunked_scan_equals_single_pass(problem: Problem, data: st.DataObject) -> None:
+    query, vectors, bias, excluded, k = problem
+    n = vectors.shape[0]
+    cuts = data.draw(st.lists(st.integers(min_value=0, max_value=n), max_size=5), label="cuts")
+    bounds = [0, *sorted(cuts), n]
+    # disjoint chunks covering [0, n), visited in any order; the last may run past n
+    chunks = list(itertools.pairwise(bounds))
+    chunks[-1] = (chunks[-1][0], n + data.draw(st.integers(0, 3), label="overshoot"))
+    chunks = data.draw(st.permutations(chunks), label="order")
+    heap_s, heap_i = kernels.topk_init(k)
+    size = 0
+    for start, stop in chunks:
+        size = kernels.topk_dense_chunk(
+            query, vectors, bias, excluded, k, start, stop, heap_s, heap_i, size
+        )
+        assert 0 <= size <= k
+    got = kernels.topk_finalize(heap_s, heap_i, size)
+    assert_topk_equal(got, kernels.topk_dense(query, vectors, bias, excluded, k))
+
+
+@pytest.mark.parametrize("d", [1, 5, 12, 16, 17, 33, 64, 100])
+def test_topk_dense_real_valued_scores_match_float32_reference(d: int) -> None:
+    # non-integer inputs: same float32 summation order, so the scores agree bit for bit (d
+    # below, at and past multiples of the lane count: full lanes, a partial tail, both)
     rng = np.random.default_rng(7)
-    vectors = _float32(rng.standard_normal((500, 12)))
+    vectors = _float32(rng.standard_normal((500, d)))
     bias = _float32(rng.standard_normal(500) * 0.1)
     excluded = _positions(np.sort(rng.choice(500, size=40, replace=False)))
     allowed = np.setdiff1d(np.arange(500), excluded)
     for _ in range(10):
-        query = _float32(rng.standard_normal(12))
+        query = _float32(rng.standard_normal(d))
         got = kernels.topk_dense(query, vectors, bias, excluded, 25)
         assert_topk_equal(got, reference_topk(query, vectors, bias, allowed, 25))
+        # every item's score, through the candidate kernel
+        everything = kernels.topk_candidates(
+            query, vectors, bias, _positions(range(500)), _positions([]), 500
+        )
+        want_scores = reference_scores(query, vectors, bias)
+        np.testing.assert_array_equal(everything[1], want_scores[everything[0]])
+
+
+@pytest.mark.parametrize("d", [3, 16, 40])
+def test_any_layout_and_read_only_arrays_give_the_same_bits(d: int) -> None:
+    # strided views take the kernel's scalar path, read-only arrays (a loaded snapshot's memory
+    # maps) a separate compilation: both must score exactly like contiguous writable arrays
+    rng = np.random.default_rng(11)
+    wide = _float32(rng.standard_normal((300, 2 * d)))
+    vectors = np.ascontiguousarray(wide[:, ::2])
+    queries = _float32(rng.standard_normal((2, 2 * d)))
+    bias = _float32(rng.standard_normal(300))
+    excluded = _positions([4, 9, 9, 250])
+    want = kernels.topk_dense(queries[0, ::2].copy(), vectors, bias, excluded, 30)
+    assert_topk_equal(kernels.topk_dense(queries[0, ::2], wide[:, ::2], bias, excluded, 30), want)
+    frozen = [a.copy() for a in (queries[0, ::2], vectors, bias)]
+    for a in frozen:
+        a.setflags(write=False)
+    assert_topk_equal(kernels.topk_dense(*frozen, excluded, 30), want)
 
 
 def test_all_equal_scores_return_lowest_positions_first() -> None:

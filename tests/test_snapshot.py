@@ -19,10 +19,16 @@ from features.errors import SnapshotError
 from features.schema import FEATURE_NAMES
 from ranking import snapshot
 from ranking.retrieval import (
+    SEARCH_PARAMS_KEY,
     ExactRetriever,
     FaissRetriever,
+    SearchParams,
     build_index,
+    popular_head,
     retriever_for,
+    search_recall,
+    tune_search,
+    tune_search_report,
     write_index,
 )
 
@@ -446,22 +452,31 @@ def test_exact_retriever_matches_numpy() -> None:
         np.testing.assert_allclose(scores, full[items], rtol=1e-5)
 
 
+KINDS = ["ivf", "hnsw"]
+
+
+def check_rescored_exactly(
+    exact: ExactRetriever, query: np.ndarray, got: np.ndarray, got_scores: np.ndarray, n: int
+) -> None:
+    """Candidates are re-scored exactly: same scores as the exact kernel for the same items."""
+    assert (np.diff(got_scores) <= 0).all()
+    rescored = {int(i): s for i, s in zip(*exact.top_k(query, NO_EXCLUSIONS, n), strict=True)}
+    assert [rescored[int(i)] for i in got] == got_scores.tolist()
+
+
 @pytest.mark.usefixtures("single_threaded_faiss")
-def test_faiss_recall_against_exact() -> None:
+def test_hnsw_recall_against_exact() -> None:
+    # HNSW as earlier builds made it, searched with the earlier rule (no SearchParams)
     vectors, bias = catalog()
     exact = ExactRetriever(vectors, bias)
-    hnsw = FaissRetriever(build_index(vectors, bias), vectors, bias)
+    hnsw = FaissRetriever(build_index(vectors, bias, kind="hnsw"), vectors, bias)
+    assert hnsw.name == "faiss-hnsw"
     recalls = []
     for query in queries():
         want, want_scores = exact.top_k(query, NO_EXCLUSIONS, 10)
         got, got_scores = hnsw.top_k(query, NO_EXCLUSIONS, 10)
         assert len(got) == 10
-        # candidates are re-scored exactly: same scores as the kernel for the same items
-        assert (np.diff(got_scores) <= 0).all()
-        rescored = {
-            int(i): s for i, s in zip(*exact.top_k(query, NO_EXCLUSIONS, 3000), strict=True)
-        }
-        assert [rescored[int(i)] for i in got] == got_scores.tolist()
+        check_rescored_exactly(exact, query, got, got_scores, 3000)
         assert got_scores[0] <= want_scores[0]
         recalls.append(len(set(got.tolist()) & set(want.tolist())) / 10)
     recall = float(np.mean(recalls))
@@ -469,10 +484,108 @@ def test_faiss_recall_against_exact() -> None:
 
 
 @pytest.mark.usefixtures("single_threaded_faiss")
-def test_exclusions_are_respected_by_both() -> None:
+def test_tuned_ivf_recall_against_exact_on_held_out_queries() -> None:
+    # isotropic noise is the hard case for IVF: the untuned default is not enough, and
+    # tune_search must find what is; it is checked on queries it did not tune on
+    vectors, bias = catalog()
+    index = build_index(vectors, bias)
+    exact = ExactRetriever(vectors, bias)
+    tuning = tune_search_report(index, vectors, bias, queries(count=100, seed=60), 10, 0.97)
+    assert tuning.met, tuning
+    assert tuning.recall >= 0.97
+    assert tuning.params.nprobe >= 1
+    assert tuning.ms_per_query > 0
+    ivf = FaissRetriever(index, vectors, bias, params=tuning.params)
+    assert ivf.name == "faiss-ivf"
+    recalls = []
+    for query in queries():
+        want, want_scores = exact.top_k(query, NO_EXCLUSIONS, 10)
+        got, got_scores = ivf.top_k(query, NO_EXCLUSIONS, 10)
+        assert len(got) == 10
+        check_rescored_exactly(exact, query, got, got_scores, 3000)
+        assert got_scores[0] <= want_scores[0]
+        recalls.append(len(set(got.tolist()) & set(want.tolist())) / 10)
+    recall = float(np.mean(recalls))
+    assert recall >= 0.95, f"tuned IVF recall@10 on held-out queries is {recall:.3f} < 0.95"
+    # the same figure through search_recall
+    assert search_recall(index, vectors, bias, queries(), 10, tuning.params) == pytest.approx(
+        recall
+    )
+
+
+@pytest.mark.usefixtures("single_threaded_faiss")
+def test_tune_search_picks_the_smallest_setting_that_reaches_the_target() -> None:
+    vectors, bias = catalog()
+    index = build_index(vectors, bias)
+    sample = queries(count=60, seed=61)
+    # margin_se=0: the sample's mean recall is taken at its word
+    params = tune_search(index, vectors, bias, sample, 10, 0.9, heads=(0,), margin_se=0)
+    assert params == SearchParams(nprobe=params.nprobe, head=0)
+    assert search_recall(index, vectors, bias, sample, 10, params) >= 0.9
+    smaller = [p for p in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48) if p < params.nprobe]
+    if smaller:
+        below = SearchParams(nprobe=smaller[-1])
+        assert search_recall(index, vectors, bias, sample, 10, below) < 0.9
+    # with the default margin, the mean must clear the target by about 1.6 standard errors
+    careful = tune_search_report(index, vectors, bias, sample, 10, 0.9, heads=(0,))
+    assert careful.met
+    assert careful.params.nprobe >= params.nprobe
+    assert careful.recall > careful.recall_low >= 0.9
+    # probing every list is an exact scan of the index: any target is reachable
+    everything = tune_search_report(index, vectors, bias, sample, 10, 1.0, heads=(0,))
+    assert everything.met
+    assert everything.recall == everything.recall_low == 1.0
+
+
+def test_tune_search_reports_an_unreachable_target() -> None:
+    vectors, bias = catalog(n=400, d=8)
+    index = build_index(vectors, bias, kind="hnsw", hnsw_neighbours=2)
+    tuning = tune_search_report(index, vectors, bias, queries(count=5, d=8), 50, 1.01, heads=(0,))
+    assert not tuning.met
+    assert 0 < tuning.recall <= 1
+
+
+@pytest.mark.usefixtures("single_threaded_faiss")
+def test_popular_head_finds_what_the_index_does_not_probe() -> None:
+    # one list probed: an item of huge bias far from the query is found only through the head
+    vectors, bias = catalog()
+    index = build_index(vectors, bias)
+    star = int(np.argmin(vectors @ queries(count=1)[0]))  # the worst match for the query
+    bias = bias.copy()
+    bias[star] = 1000.0
+    query = queries(count=1)[0]
+    without = FaissRetriever(index, vectors, bias, params=SearchParams(nprobe=1, head=0))
+    with_head = FaissRetriever(index, vectors, bias, params=SearchParams(nprobe=1, head=1))
+    assert star not in without.top_k(query, NO_EXCLUSIONS, 10)[0]
+    items, _ = with_head.top_k(query, NO_EXCLUSIONS, 10)
+    assert items[0] == star
+    # excluded items stay excluded, head or not
+    assert star not in with_head.top_k(query, np.array([star], dtype=np.int64), 10)[0]
+    np.testing.assert_array_equal(popular_head(bias, 1), [star])
+    np.testing.assert_array_equal(popular_head(np.zeros(5, np.float32), 3), [0, 1, 2])
+    assert popular_head(bias, 0).dtype == np.int64
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_catalog(kind: str) -> None:
+    vectors, bias = np.empty((0, 4), np.float32), np.empty(0, np.float32)
+    retriever = FaissRetriever(build_index(vectors, bias, kind=kind), vectors, bias)
+    items, scores = retriever.top_k(queries(count=1, d=4)[0], NO_EXCLUSIONS, 5)
+    assert items.shape == scores.shape == (0,)
+
+
+def test_search_params_round_trip() -> None:
+    params = SearchParams(nprobe=6, ef_search=0, head=250)
+    assert SearchParams.from_dict(params.to_dict()) == params
+    assert SearchParams.from_dict({"nprobe": "3", "unknown": 1}) == SearchParams(nprobe=3)
+
+
+@pytest.mark.usefixtures("single_threaded_faiss")
+@pytest.mark.parametrize("kind", KINDS)
+def test_exclusions_are_respected_by_both(kind: str) -> None:
     vectors, bias = catalog()
     exact = ExactRetriever(vectors, bias)
-    hnsw = FaissRetriever(build_index(vectors, bias), vectors, bias)
+    hnsw = FaissRetriever(build_index(vectors, bias, kind=kind), vectors, bias)
     rng = np.random.default_rng(9)
     for query in queries(count=20):
         best, _ = exact.top_k(query, NO_EXCLUSIONS, 15)
@@ -486,11 +599,12 @@ def test_exclusions_are_respected_by_both() -> None:
             assert not np.isin(items, excluded).any(), retriever.name
 
 
-def test_faiss_retriever_small_catalog_falls_back_to_exact_results() -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_faiss_retriever_small_catalog_falls_back_to_exact_results(kind: str) -> None:
     # asking for more than the index can give: the answer is still the exact one
     vectors, bias = catalog(n=40, d=4)
     exact = ExactRetriever(vectors, bias)
-    hnsw = FaissRetriever(build_index(vectors, bias), vectors, bias)
+    hnsw = FaissRetriever(build_index(vectors, bias, kind=kind), vectors, bias)
     excluded = np.array([0, 5, 6], dtype=np.int64)
     for query in queries(count=5, d=4):
         for k in (1, 10, 37, 100):
@@ -500,12 +614,13 @@ def test_faiss_retriever_small_catalog_falls_back_to_exact_results() -> None:
             np.testing.assert_array_equal(got[1], want[1])
 
 
-def test_k_zero_returns_nothing_from_both() -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_k_zero_returns_nothing_from_both(kind: str) -> None:
     # the Retriever contract: (positions int64[k'], scores float32[k']) with k' <= k
     vectors, bias = catalog(n=100, d=4)
     query = queries(count=1, d=4)[0]
     exact = ExactRetriever(vectors, bias)
-    hnsw = FaissRetriever(build_index(vectors, bias), vectors, bias)
+    hnsw = FaissRetriever(build_index(vectors, bias, kind=kind), vectors, bias)
     for retriever in (exact, hnsw):
         items, scores = retriever.top_k(query, NO_EXCLUSIONS, 0)
         assert items.shape == scores.shape == (0,), retriever.name
@@ -538,12 +653,55 @@ def test_retriever_for_faiss_with_index(tmp_path: Path) -> None:
     assert snapshot.INDEX_FILE in loaded.manifest["files"]
     retriever = retriever_for(loaded)
     assert isinstance(retriever, FaissRetriever)
-    assert retriever.name == "faiss-hnsw"
+    assert retriever.name == "faiss-ivf"
+    # untuned: the nprobe written in the index file and the default head
+    written = faiss.read_index(str(loaded.path / snapshot.INDEX_FILE))
+    assert retriever.params == SearchParams(nprobe=written.nprobe, head=1000)
     query = loaded.user_vectors[0]
     excluded = loaded.seen(0)
     items, _ = retriever.top_k(query, excluded, 5)
     assert len(items) == 5
     assert not np.isin(items, excluded).any()
+
+
+def test_retriever_for_uses_search_params_recorded_in_the_manifest(tmp_path: Path) -> None:
+    arrays = make_arrays(n=200, d=8)
+    vectors, bias = arrays["item_vectors"], arrays["item_bias"]
+    tuned = SearchParams(nprobe=2, head=7)
+    snapshot.publish(
+        tmp_path,
+        SCOPE,
+        arrays,
+        index_writer=lambda path: write_index(build_index(vectors, bias), path),
+        extra={SEARCH_PARAMS_KEY: tuned.to_dict()},
+    )
+    retriever = retriever_for(snapshot.load_current(tmp_path, SCOPE))
+    assert isinstance(retriever, FaissRetriever)
+    assert retriever.params == tuned
+
+
+@pytest.mark.usefixtures("single_threaded_faiss")
+def test_retriever_for_an_hnsw_index_of_an_earlier_build(tmp_path: Path) -> None:
+    arrays = make_arrays(n=200, d=8)
+    vectors, bias = arrays["item_vectors"], arrays["item_bias"]
+    snapshot.publish(
+        tmp_path,
+        SCOPE,
+        arrays,
+        index_writer=lambda path: write_index(build_index(vectors, bias, kind="hnsw"), path),
+    )
+    loaded = snapshot.load_current(tmp_path, SCOPE)
+    retriever = retriever_for(loaded)
+    assert isinstance(retriever, FaissRetriever)
+    assert retriever.name == "faiss-hnsw"
+    assert retriever.params == SearchParams()  # the earlier search rule, no head
+    exact = ExactRetriever(loaded.item_vectors, loaded.item_bias)
+    for user in range(loaded.n_users):
+        query, excluded = loaded.user_vectors[user], loaded.seen(user)
+        got = retriever.top_k(query, excluded, 5)
+        want = exact.top_k(query, excluded, 5)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_corrupt_index_is_refused_at_load(tmp_path: Path) -> None:
