@@ -30,7 +30,7 @@ from ranking import kernels, snapshot
 from ranking.diversity import mmr
 from ranking.itemitem import item_item_top_k
 from ranking.profiles import CONTROL, Profile
-from ranking.retrieval import build_index, write_index
+from ranking.retrieval import SEARCH_PARAMS_KEY, build_index, tune_search, write_index
 from server.config import Config
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ TUNE_MIN_USERS = 20
 EASE_MAX_ITEMS = 10_000  # n² floats in memory, n³ to train
 EASE_LAMBDA = (50.0, 200.0, 800.0, 3200.0)
 DAYPARTS = 4  # local hour // 6
+RECALL_TARGET = 0.95  # of the ANN index's top-k against the exact scan
+TUNE_QUERIES = 300
+TUNE_K = 10  # Recommend's default limit: the short lists are the hard ones to get right
 SEGMENT_DEPTH = 200
 SEGMENT_MIN_WEIGHT = 50.0
 
@@ -391,16 +394,31 @@ async def build(ctx: JobContext, scope: str) -> str:
     if item_item is not None:  # EASE serves: its matrix in snapshot item order
         arrays["item_item"] = np.zeros((n, n), dtype=np.float32)
         arrays["item_item"][np.ix_(pos[known], pos[known])] = item_item[np.ix_(known, known)]
+    kind = "ease" if item_item is not None else "als"
+    extra: dict[str, Any] = {"model": kind}
     index_writer = None
     if n > ctx.config.exact_search_max_items:
         index = build_index(item_vectors, item_bias)
+        # search settings from measured recall on a sample of real queries, not guessed
+        sample = np.random.default_rng(0).choice(
+            len(model.user_ids), size=min(TUNE_QUERIES, len(model.user_ids)), replace=False
+        )
+        params = tune_search(
+            index,
+            item_vectors,
+            item_bias,
+            np.ascontiguousarray(model.user_vectors[sample]),
+            TUNE_K,
+            RECALL_TARGET,
+            excluded=[seen_indices[seen_indptr[u] : seen_indptr[u + 1]] for u in sample],
+        )
+        extra[SEARCH_PARAMS_KEY] = params.to_dict()
 
         def index_writer(path: Path) -> None:
             write_index(index, path)
 
-    kind = "ease" if item_item is not None else "als"
     version = snapshot.publish(
-        ctx.config.snapshot_dir, scope, arrays, index_writer=index_writer, extra={"model": kind}
+        ctx.config.snapshot_dir, scope, arrays, index_writer=index_writer, extra=extra
     )
     published = snapshot.load(ctx.config.snapshot_dir / scope / version)
     await ctx.pg.record_model_version(scope, version, published.manifest)

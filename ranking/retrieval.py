@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -278,25 +278,38 @@ def query_recalls(
     params: SearchParams,
     truth: np.ndarray | None = None,
     by_bias: np.ndarray | None = None,
+    excluded: Sequence[np.ndarray] | None = None,
 ) -> np.ndarray:
-    """``search_recall`` per query (float64[q])."""
+    """``search_recall`` per query (float64[q]); ``excluded[row]`` (sorted int64) are the
+    positions query ``row`` excludes, as serving does with a user's seen items."""
     if truth is None:
-        truth = exact_top_k(vectors, bias, queries, k)
+        truth = exact_top_k(vectors, bias, queries, k, excluded)
     retriever = FaissRetriever(index, vectors, bias, params=params, by_bias=by_bias)
     none = np.empty(0, dtype=np.int64)
     recalls = np.ones(len(queries))
     for row, (query, want) in enumerate(zip(queries, truth, strict=True)):
-        got, _ = retriever.top_k(np.ascontiguousarray(query), none, k)
+        mask = none if excluded is None else excluded[row]
+        want = want[want >= 0]
+        got, _ = retriever.top_k(np.ascontiguousarray(query), mask, k)
         if len(want):
             recalls[row] = len(np.intersect1d(got, want)) / len(want)
     return recalls
 
 
-def exact_top_k(vectors: np.ndarray, bias: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """The exact top-k positions for each query (int64[q, min(k, n)]), no exclusions."""
-    none = np.zeros(len(queries) + 1, dtype=np.int64)
+def exact_top_k(
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    excluded: Sequence[np.ndarray] | None = None,
+) -> np.ndarray:
+    """The exact top-k positions for each query (int64[q, min(k, n)], -1 padded), minus
+    ``excluded[row]`` (sorted int64) for query ``row`` if given."""
+    rows = excluded if excluded is not None else [np.empty(0, np.int64)] * len(queries)
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    indices = np.concatenate([*rows, np.empty(0, np.int64)]).astype(np.int64)
     items, _, _ = kernels.topk_dense_batch(
-        np.ascontiguousarray(queries, dtype=np.float32), vectors, bias, none, none[:0], k
+        np.ascontiguousarray(queries, dtype=np.float32), vectors, bias, indptr, indices, k
     )
     truth: np.ndarray = items
     return truth
@@ -326,6 +339,7 @@ def tune_search(
     *,
     heads: tuple[int, ...] = (0, 250, 500, 1000, 2000, 4000),
     margin_se: float = 1.645,
+    excluded: Sequence[np.ndarray] | None = None,
 ) -> SearchParams:
     """The cheapest ``SearchParams`` whose recall@k on ``queries`` reaches ``target_recall``.
 
@@ -336,9 +350,19 @@ def tune_search(
     ``nprobe`` (IVF) or ``ef_search`` (HNSW) that qualifies is found (recall grows with both,
     so the search stops there); of those, the one of lowest measured time per query (one
     faiss thread, batch of one) wins. ``tune_search_report`` also returns the measurements.
+    ``excluded[row]``: what query ``row`` excludes when served (a user's seen items), so
+    recall is measured as requests are answered.
     """
     return tune_search_report(
-        index, vectors, bias, queries, k, target_recall, heads=heads, margin_se=margin_se
+        index,
+        vectors,
+        bias,
+        queries,
+        k,
+        target_recall,
+        heads=heads,
+        margin_se=margin_se,
+        excluded=excluded,
     ).params
 
 
@@ -366,9 +390,10 @@ def tune_search_report(
     *,
     heads: tuple[int, ...] = (0, 250, 500, 1000, 2000, 4000),
     margin_se: float = 1.645,
+    excluded: Sequence[np.ndarray] | None = None,
 ) -> Tuning:
     """``tune_search`` with its measurements."""
-    truth = exact_top_k(vectors, bias, queries, k)
+    truth = exact_top_k(vectors, bias, queries, k, excluded)
     by_bias = popular_order(bias)
     heads = tuple(sorted({min(h, len(bias)) for h in heads}))
     feasible: list[tuple[SearchParams, float, float]] = []
@@ -376,7 +401,9 @@ def tune_search_report(
     for head in heads:
         for knob in _knob_values(index, k):
             params = SearchParams(nprobe=knob.nprobe, ef_search=knob.ef_search, head=head)
-            recalls = query_recalls(index, vectors, bias, queries, k, params, truth, by_bias)
+            recalls = query_recalls(
+                index, vectors, bias, queries, k, params, truth, by_bias, excluded
+            )
             mean = float(recalls.mean()) if len(recalls) else 1.0
             spread = float(recalls.std(ddof=1)) if len(recalls) > 1 else 0.0
             low = mean - margin_se * spread / math.sqrt(max(1, len(recalls)))
