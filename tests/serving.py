@@ -1,4 +1,4 @@
-"""Running ``privrank serve`` as a real process, for tests and benchmarks."""
+"""Running privrank for tests and benchmarks: in-process on a free port, or as a process."""
 
 from __future__ import annotations
 
@@ -8,10 +8,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.app import App, create_server
+from server.auth import mint_token
+from server.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())"]
@@ -46,3 +52,39 @@ async def wait_serving(
                     return
             assert time.monotonic() < deadline, f"privrank serve never became SERVING; see {log}"
             await asyncio.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class Running:
+    """An in-process server: its app, a channel to it, and service / admin credentials."""
+
+    app: App
+    channel: aio.Channel
+    service: list[tuple[str, str]]
+    admin: list[tuple[str, str]]
+
+
+@contextlib.asynccontextmanager
+async def serving(config: Config, pg_url: str, redis_url: str) -> AsyncIterator[Running]:
+    """A warmed-up server on a free port, stopped and closed on exit."""
+    app = await App.open(config, pg_url, redis_url)
+    server, port = create_server(app, "127.0.0.1:0")
+    await server.start()
+    await app.warm()
+
+    def credentials(role: str) -> list[tuple[str, str]]:
+        token = mint_token(
+            config.signing_keys()[0],
+            role=role,
+            subject="test",
+            ttl_s=600,
+            issuer=config.token_issuer,
+        )
+        return [("authorization", f"Bearer {token}")]
+
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield Running(app, channel, credentials("service"), credentials("admin"))
+    finally:
+        await server.stop(0)
+        await app.close()

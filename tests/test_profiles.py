@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from grpc import aio
 
 from features.cache import RankCache
 from features.errors import ConfigError
@@ -20,9 +19,8 @@ from jobs.synth import generate
 from ranking.profiles import Profile, load_profiles
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
-from server.app import App, create_server
-from server.auth import mint_token
 from server.config import Config
+from tests.serving import serving
 
 PROFILES = """
 [diverse]
@@ -79,46 +77,31 @@ async def test_exclusions_and_diversity_are_served_and_measured(
         )
         await run_job(ctx, "nightly", [scope])
 
-    app = await App.open(profiled, pg_url, redis_url)
-    server, port = create_server(app, "127.0.0.1:0")
-    await server.start()
-    await app.warm()
-    token = mint_token(
-        profiled.signing_keys()[0],
-        role="service",
-        subject="t",
-        ttl_s=600,
-        issuer=profiled.token_issuer,
-    )
-    metadata = [("authorization", f"Bearer {token}")]
-    try:
-        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = rpc.RankingStub(channel)
-            unit = app.ranker.scope("plain").snapshot.item_unit
-            ids = app.ranker.scope("plain").snapshot.item_ids
-            diversity: dict[str, list[float]] = {"diverse": [], "plain": []}
-            for n in range(40):
-                for scope in diversity:
-                    answer = await stub.Recommend(
-                        pb.RecommendRequest(user_id=f"u{n}", scope=scope, limit=10),
-                        metadata=metadata,
-                    )
-                    served = [i.item_id for i in answer.items]
-                    if scope == "diverse":
-                        assert not {"i1", "i2"} & set(served)
-                    positions = [int(np.searchsorted(ids, i)) for i in served]
-                    diversity[scope].append(intra_list_diversity([positions], unit, 10))
-            assert np.mean(diversity["diverse"]) > np.mean(diversity["plain"])
-            candidates = await stub.RankCandidates(
-                pb.RankCandidatesRequest(
-                    user_id="u1", scope="diverse", candidate_item_ids=["i1", "i3", "i4"]
-                ),
-                metadata=metadata,
-            )
-            assert "i1" not in {i.item_id for i in candidates.items}
-    finally:
-        await server.stop(0)
-        await app.close()
+    async with serving(profiled, pg_url, redis_url) as running:
+        app, channel, metadata = running.app, running.channel, running.service
+        stub = rpc.RankingStub(channel)
+        unit = app.ranker.scope("plain").snapshot.item_unit
+        ids = app.ranker.scope("plain").snapshot.item_ids
+        diversity: dict[str, list[float]] = {"diverse": [], "plain": []}
+        for n in range(40):
+            for scope in diversity:
+                answer = await stub.Recommend(
+                    pb.RecommendRequest(user_id=f"u{n}", scope=scope, limit=10),
+                    metadata=metadata,
+                )
+                served = [i.item_id for i in answer.items]
+                if scope == "diverse":
+                    assert not {"i1", "i2"} & set(served)
+                positions = [int(np.searchsorted(ids, i)) for i in served]
+                diversity[scope].append(intra_list_diversity([positions], unit, 10))
+        assert np.mean(diversity["diverse"]) > np.mean(diversity["plain"])
+        candidates = await stub.RankCandidates(
+            pb.RankCandidatesRequest(
+                user_id="u1", scope="diverse", candidate_item_ids=["i1", "i3", "i4"]
+            ),
+            metadata=metadata,
+        )
+        assert "i1" not in {i.item_id for i in candidates.items}
 
     stored = {scope: (await pg.evaluations(scope, limit=2)) for scope in ("diverse", "plain")}
     served_diversity = {
@@ -185,58 +168,38 @@ async def test_variants_are_served_recorded_and_measured_apart(
     rows = await pg.evaluations("ab", limit=10)
     assert {"privrank", "privrank/diverse", "popularity"} <= {r["model"] for r in rows}
 
-    app = await App.open(profiled, pg_url, redis_url)
-    server, port = create_server(app, "127.0.0.1:0")
-    await server.start()
-    await app.warm()
-    secret, issuer = profiled.signing_keys()[0], profiled.token_issuer
-    service = [
-        (
-            "authorization",
-            f"Bearer {mint_token(secret, role='service', subject='t', ttl_s=600, issuer=issuer)}",
-        )
-    ]
-    admin = [
-        (
-            "authorization",
-            f"Bearer {mint_token(secret, role='admin', subject='t', ttl_s=600, issuer=issuer)}",
-        )
-    ]
     profile = profiled.profile("ab")
-    try:
-        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = rpc.RankingStub(channel)
-            seen_variants = set()
-            for n in range(30):
-                user = f"u{n}"
-                answer = await stub.Recommend(
-                    pb.RecommendRequest(user_id=user, scope="ab", limit=10), metadata=service
-                )
-                assert answer.variant == profile.variant_of("ab", user)
-                seen_variants.add(answer.variant)
-                # feedback: one impression, and a click from the diverse variant only
-                kinds = [pb.IMPRESSION] + ([pb.CLICK] if answer.variant == "diverse" else [])
-                await stub.RecordEvents(
-                    pb.RecordEventsRequest(
-                        events=[
-                            pb.Event(
-                                user_id=user,
-                                item_id=answer.items[0].item_id,
-                                scope="ab",
-                                event_type=kind,
-                            )
-                            for kind in kinds
-                        ]
-                    ),
-                    metadata=service,
-                )
-            assert seen_variants == {"control", "diverse"}
-            metrics = await rpc.AdminStub(channel).GetMetrics(
-                pb.GetMetricsRequest(scope="ab"), metadata=admin
+    async with serving(profiled, pg_url, redis_url) as running:
+        channel, service, admin = running.channel, running.service, running.admin
+        stub = rpc.RankingStub(channel)
+        seen_variants = set()
+        for n in range(30):
+            user = f"u{n}"
+            answer = await stub.Recommend(
+                pb.RecommendRequest(user_id=user, scope="ab", limit=10), metadata=service
             )
-    finally:
-        await server.stop(0)
-        await app.close()
+            assert answer.variant == profile.variant_of("ab", user)
+            seen_variants.add(answer.variant)
+            # feedback: one impression, and a click from the diverse variant only
+            kinds = [pb.IMPRESSION] + ([pb.CLICK] if answer.variant == "diverse" else [])
+            await stub.RecordEvents(
+                pb.RecordEventsRequest(
+                    events=[
+                        pb.Event(
+                            user_id=user,
+                            item_id=answer.items[0].item_id,
+                            scope="ab",
+                            event_type=kind,
+                        )
+                        for kind in kinds
+                    ]
+                ),
+                metadata=service,
+            )
+        assert seen_variants == {"control", "diverse"}
+        metrics = await rpc.AdminStub(channel).GetMetrics(
+            pb.GetMetricsRequest(scope="ab"), metadata=admin
+        )
     assert metrics.online.click_through_by_variant["diverse"] == pytest.approx(1.0)
     assert metrics.online.click_through_by_variant["control"] == pytest.approx(0.0)
     assert set(metrics.online.served_by_variant) == {"control", "diverse"}

@@ -28,10 +28,10 @@ from ranking import snapshot
 from server import embedded
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
-from server.app import App, create_server
-from server.auth import mint_token
+from server.app import App
 from server.config import Config
 from tests.conftest import ROOT, cli_env, privrank
+from tests.serving import serving
 
 
 async def test_breaker_opens_probes_and_closes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,19 +76,8 @@ def _own_redis(root: Path) -> Iterator[tuple[str, int]]:
 async def _serving(
     config: Config, pg_url: str, redis_url: str
 ) -> AsyncIterator[tuple[App, rpc.RankingStub, list[tuple[str, str]]]]:
-    app = await App.open(config, pg_url, redis_url)
-    server, port = create_server(app, "127.0.0.1:0")
-    await server.start()
-    await app.warm()
-    token = mint_token(
-        config.signing_keys()[0], role="service", subject="t", ttl_s=600, issuer=config.token_issuer
-    )
-    try:
-        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield app, rpc.RankingStub(channel), [("authorization", f"Bearer {token}")]
-    finally:
-        await server.stop(0)
-        await app.close()
+    async with serving(config, pg_url, redis_url) as running:
+        yield running.app, rpc.RankingStub(running.channel), running.service
 
 
 async def _burst(
