@@ -89,6 +89,8 @@ class ItemStats:
     item_ids: np.ndarray  # str
     popularity: np.ndarray  # float32, weighted engagement over the window
     first_seen: np.ndarray  # float64 unix seconds
+    engagement: np.ndarray  # float32 in [0, 1]: share of the window's events that engaged
+    category: np.ndarray  # str, the imported category label ('' = none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,10 +367,11 @@ class PgStore:
         names, weights = _weights()
         async with self._conn() as conn:
             rows = await conn.fetch(
-                "SELECT i.item_id, coalesce(p.pop, 0) AS pop,"
-                "       extract(epoch FROM i.first_seen) AS first_seen"
+                "SELECT i.item_id, coalesce(p.pop, 0) AS pop, coalesce(p.eng, 0) AS eng,"
+                "       extract(epoch FROM i.first_seen) AS first_seen, i.category"
                 " FROM items i LEFT JOIN ("
-                "   SELECT e.item_id, sum(w.weight) AS pop FROM events e"
+                "   SELECT e.item_id, sum(w.weight) AS pop,"
+                "          avg((w.weight > 0)::int) AS eng FROM events e"
                 "   JOIN unnest($2::text[], $3::real[]) AS w(event_type, weight) USING (event_type)"
                 "   WHERE e.scope = $1"
                 "     AND e.occurred_at > $4::timestamptz - make_interval(days => $5)"
@@ -386,7 +389,40 @@ class PgStore:
             item_ids=np.array([r["item_id"] for r in rows], dtype=str),
             popularity=np.array([r["pop"] for r in rows], dtype=np.float32),
             first_seen=np.array([float(r["first_seen"]) for r in rows], dtype=np.float64),
+            engagement=np.array([float(r["eng"]) for r in rows], dtype=np.float32),
+            category=np.array([r["category"] for r in rows], dtype=str),
         )
+
+    async def upsert_item_batches(
+        self, scope: str, batches: Iterable[Sequence[tuple[str, str]]]
+    ) -> int:
+        """Store (item_id, category) pairs of one scope, all or nothing: new items are
+        registered, known ones get the new category (a re-import updates). Returns the count."""
+        stored = 0
+        async with self._conn() as conn, conn.transaction():
+            for batch in batches:
+                if not batch:
+                    continue
+                await conn.execute(
+                    "INSERT INTO items (scope, item_id, category, updated_at)"
+                    " SELECT $1, i, c, now() FROM unnest($2::text[], $3::text[]) AS u(i, c)"
+                    " ON CONFLICT (scope, item_id) DO UPDATE"
+                    " SET category = EXCLUDED.category, updated_at = now()",
+                    scope,
+                    [item for item, _ in batch],
+                    [category for _, category in batch],
+                    timeout=max(self._timeout, 120.0),
+                )
+                stored += len(batch)
+        return stored
+
+    async def item_categories(self, scope: str) -> dict[str, str]:
+        """item_id → category label ('' = none) of every item of the scope."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT item_id, category FROM items WHERE scope = $1 ORDER BY item_id", scope
+            )
+        return {r["item_id"]: r["category"] for r in rows}
 
     # -- settings -------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from features.errors import InvalidInput, PiiRejected
 DEFAULT_SCOPE = "default"
 EARLIEST_EVENT = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_ID_LENGTH = 128
+MAX_CATEGORY_LENGTH = 64
 
 # The allow-list of per-user aggregate features, in the column order of the feature matrix.
 FEATURE_NAMES: tuple[str, ...] = (
@@ -91,6 +92,15 @@ def validate_id(field: str, value: str) -> str:
     check_pii(field, value)
     if not _ID_RE.fullmatch(value):
         raise InvalidInput(f"{field} may contain only letters, digits and _ . : - /")
+    return value
+
+
+def validate_category(field: str, value: str) -> str:
+    """Return ``value`` if it is a well-formed category label: a short opaque label held to
+    the rules of an ID (so never free text), at most MAX_CATEGORY_LENGTH characters."""
+    validate_id(field, value)
+    if len(value) > MAX_CATEGORY_LENGTH:
+        raise InvalidInput(f"{field} is longer than {MAX_CATEGORY_LENGTH} characters")
     return value
 
 

@@ -1,4 +1,5 @@
-"""Bulk import of interaction events from CSV/TSV, every row validated before anything is kept.
+"""Bulk import of interaction events and item attributes from CSV/TSV, every row validated
+before anything is kept.
 
 Columns are mapped by name; any other column is refused unless the caller names it to be
 discarded, so nothing outside the allow-list is read by accident. Timestamps are unix
@@ -15,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from features.errors import InvalidInput
-from features.schema import Interaction, make_interaction
+from features.schema import Interaction, make_interaction, validate_category, validate_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,76 +41,142 @@ def parse_time(raw: str, where: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def read_interactions(
-    path: Path, scope: str, columns: ColumnMap, *, chunk: int = 50_000
-) -> Iterator[list[Interaction]]:
-    """Yield validated events in chunks; raise InvalidInput naming the line and field (also for
-    a file that is not UTF-8 text or not CSV)."""
-    sep = "\t" if columns.sep in ("\\t", "tab") else columns.sep
+def _separator(raw: str) -> str:
+    sep = "\t" if raw in ("\\t", "tab") else raw
     if len(sep) != 1:
-        raise InvalidInput(f"the separator must be one character, got {columns.sep!r}")
+        raise InvalidInput(f"the separator must be one character, got {raw!r}")
+    return sep
+
+
+def _rows(
+    path: Path,
+    sep: str,
+    required: tuple[str, ...],
+    mapped: set[str],
+    drop: frozenset[str],
+    kept: str,
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """Each row of the file with the place it came from (``"file line N"``), after checking
+    the header: the ``required`` columns present, and every column either ``mapped`` or
+    ``drop``-ped. ``kept`` names what privrank keeps, for the error message. Raises
+    InvalidInput naming the line (also for a file that is not UTF-8 text or not CSV)."""
     try:
-        yield from _read(path, scope, columns, sep, chunk)
+        # utf-8-sig: a byte-order mark (as spreadsheet exports write) is not part of the header
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter=sep)
+            header = reader.fieldnames or []
+            for name in required:
+                if name not in header:
+                    raise InvalidInput(
+                        f"{path.name}: no column {name!r} (columns: {', '.join(header)})"
+                    )
+            extra = [name for name in header if name not in mapped and name not in drop]
+            if extra:
+                raise InvalidInput(
+                    f"{path.name}: column {extra[0]!r} is outside the allow-list; privrank "
+                    f"keeps only {kept} (name columns to discard with --drop-columns)"
+                )
+            rows = iter(reader)
+            while True:
+                try:
+                    row = next(rows)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    line = reader.line_num
+                    raise InvalidInput(
+                        f"{path.name} line {line}: not readable as CSV: {exc}"
+                    ) from None
+                yield f"{path.name} line {reader.line_num}", row
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"{path.name}: not UTF-8 text (byte {exc.start} of a block)") from None
     except csv.Error as exc:
         raise InvalidInput(f"{path.name}: not readable as CSV: {exc}") from None
 
 
-def _read(
-    path: Path, scope: str, columns: ColumnMap, sep: str, chunk: int
+def read_interactions(
+    path: Path, scope: str, columns: ColumnMap, *, chunk: int = 50_000
 ) -> Iterator[list[Interaction]]:
-    # utf-8-sig: a byte-order mark (as spreadsheet exports write) is not part of the header
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle, delimiter=sep)
-        header = reader.fieldnames or []
-        for required in (columns.user, columns.item, columns.time):
-            if required not in header:
-                raise InvalidInput(
-                    f"{path.name}: no column {required!r} (columns: {', '.join(header)})"
-                )
-        mapped = {columns.user, columns.item, columns.time, columns.value, columns.event}
-        extra = [name for name in header if name not in mapped and name not in columns.drop]
-        if extra:
-            raise InvalidInput(
-                f"{path.name}: column {extra[0]!r} is outside the allow-list; privrank keeps "
-                "only user, item, event type, value and time (name columns to discard with "
-                "--drop-columns)"
+    """Yield validated events in chunks; raise InvalidInput naming the line and field (also for
+    a file that is not UTF-8 text or not CSV)."""
+    sep = _separator(columns.sep)
+    mapped = {columns.user, columns.item, columns.time, columns.value, columns.event}
+    rows = _rows(
+        path,
+        sep,
+        (columns.user, columns.item, columns.time),
+        mapped,
+        columns.drop,
+        "user, item, event type, value and time",
+    )
+    has_value = has_event = False
+    default_event = "view"
+    batch: list[Interaction] = []
+    for n, (where, row) in enumerate(rows):
+        if n == 0:
+            has_value, has_event = columns.value in row, columns.event in row
+            default_event = "rating" if has_value else "view"
+        raw_value = row.get(columns.value) or "" if has_value else ""
+        try:
+            value = float(raw_value) if raw_value else 1.0
+        except ValueError:
+            raise InvalidInput(f"{where}: value is not a number") from None
+        batch.append(
+            make_interaction(
+                scope=scope,
+                user_id=(row.get(columns.user) or "").strip(),
+                item_id=(row.get(columns.item) or "").strip(),
+                event_type=(row.get(columns.event) or "").strip().lower()
+                if has_event
+                else default_event,
+                value=value,
+                occurred_at=parse_time(row.get(columns.time) or "", where),
+                where=where,
             )
-        has_value = columns.value in header
-        has_event = columns.event in header
-        default_event = "rating" if has_value else "view"
-        batch: list[Interaction] = []
-        rows = iter(reader)
-        while True:
-            try:
-                row = next(rows)
-            except StopIteration:
-                break
-            except csv.Error as exc:
-                line = reader.line_num
-                raise InvalidInput(f"{path.name} line {line}: not readable as CSV: {exc}") from None
-            where = f"{path.name} line {reader.line_num}"
-            raw_value = row.get(columns.value) or "" if has_value else ""
-            try:
-                value = float(raw_value) if raw_value else 1.0
-            except ValueError:
-                raise InvalidInput(f"{where}: value is not a number") from None
-            batch.append(
-                make_interaction(
-                    scope=scope,
-                    user_id=(row.get(columns.user) or "").strip(),
-                    item_id=(row.get(columns.item) or "").strip(),
-                    event_type=(row.get(columns.event) or "").strip().lower()
-                    if has_event
-                    else default_event,
-                    value=value,
-                    occurred_at=parse_time(row.get(columns.time) or "", where),
-                    where=where,
-                )
-            )
-            if len(batch) >= chunk:
-                yield batch
-                batch = []
-        if batch:
+        )
+        if len(batch) >= chunk:
             yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@dataclass(frozen=True, slots=True)
+class ItemColumnMap:
+    item: str = "item_id"
+    category: str = "category"
+    sep: str = ","
+    drop: frozenset[str] = frozenset()  # columns the caller explicitly discards
+
+
+def read_items(
+    path: Path, columns: ItemColumnMap, *, chunk: int = 50_000
+) -> Iterator[list[tuple[str, str]]]:
+    """Yield validated ``(item_id, category)`` pairs in chunks. A category is a short opaque
+    label validated like an ID (an empty cell: no category), never free text; an item listed
+    twice is refused. Raises InvalidInput naming the line and field."""
+    sep = _separator(columns.sep)
+    rows = _rows(
+        path,
+        sep,
+        (columns.item, columns.category),
+        {columns.item, columns.category},
+        columns.drop,
+        "item and category",
+    )
+    first_line: dict[str, str] = {}
+    batch: list[tuple[str, str]] = []
+    for where, row in rows:
+        item_id = validate_id(f"{where}: item_id", (row.get(columns.item) or "").strip())
+        category = (row.get(columns.category) or "").strip()
+        if category:
+            validate_category(f"{where}: category", category)
+        if item_id in first_line:
+            raise InvalidInput(f"{where}: item_id repeats {first_line[item_id]}")
+        first_line[item_id] = "line " + where.rsplit(" ", 1)[1]
+        batch.append((item_id, category))
+        if len(batch) >= chunk:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

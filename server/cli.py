@@ -46,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database schema")
     db.add_argument("action", choices=["migrate"])
 
-    imp = sub.add_parser("import", help="bulk-load interactions from CSV/TSV")
-    imp.add_argument("kind", choices=["interactions"])
+    imp = sub.add_parser("import", help="bulk-load interactions or item categories (CSV/TSV)")
+    imp.add_argument("kind", choices=["interactions", "items"])
     imp.add_argument("file", type=Path)
     imp.add_argument("--scope", default=DEFAULT_SCOPE)
     imp.add_argument("--user-col", default="user_id")
@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--value-col", default="value")
     imp.add_argument("--time-col", default="timestamp")
     imp.add_argument("--event-col", default="event_type")
+    imp.add_argument("--category-col", default="category", help="items: the category column")
     imp.add_argument("--sep", default=",", help="field separator; '\\t' or 'tab' for TSV")
     imp.add_argument(
         "--drop-columns", default="", help="comma-separated columns to discard (never read)"
@@ -123,11 +124,19 @@ async def _stores(
 
 
 async def _import(config: Config, urls: embedded.EmbeddedUrls, args: argparse.Namespace) -> None:
-    from jobs.importer import ColumnMap, read_interactions
+    from jobs.importer import ColumnMap, ItemColumnMap, read_interactions, read_items
 
     if not args.file.is_file():
         raise PrivrankError(f"{args.file}: no such file")
     drop = frozenset(name.strip() for name in args.drop_columns.split(",") if name.strip())
+    if args.kind == "items":
+        items = ItemColumnMap(args.item_col, args.category_col, args.sep, drop)
+        async with _stores(config, urls) as (pg, _):
+            stored = await pg.upsert_item_batches(
+                validate_scope(args.scope), read_items(args.file, items)
+            )
+        print(f"imported {stored} items into scope {args.scope!r}")
+        return
     columns = ColumnMap(
         args.user_col,
         args.item_col,
