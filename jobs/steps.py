@@ -29,8 +29,9 @@ from jobs.metrics import evaluate_rankings, ndcg_at_k
 from ranking import kernels, snapshot
 from ranking.diversity import mmr
 from ranking.itemitem import item_item_top_k
-from ranking.profiles import CONTROL, Profile
+from ranking.profiles import CONTROL, DEFAULT_PROFILE, Profile
 from ranking.retrieval import SEARCH_PARAMS_KEY, build_index, tune_search, write_index
+from ranking.scoring import RULES, Scoring, item_bias, scoring_for, top_k_batch
 from server.config import Config
 
 log = logging.getLogger(__name__)
@@ -235,9 +236,15 @@ def _tune_ease(split: _Validation, label: str) -> tuple[float, float]:
     return best[1], best[0]
 
 
+def _rules(ctx: JobContext, scope: str) -> bool:
+    return ctx.config.profile(scope).model == RULES
+
+
 async def train(ctx: JobContext, scope: str) -> str:
     """Embeddings always (similar items, candidates, the ANN index); for catalogs up to
     EASE_MAX_ITEMS also EASE, which serves Recommend when it wins on validation."""
+    if _rules(ctx, scope):
+        return "rule-based scope: no model to train"
     pairs = await ctx.pg.training_pairs(scope)
     params, note, ease_lambda = ctx.als_params(), "", None
     split = _validation(pairs, params)
@@ -338,12 +345,107 @@ def _load_model(path: Path) -> _Factorized:
         raise JobError(f"no usable trained model at {path}; run train first ({exc})") from exc
 
 
-async def build(ctx: JobContext, scope: str) -> str:
-    model = _load_model(ctx.model_path(scope))
-    as_of = await _as_of(ctx, scope)
+@dataclass(frozen=True)
+class _Items:
+    """A scope's active items in snapshot order, with the profile-free components serving
+    weighs into the bias (ranking/scoring.py)."""
+
+    ids: np.ndarray  # str[n], sorted
+    arrays: dict[str, np.ndarray]  # item_popularity, item_recency, ... as the snapshot keeps
+
+    def bias(self, profile: Profile, *, rules: bool = False) -> np.ndarray:
+        a = self.arrays
+        return item_bias(
+            profile,
+            a["item_popularity"],
+            a["item_recency"],
+            a["item_engagement"],
+            a["item_category"],
+            a["categories"],
+            rules=rules,
+        )
+
+
+async def _items(ctx: JobContext, scope: str, as_of: datetime) -> _Items:
     stats = await ctx.pg.item_stats(scope, now=as_of)
     order = np.argsort(stats.item_ids)
-    item_ids = stats.item_ids[order]
+    n = len(order)
+    popularity = np.log1p(stats.popularity[order].astype(np.float64))
+    popularity = popularity / popularity.max() if n and popularity.max() > 0 else popularity
+    age_days = (as_of.timestamp() - stats.first_seen[order]) / 86400.0
+    recency = np.exp(-np.clip(age_days, 0, None) / RECENCY_DAYS)
+    # category code 0 is "no category"; the others in name order
+    categories, codes = np.unique(
+        np.concatenate([[""], stats.category[order]]), return_inverse=True
+    )
+    return _Items(
+        stats.item_ids[order],
+        {
+            "item_popularity": popularity.astype(np.float32),
+            "item_recency": recency.astype(np.float32),
+            "item_engagement": stats.engagement[order].astype(np.float32),
+            "item_category": codes[1:].astype(np.int32),
+            "categories": categories.astype(str),
+        },
+    )
+
+
+async def _aligned_features(ctx: JobContext, scope: str, user_ids: np.ndarray) -> np.ndarray:
+    """The users' feature rows (float32[u, F]) in ``user_ids`` order; zeros where none."""
+    feature_ids, feature_rows = await ctx.pg.user_features(scope)
+    user_features = np.zeros((len(user_ids), feature_rows.shape[1]), dtype=np.float32)
+    if len(feature_ids) and len(user_ids):
+        fpos = np.minimum(np.searchsorted(user_ids, feature_ids), len(user_ids) - 1)
+        hit = user_ids[fpos] == feature_ids
+        user_features[fpos[hit]] = feature_rows[hit]
+    return user_features
+
+
+async def _build_rules(ctx: JobContext, scope: str) -> str:
+    """A rule scope's snapshot: item vectors are one-hot category codes and user vectors the
+    share of each user's engagement per category (aggregates of training pairs, opted-out
+    users left out), so ``vector · query`` with ``query = weight × base ⊙ share`` is the
+    rule score's personal term (ranking/scoring.py)."""
+    as_of = await _as_of(ctx, scope)
+    items = await _items(ctx, scope, as_of)
+    codes = items.arrays["item_category"]
+    n, dim = len(items.ids), len(items.arrays["categories"])
+    pairs = await ctx.pg.training_pairs(scope)
+    pos = np.minimum(np.searchsorted(items.ids, pairs.item_ids), max(n - 1, 0))
+    known = items.ids[pos] == pairs.item_ids if n else np.zeros(len(pos), bool)
+    user_ids, users = np.unique(pairs.user_ids[known], return_inverse=True)
+    items_of, strength = pos[known], pairs.strength[known].astype(np.float64)
+    shares = np.zeros((len(user_ids), dim), dtype=np.float64)
+    np.add.at(shares, (users, codes[items_of]), strength)
+    totals = shares.sum(axis=1, keepdims=True)
+    shares = np.divide(shares, totals, out=np.zeros_like(shares), where=totals > 0)
+    seen_indptr, seen_indices, _ = to_csr(
+        users, items_of, np.ones(len(users), np.float32), len(user_ids)
+    )
+    arrays = {
+        "item_ids": items.ids,
+        "item_vectors": np.eye(dim, dtype=np.float32)[codes],
+        "item_bias": items.bias(ctx.config.profile(scope), rules=True),
+        **items.arrays,
+        "user_ids": user_ids.astype(str),
+        "user_vectors": shares.astype(np.float32),
+        "user_features": await _aligned_features(ctx, scope, user_ids),
+        "seen_indptr": seen_indptr,
+        "seen_indices": seen_indices,
+    }
+    version = snapshot.publish(ctx.config.snapshot_dir, scope, arrays, extra={"model": RULES})
+    published = snapshot.load(ctx.config.snapshot_dir / scope / version)
+    await ctx.pg.record_model_version(scope, version, published.manifest)
+    return f"published {version}: RULES, {n} items, {dim - 1} categories, {len(user_ids)} users"
+
+
+async def build(ctx: JobContext, scope: str) -> str:
+    if _rules(ctx, scope):
+        return await _build_rules(ctx, scope)
+    model = _load_model(ctx.model_path(scope))
+    as_of = await _as_of(ctx, scope)
+    items = await _items(ctx, scope, as_of)
+    item_ids = items.ids
     n, dim = len(item_ids), model.item_vectors.shape[1]
 
     # model items → snapshot positions (an item deactivated since training is dropped)
@@ -352,14 +454,8 @@ async def build(ctx: JobContext, scope: str) -> str:
     item_vectors = np.zeros((n, dim), dtype=np.float32)
     item_vectors[pos[known]] = model.item_vectors[known]
 
-    popularity = np.log1p(stats.popularity[order].astype(np.float64))
-    popularity = popularity / popularity.max() if n and popularity.max() > 0 else popularity
-    age_days = (as_of.timestamp() - stats.first_seen[order]) / 86400.0
-    recency = np.exp(-np.clip(age_days, 0, None) / RECENCY_DAYS)
-    profile = ctx.config.profile(scope)
-    item_bias = (profile.popularity_weight * popularity + profile.recency_weight * recency).astype(
-        np.float32
-    )
+    # the control profile's serve-time bias: the faiss index is built and tuned with it
+    bias = items.bias(ctx.config.profile(scope))
 
     remap = np.where(known, pos, -1)
     seen = remap[model.seen_indices]
@@ -369,21 +465,14 @@ async def build(ctx: JobContext, scope: str) -> str:
         seen_rows[keep], seen[keep], np.ones(int(keep.sum()), np.float32), len(model.user_ids)
     )
 
-    feature_ids, feature_rows = await ctx.pg.user_features(scope)
-    user_features = np.zeros((len(model.user_ids), feature_rows.shape[1]), dtype=np.float32)
-    if len(feature_ids):
-        fpos = np.minimum(np.searchsorted(model.user_ids, feature_ids), len(model.user_ids) - 1)
-        hit = model.user_ids[fpos] == feature_ids
-        user_features[fpos[hit]] = feature_rows[hit]
-
     arrays = {
         "item_ids": item_ids,
         "item_vectors": item_vectors,
-        "item_bias": item_bias,
-        "item_popularity": popularity.astype(np.float32),
+        "item_bias": bias,
+        **items.arrays,
         "user_ids": model.user_ids,
         "user_vectors": model.user_vectors,
-        "user_features": user_features,
+        "user_features": await _aligned_features(ctx, scope, model.user_ids),
         "seen_indptr": seen_indptr,
         "seen_indices": seen_indices,
     }
@@ -398,7 +487,7 @@ async def build(ctx: JobContext, scope: str) -> str:
     extra: dict[str, Any] = {"model": kind}
     index_writer = None
     if n > ctx.config.exact_search_max_items:
-        index = build_index(item_vectors, item_bias)
+        index = build_index(item_vectors, bias)
         # search settings from measured recall on a sample of real queries, not guessed
         sample = np.random.default_rng(0).choice(
             len(model.user_ids), size=min(TUNE_QUERIES, len(model.user_ids)), replace=False
@@ -406,7 +495,7 @@ async def build(ctx: JobContext, scope: str) -> str:
         params = tune_search(
             index,
             item_vectors,
-            item_bias,
+            bias,
             np.ascontiguousarray(model.user_vectors[sample]),
             TUNE_K,
             RECALL_TARGET,
@@ -426,9 +515,20 @@ async def build(ctx: JobContext, scope: str) -> str:
 
 
 async def precompute(ctx: JobContext, scope: str) -> str:
+    """Control's rankings of the scope's active users, scored as serving scores them; users
+    of an A/B variant that scores otherwise are skipped (serving ranks them live)."""
     snap = snapshot.load_current(ctx.config.snapshot_dir, scope)
+    profile = ctx.config.profile(scope)
+    scoring = scoring_for(snap, profile)
     active = await ctx.pg.active_users(scope, now=await _as_of(ctx, scope))
-    positions = [(u, p) for u in active if (p := snap.user_position(u)) is not None]
+    live = {
+        name for name in profile.variant_names if not profile.for_variant(name).scores_like(profile)
+    }
+    positions = [
+        (u, p)
+        for u in active
+        if (p := snap.user_position(u)) is not None and profile.variant_of(scope, u) not in live
+    ]
     k = ctx.config.precompute_top_k
     written = 0
     rows: list[tuple[str, list[str], list[float]]] = []
@@ -436,7 +536,7 @@ async def precompute(ctx: JobContext, scope: str) -> str:
         for start in range(0, len(positions), BATCH_USERS):
             chunk = positions[start : start + BATCH_USERS]
             users = np.array([p for _, p in chunk], dtype=np.int64)
-            items, scores, counts = top_k_for_users(snap, users, k)
+            items, scores, counts = top_k_for_users(snap, users, k, scoring)
             batch = [
                 (user_id, items[r, : counts[r]], scores[r, : counts[r]])
                 for r, (user_id, _) in enumerate(chunk)
@@ -465,36 +565,23 @@ def select_rows(
 
 
 def top_k_for_users(
-    snap: snapshot.Snapshot, users: np.ndarray, k: int
+    snap: snapshot.Snapshot, users: np.ndarray, k: int, scoring: Scoring | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batched live ranking for snapshot user positions ``users`` (int64[b]), seen excluded:
-    (items int64[b, k], scores float32[b, k], counts int64[b]) — what Recommend would serve."""
-    if snap.item_item is not None:
-        k = min(k, snap.n_items)
-        out_i = np.full((len(users), k), -1, dtype=np.int64)
-        out_s = np.zeros((len(users), k), dtype=np.float32)
-        counts = np.zeros(len(users), dtype=np.int64)
-        for r, user in enumerate(users):
-            seen = snap.seen(int(user))
-            items, scores = item_item_top_k(snap.item_item, snap.item_bias, seen, seen, k)
-            out_i[r, : len(items)], out_s[r, : len(items)], counts[r] = items, scores, len(items)
-        return out_i, out_s, counts
+    (items int64[b, k], scores float32[b, k], counts int64[b]) — what Recommend would serve
+    with ``scoring`` (default: the default profile's)."""
     indptr, indices = select_rows(snap.seen_indptr, snap.seen_indices, users)
-    result: tuple[np.ndarray, np.ndarray, np.ndarray] = kernels.topk_dense_batch(
-        np.ascontiguousarray(snap.user_vectors[users]),
-        snap.item_vectors,
-        snap.item_bias,
-        indptr,
-        indices,
-        k,
+    return top_k_batch(
+        snap, scoring or scoring_for(snap, DEFAULT_PROFILE), users, indptr, indices, k
     )
-    return result
 
 
 async def evaluate(ctx: JobContext, scope: str) -> str:
     """Temporal holdout: train on the first 80 % of the scope's time line, rank for users who
     have held-out interactions, and score against those (items seen in training excluded).
     The popularity baseline is scored on the same split."""
+    if _rules(ctx, scope):
+        return "rule-based scope: no learned model to evaluate"
     cutoff = await ctx.pg.holdout_cutoff(scope, HOLDOUT_FRACTION)
     if cutoff is None:
         raise JobError("too few interactions to hold any out")
@@ -553,24 +640,25 @@ async def evaluate(ctx: JobContext, scope: str) -> str:
     deepest = max([k, *(p.candidates for p in variants.values() if p.diversity > 0)])
     for name, (queries, vectors, bias) in candidates.items():
         depth = deepest if name == "privrank" else k
-        if name == "privrank" and ease_matrix is not None:
-            rankings = _rank_item_item(ease_matrix, model, users, depth)
-        else:
-            items, _, counts = kernels.topk_dense_batch(
-                np.ascontiguousarray(queries),
-                np.ascontiguousarray(vectors),
-                bias,
-                indptr,
-                indices,
-                depth,
-            )
-            rankings = [items[r, : counts[r]].tolist() for r in range(len(users))]
-        # privrank is measured as served: per A/B variant, diversified by its MMR strength
-        served = (
-            {_model_label(v): _diversified(rankings, unit, k, p) for v, p in variants.items()}
-            if name == "privrank"
-            else {name: rankings}
+        items, _, counts = kernels.topk_dense_batch(
+            np.ascontiguousarray(queries),
+            np.ascontiguousarray(vectors),
+            bias,
+            indptr,
+            indices,
+            depth,
         )
+        rankings = [items[r, : counts[r]].tolist() for r in range(len(users))]
+        if name != "privrank":
+            served = {name: rankings}
+        else:  # measured as served: per A/B variant, its model, diversified by its MMR strength
+            by_model = {"embeddings": rankings}
+            if ease_matrix is not None:
+                by_model["item_item"] = _rank_item_item(ease_matrix, model, users, depth)
+            served = {
+                _model_label(v): _diversified(by_model[_served_model(p, ease_matrix)], unit, k, p)
+                for v, p in variants.items()
+            }
         for label, lists in served.items():
             metrics = evaluate_rankings(
                 lists, relevant, n_items, EVAL_KS, unit_vectors=unit, item_share=share
@@ -578,6 +666,13 @@ async def evaluate(ctx: JobContext, scope: str) -> str:
             await ctx.pg.save_evaluation(scope, version, label, metrics, len(users))
             summary.append(f"{label} ndcg@10={metrics['ndcg@10']:.4f}")
     return f"{len(users)} users: " + ", ".join(summary)
+
+
+def _served_model(profile: Profile, ease_matrix: np.ndarray | None) -> str:
+    """The model a profile serves: EASE where trained unless it asks for the embeddings."""
+    if ease_matrix is None or profile.model == "embeddings":
+        return "embeddings"
+    return "item_item"
 
 
 def _model_label(variant: str) -> str:

@@ -20,9 +20,16 @@ def item_item_scores(matrix: np.ndarray, seen: np.ndarray) -> np.ndarray:
 
 
 def item_item_top_k(
-    matrix: np.ndarray, bias: np.ndarray, seen: np.ndarray, excluded: np.ndarray, k: int
+    matrix: np.ndarray,
+    bias: np.ndarray,
+    seen: np.ndarray,
+    excluded: np.ndarray,
+    k: int,
+    weight: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Best ``k`` items by item-item score + bias, minus ``excluded`` (sorted int64)."""
+    """Best ``k`` items by ``weight`` × item-item score + bias, minus ``excluded`` (sorted
+    int64)."""
     row = item_item_scores(matrix, seen).reshape(-1, 1)
-    result: tuple[np.ndarray, np.ndarray] = kernels.topk_dense(_ONE, row, bias, excluded, k)
+    query = _ONE if weight == 1.0 else np.full(1, weight, dtype=np.float32)
+    result: tuple[np.ndarray, np.ndarray] = kernels.topk_dense(query, row, bias, excluded, k)
     return result

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -25,6 +25,7 @@ from ranking.diversity import mmr
 from ranking.itemitem import item_item_top_k
 from ranking.profiles import CONTROL, DEFAULT_PROFILE, Profile
 from ranking.retrieval import Retriever, retriever_for
+from ranking.scoring import ITEM_ITEM, RULES, Scoring, scoring_for
 from ranking.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,34 @@ class Ranked:
 
 @dataclass(frozen=True, eq=False)
 class LoadedScope:
+    """A snapshot with its retriever and, once installed, the scoring of each A/B variant
+    of the scope's profile (computed once, at install)."""
+
     snapshot: Snapshot
     retriever: Retriever
+    scorings: Mapping[str, Scoring] = field(default_factory=dict)
 
     @classmethod
     def of(cls, snapshot: Snapshot) -> LoadedScope:
         return cls(snapshot, retriever_for(snapshot))
+
+    def with_profile(self, profile: Profile) -> LoadedScope:
+        """This snapshot with the scoring of every variant of ``profile``."""
+        scope = self.snapshot.scope
+        scorings = {
+            name: scoring_for(
+                self.snapshot,
+                profile.for_variant(name),
+                control=profile,
+                retriever=self.retriever,
+                where=f"scope {scope} variant {name}",
+            )
+            for name in profile.variant_names
+        }
+        return dataclasses.replace(self, scorings=scorings)
+
+    def scoring(self, variant: str) -> Scoring:
+        return self.scorings.get(variant) or self.scorings[CONTROL]
 
 
 def _check_deadline(deadline: float) -> None:
@@ -124,8 +147,10 @@ class Ranker:
     # -- snapshots ------------------------------------------------------------------------
 
     def install(self, loaded: LoadedScope) -> None:
-        """Make ``loaded`` the scope's serving snapshot (one reference swap)."""
-        self._scopes = {**self._scopes, loaded.snapshot.scope: loaded}
+        """Make ``loaded`` the scope's serving snapshot (one reference swap), with the
+        scoring of each variant of the scope's profile computed first."""
+        scope = loaded.snapshot.scope
+        self._scopes = {**self._scopes, scope: loaded.with_profile(self._profile(scope))}
 
     def loaded(self) -> dict[str, LoadedScope]:
         return dict(self._scopes)
@@ -157,10 +182,12 @@ class Ranker:
         limit: int,
         blocked: bool = False,
         segment: int | None = None,
+        scoring: Scoring | None = None,
     ) -> Ranked:
         """The non-personalized ranking, minus ``excluded``: the most popular items of the
         request's context segment (daypart x device) if the snapshot has them, topped up with
-        the most popular of the scope."""
+        the most popular of the scope (``scoring``'s non-personalized order if given: a rule
+        scope's base scores)."""
         picked = np.empty(0, dtype=np.int64)
         scores = np.empty(0, dtype=np.float32)
         if segment is not None and snap.segment_items is not None:
@@ -170,13 +197,15 @@ class Ranker:
             picked, scores = row[keep][:limit], snap.segment_scores[segment][keep][:limit]
         source = Source.CONTEXT if len(picked) else Source.POPULAR
         if len(picked) < limit:
-            head = snap.popular[: limit + len(excluded) + len(picked)]
+            order = snap.popular if scoring is None else scoring.popular
+            by_position = snap.item_popularity if scoring is None else scoring.popular_scores
+            head = order[: limit + len(excluded) + len(picked)]
             head = head[~np.isin(head, excluded) & ~np.isin(head, picked)]
             head = head[: limit - len(picked)]
             # top-ups rank below every context pick: scale scope popularity under the last one
             floor = float(scores[-1]) if len(scores) else 1.0
             picked = np.concatenate([picked, head])
-            scores = np.concatenate([scores, snap.item_popularity[head] * floor])
+            scores = np.concatenate([scores, by_position[head] * floor])
         return _answer(snap, picked, scores, source, blocked)
 
     async def _recent_neighbours(
@@ -208,10 +237,11 @@ class Ranker:
         return _answer(snap, items, scores, Source.RECENT) if len(items) else None
 
     async def _cached(
-        self, snap: Snapshot, user_id: str, excluded: np.ndarray, limit: int
+        self, snap: Snapshot, user_id: str, excluded: np.ndarray, limit: int, scoring: Scoring
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """The user's precomputed ranking minus ``excluded``, if it still holds ``limit``."""
-        if self._cache is None:
+        """The user's precomputed ranking minus ``excluded``, if it still holds ``limit``.
+        Precompute ranks as control scores: a variant that scores otherwise skips the cache."""
+        if self._cache is None or not scoring.cacheable:
             return None
         try:
             # the cache's own socket timeout bounds this, and its breaker skips a dead Redis
@@ -272,7 +302,7 @@ class Ranker:
         loaded = self.scope(scope)
         variant, profile = self.variant(scope, user_id)
         answer = await self._recommend(
-            loaded, user_id, limit, exclude_ids, deadline, segment, profile
+            loaded, user_id, limit, exclude_ids, deadline, segment, profile, loaded.scoring(variant)
         )
         return dataclasses.replace(answer, variant=variant)
 
@@ -285,52 +315,69 @@ class Ranker:
         deadline: float,
         segment: int | None,
         profile: Profile,
+        scoring: Scoring,
     ) -> Ranked:
         snap = loaded.snapshot
         caller_excluded = snap.item_positions([*exclude_ids, *profile.exclude_items])
+        if scoring.kind == RULES:
+            segment = None  # a rule scope's non-personalized ranking is its base scores
         if not self._personal(user_id, snap):
-            return self.popular(snap, caller_excluded, limit, blocked=True, segment=segment)
+            return self.popular(
+                snap, caller_excluded, limit, blocked=True, segment=segment, scoring=scoring
+            )
         user = snap.user_position(user_id)
         if user is None:
-            recent = await self._recent_neighbours(snap, user_id, caller_excluded, limit, deadline)
-            return recent or self.popular(snap, caller_excluded, limit, segment=segment)
-        cached = await self._cached(snap, user_id, caller_excluded, limit)
+            recent = None
+            if scoring.kind != RULES:
+                recent = await self._recent_neighbours(
+                    snap, user_id, caller_excluded, limit, deadline
+                )
+            return recent or self.popular(
+                snap, caller_excluded, limit, segment=segment, scoring=scoring
+            )
+        cached = await self._cached(snap, user_id, caller_excluded, limit, scoring)
         if cached is not None:
             return self._finish(snap, *cached, limit, Source.CACHED, profile)
         depth = max(limit, profile.candidates) if profile.diversity > 0 else limit
         seen = snap.seen(user)
         excluded = np.union1d(seen, caller_excluded).astype(np.int64)
-        if snap.item_item is not None:  # EASE: the user's items' rows of the item-item matrix
+        if scoring.kind == ITEM_ITEM:  # EASE: the user's items' rows of the item-item matrix
+            assert snap.item_item is not None
             items, scores = await self._compute(
                 deadline,
                 len(seen) * snap.n_items,
                 item_item_top_k,
                 snap.item_item,
-                snap.item_bias,
+                scoring.bias,
                 seen,
                 excluded,
                 depth,
+                scoring.relevance,
             )
         else:
+            assert scoring.retriever is not None
             items, scores = await self._compute(
                 deadline,
                 snap.n_items * snap.dim,
-                loaded.retriever.top_k,
-                snap.user_vectors[user],
+                scoring.retriever.top_k,
+                scoring.query(snap.user_vectors[user]),
                 excluded,
                 depth,
             )
         if len(items) == 0:
-            return self.popular(snap, caller_excluded, limit)
+            return self.popular(snap, caller_excluded, limit, scoring=scoring)
         return self._finish(snap, items, scores, limit, Source.LIVE, profile)
 
     async def rank_candidates(
         self, user_id: str, scope: str, candidate_ids: Sequence[str], limit: int, deadline: float
     ) -> Ranked:
         """Order the caller's candidates for the user; unknown candidates are dropped."""
-        snap = self.scope(scope).snapshot
+        loaded = self.scope(scope)
+        snap = loaded.snapshot
+        variant, profile = self.variant(scope, user_id)
+        scoring = loaded.scoring(variant)
         candidates = snap.item_positions(list(candidate_ids))
-        excluded = snap.item_positions(list(self.variant(scope, user_id)[1].exclude_items))
+        excluded = snap.item_positions(list(profile.exclude_items))
         candidates = candidates[~np.isin(candidates, excluded)]
         limit = limit or len(candidates)
         personal = self._personal(user_id, snap)
@@ -344,7 +391,7 @@ class Ranker:
                 kernels.topk_candidates,
                 query,
                 snap.item_vectors,
-                snap.item_popularity,
+                scoring.popular_scores,
                 candidates,
                 EMPTY,
                 limit,
@@ -354,9 +401,9 @@ class Ranker:
             deadline,
             work,
             kernels.topk_candidates,
-            snap.user_vectors[user],
+            scoring.query(snap.user_vectors[user]),
             snap.item_vectors,
-            snap.item_bias,
+            scoring.bias,
             candidates,
             EMPTY,
             limit,

@@ -5,6 +5,13 @@ its inner product is exactly the kernel's score ``vector · query + bias``: the 
 by the same score the kernel ranks by. The candidates are then re-scored exactly by the
 kernel (which also applies the exclusions and the ID tie-break).
 
+The index is built with the bias of the scope's profile at build time (the snapshot's
+``item_bias``). A profile or A/B variant that serves another bias (ranking/scoring.py) shares
+the index through ``with_bias``: candidates still come from the index by the build-time bias,
+but the popular head is taken and every candidate re-scored by the serve-time bias, so the
+answer's scores and order are exact among the candidates; only recall can differ (an item
+that the new weights alone lift into a top k, outside the new head, can be missed).
+
 The index ``build_index`` makes, chosen by measurement (tests/bench/retrieval.py): IVF-Flat
 over the augmented vectors with about sqrt(n) lists, plus a *popular head*: the ``head``
 items of highest bias are re-scored for every query whatever the index returns. On a
@@ -58,6 +65,11 @@ class Retriever(Protocol):
         ``excluded`` (sorted int64 positions): (positions int64[k'], scores float32[k'])."""
         ...
 
+    def with_bias(self, bias: np.ndarray) -> Retriever:
+        """The same retriever ranking by ``bias`` (float32[n]) instead (a profile's
+        serve-time bias); an index is shared, not rebuilt."""
+        ...
+
 
 @dataclass(frozen=True)
 class SearchParams:
@@ -96,6 +108,9 @@ class ExactRetriever:
             query, self._vectors, self._bias, excluded, k
         )
         return result
+
+    def with_bias(self, bias: np.ndarray) -> ExactRetriever:
+        return ExactRetriever(self._vectors, bias)
 
 
 def popular_order(bias: np.ndarray) -> np.ndarray:
@@ -153,6 +168,15 @@ class FaissRetriever:
             self.name = "faiss-hnsw"
         else:
             self.name = "faiss"
+
+    def with_bias(self, bias: np.ndarray) -> FaissRetriever:
+        """The index keeps the bias it was built with (its candidates are found by that
+        score); the popular head and the exact re-score use ``bias``. Exact when ``bias`` is
+        the build's; otherwise an item that only the new bias lifts into a top k can be
+        missed, unless it is in the new head (the items of highest new bias)."""
+        return FaissRetriever(
+            self._index, self._vectors, bias, oversample=self._oversample, params=self.params
+        )
 
     def _search(self, augmented: np.ndarray, wanted: int) -> np.ndarray:
         """faiss's candidates (int64[m], may hold -1) for one augmented query."""

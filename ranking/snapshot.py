@@ -45,14 +45,22 @@ ARRAYS: dict[str, tuple[str, int]] = {
     "seen_indptr": ("i", 1),
     "seen_indices": ("i", 1),
 }
-# arrays a snapshot may carry: the item-item matrix of an EASE model (float32[n, n]), and the
+# arrays a snapshot may carry: the item-item matrix of an EASE model (float32[n, n]); the
 # most popular items per context segment (daypart x device; int64 positions, -1 padded, with
-# their float32 scores)
+# their float32 scores); and the profile-free item components that serving weighs into the
+# bias (ranking/scoring.py): recency and engagement (float32[n] in [0, 1]), a category code
+# per item (int32[n]) into the category names (str[C], code 0 = none). Snapshots built before
+# the components serve their item_bias as built.
 OPTIONAL_ARRAYS: dict[str, tuple[str, int]] = {
     "item_item": ("f", 2),
     "segment_items": ("i", 2),
     "segment_scores": ("f", 2),
+    "item_recency": ("f", 1),
+    "item_engagement": ("f", 1),
+    "item_category": ("i", 1),
+    "categories": ("U", 1),
 }
+ITEM_COMPONENTS = ("item_recency", "item_engagement", "item_category", "categories")
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,7 +73,7 @@ class Snapshot:
     manifest: dict[str, Any]
     item_ids: np.ndarray  # str[n], sorted
     item_vectors: np.ndarray  # float32[n, d]
-    item_bias: np.ndarray  # float32[n], popularity/recency score added to relevance
+    item_bias: np.ndarray  # float32[n], the build profile's bias (the faiss index's)
     item_popularity: np.ndarray  # float32[n], non-personalized score in [0, 1]
     user_ids: np.ndarray  # str[u], sorted
     user_vectors: np.ndarray  # float32[u, d]
@@ -79,6 +87,10 @@ class Snapshot:
     item_item: np.ndarray | None = field(default=None, repr=False)  # float32[n, n] (EASE)
     segment_items: np.ndarray | None = field(default=None, repr=False)  # int64[S, T]
     segment_scores: np.ndarray | None = field(default=None, repr=False)  # float32[S, T]
+    item_recency: np.ndarray | None = field(default=None, repr=False)  # float32[n]
+    item_engagement: np.ndarray | None = field(default=None, repr=False)  # float32[n]
+    item_category: np.ndarray | None = field(default=None, repr=False)  # int32[n]
+    categories: np.ndarray | None = field(default=None, repr=False)  # str[C]
 
     @property
     def n_items(self) -> int:
@@ -168,6 +180,15 @@ def _check_arrays(arrays: dict[str, np.ndarray]) -> None:
             raise SnapshotError(f"{name}: expected kind {kind!r} with {ndim} dims")
     if arrays.get("item_item") is not None and arrays["item_item"].shape != (n, n):
         raise SnapshotError(f"item_item: expected a {n}x{n} matrix")
+    present = [arrays.get(name) is not None for name in ITEM_COMPONENTS]
+    if any(present) and not all(present):
+        raise SnapshotError(f"the item components {list(ITEM_COMPONENTS)} come together")
+    if all(present):
+        if any(len(arrays[name]) != n for name in ITEM_COMPONENTS[:3]):
+            raise SnapshotError("item components disagree with item_ids in length")
+        codes, names = arrays["item_category"], arrays["categories"]
+        if len(names) == 0 or (n and (codes.min() < 0 or codes.max() >= len(names))):
+            raise SnapshotError("item_category does not fit the category names")
     segments, scores = arrays.get("segment_items"), arrays.get("segment_scores")
     if (segments is None) != (scores is None):
         raise SnapshotError("segment_items and segment_scores come together")
@@ -323,7 +344,15 @@ def load(path: Path) -> Snapshot:
         item_item=arrays.get("item_item"),
         segment_items=arrays.get("segment_items"),
         segment_scores=arrays.get("segment_scores"),
+        item_recency=_float32(arrays.get("item_recency")),
+        item_engagement=_float32(arrays.get("item_engagement")),
+        item_category=arrays.get("item_category"),
+        categories=arrays.get("categories"),
     )
+
+
+def _float32(array: np.ndarray | None) -> np.ndarray | None:
+    return None if array is None else np.asarray(array, dtype=np.float32)
 
 
 def load_current(root: Path, scope: str) -> Snapshot:
