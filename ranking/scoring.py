@@ -98,8 +98,9 @@ class Scoring:
     ``item_item`` (the user's rows of the EASE matrix) or ``rules``. ``weight``: what a user
     vector is multiplied by to make the query (a scalar, or float32[d] for rules).
     ``popular`` / ``popular_scores``: the non-personalized order (positions) and each
-    position's score. ``cacheable``: the variant scores exactly as control, so control's
-    precomputed rankings are its rankings too.
+    position's score (popularity plus boosts; a rule scope's base scores and boosts).
+    ``cacheable``: the variant scores exactly as control, so control's precomputed rankings
+    are its rankings too.
     """
 
     kind: str
@@ -163,6 +164,11 @@ def scoring_for(
     else:
         weight = float(profile.relevance_weight)
         popular, popular_scores = snap.popular, snap.item_popularity
+        if profile.boosts and snap.item_category is not None and snap.categories is not None:
+            # boosts and demotions hold for the non-personalized ranking too
+            boosts = category_weights(profile.boosts, snap.categories)[snap.item_category]
+            popular_scores = (snap.item_popularity + boosts).astype(np.float32)
+            popular = np.argsort(-popular_scores.astype(np.float64), kind="stable").astype(np.int64)
     if retriever is None:
         retriever = ExactRetriever(snap.item_vectors, bias)
     elif not np.array_equal(bias, snap.item_bias):

@@ -216,6 +216,17 @@ async def test_category_boosts_move_items_and_their_variant_skips_the_cache(
             served[answer.variant].append(
                 {kinds.get(int(i.item_id[1:]) % 3, "") for i in answer.items}
             )
+        # boosts hold for the non-personalized ranking too
+        stranger = next(
+            f"stranger{n}"
+            for n in range(100)
+            if profile.variant_of(scope, f"stranger{n}") == "promo"
+        )
+        cold = await stub.Recommend(
+            pb.RecommendRequest(user_id=stranger, scope=scope, limit=10), metadata=running.service
+        )
+        assert cold.source == pb.SOURCE_POPULAR
+        assert {kinds.get(int(i.item_id[1:]) % 3, "") for i in cold.items} == {"promo"}
     # precompute caches control's active users; inactive ones are ranked live
     assert ("control", pb.SOURCE_CACHED) in sources
     assert {source for variant, source in sources if variant == "promo"} == {pb.SOURCE_LIVE}
