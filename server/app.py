@@ -17,6 +17,7 @@ import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import faiss
 import grpc
@@ -39,6 +40,9 @@ from server.metrics import ServiceMetrics
 from server.optout import OptOutRegistry
 from server.services import AdminService, RankingService, SettingsService
 
+if TYPE_CHECKING:
+    from server.workers import WorkerLink
+
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = tuple(
@@ -60,11 +64,14 @@ class App:
     kernels_pool: ThreadPoolExecutor
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
+    link: WorkerLink | None = None  # to the sibling workers under ``serve --workers``
     _poller: asyncio.Task[None] | None = None
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
-    async def open(cls, config: Config, database_url: str, redis_url: str) -> App:
+    async def open(
+        cls, config: Config, database_url: str, redis_url: str, link: WorkerLink | None = None
+    ) -> App:
         faiss.omp_set_num_threads(1)  # one query per request: threads only add overhead
         failures, cooldown = config.breaker_failures, config.breaker_cooldown_s
         # min_size=0: a server starts (and serves its snapshots) while PostgreSQL is down
@@ -91,12 +98,14 @@ class App:
         ranker = Ranker(
             cache,
             optouts,
-            personalization_enabled=config.personalization_enabled,
+            personalization_enabled=(link.flags if link else config).personalization_enabled,
             executor=kernels_pool,
             offload_min_work=config.offload_min_work,
             profiles=config.profiles,
         )
-        return cls(config, database_url, redis_url, pg, cache, optouts, ranker, kernels_pool)
+        return cls(
+            config, database_url, redis_url, pg, cache, optouts, ranker, kernels_pool, link=link
+        )
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -138,6 +147,36 @@ class App:
                 self.ranker.install(fresh)
                 log.info("serving scope %s from snapshot %s", scope, version)
             return {name: ls.snapshot.version for name, ls in self.ranker.loaded().items()}
+
+    async def reload_everywhere(self) -> dict[str, str]:
+        """``reload`` here, and in every sibling worker (which answer on their own)."""
+        versions = await self.reload()
+        if self.link is not None:
+            self.link.announce_reload()
+        return versions
+
+    def set_personalization(self, enabled: bool) -> None:
+        """The global switch, in this process and in every sibling worker."""
+        self.ranker.personalization_enabled = enabled
+        if self.link is not None:
+            self.link.flags.personalization_enabled = enabled
+            self.link.announce_flags()
+
+    def follow_siblings(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Act on what the parent relays from a sibling worker: SIGHUP reload, SIGUSR1 flags."""
+        link = self.link
+        if link is None:
+            return
+
+        def reload() -> None:
+            task = loop.create_task(self.reload(), name="sibling-reload")
+            task.add_done_callback(_log_failure)
+
+        def flags() -> None:
+            self.ranker.personalization_enabled = link.flags.personalization_enabled
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        loop.add_signal_handler(signal.SIGUSR1, flags)
 
     async def _poll(self) -> None:
         while True:
@@ -192,6 +231,11 @@ class App:
         self.kernels_pool.shutdown(wait=True)
 
 
+def _log_failure(task: asyncio.Task[object]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", task.get_name(), exc_info=task.exception())
+
+
 def _load_warm(path: os.PathLike[str]) -> LoadedScope:
     loaded = LoadedScope.of(snapshot.load(path))  # type: ignore[arg-type]
     snap = loaded.snapshot
@@ -201,8 +245,13 @@ def _load_warm(path: os.PathLike[str]) -> LoadedScope:
     return loaded
 
 
-def create_server(app: App, listen: str | None = None) -> tuple[aio.Server, int]:
-    """A gRPC server with every service, bound but not started. Returns (server, port)."""
+def create_server(
+    app: App, listen: str | None = None, reuse_port: bool = False
+) -> tuple[aio.Server, int]:
+    """A gRPC server with every service, bound but not started. Returns (server, port).
+
+    ``reuse_port`` lets several processes bind the same port (``serve --workers``); otherwise
+    binding a port in use fails rather than silently sharing it."""
     config = app.config
     server = aio.server(
         interceptors=[
@@ -216,7 +265,7 @@ def create_server(app: App, listen: str | None = None) -> tuple[aio.Server, int]
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
@@ -234,20 +283,31 @@ def create_server(app: App, listen: str | None = None) -> tuple[aio.Server, int]
 
 
 async def serve(
-    config: Config, database_url: str, redis_url: str, on_ready: Callable[[int], None] | None = None
+    config: Config,
+    database_url: str,
+    redis_url: str,
+    on_ready: Callable[[int], None] | None = None,
+    link: WorkerLink | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT: NOT_SERVING at once, then drain in-flight calls and exit."""
-    app = await App.open(config, database_url, redis_url)
+    """Run until SIGTERM/SIGINT: NOT_SERVING at once, then drain in-flight calls and exit.
+
+    With ``link`` this is one of ``serve --workers`` processes: it shares the port with its
+    siblings (SO_REUSEPORT) and the parent serves the metrics of all of them."""
+    app = await App.open(config, database_url, redis_url, link)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    app.follow_siblings(loop)
     try:
-        server, port = create_server(app)
+        server, port = create_server(app, reuse_port=link is not None)
         await app.set_serving(False)
         await server.start()
-        metrics_port = app.metrics.serve_http(config.metrics_listen)
-        log.info("listening on port %d (metrics on %d); warming up", port, metrics_port)
+        if link is None:
+            metrics_port = app.metrics.serve_http(config.metrics_listen)
+            log.info("listening on port %d (metrics on %d); warming up", port, metrics_port)
+        else:
+            log.info("worker %d listening on port %d; warming up", link.index, port)
         await app.warm()
         log.info(
             "SERVING: %s",
@@ -268,7 +328,7 @@ async def serve(
         await asyncio.sleep(config.shutdown_delay_s)
         await server.stop(config.shutdown_grace_s)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
         await app.close()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -41,7 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--items", type=int, default=1000)
     demo.add_argument("--events", type=int, default=60_000)
 
-    sub.add_parser("serve", help="run the gRPC server (config from the environment)")
+    serve = sub.add_parser("serve", help="run the gRPC server (config from the environment)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes sharing the port, one per core (default: PRIVRANK_WORKERS, 1)",
+    )
 
     db = sub.add_parser("db", help="database schema")
     db.add_argument("action", choices=["migrate"])
@@ -321,12 +328,24 @@ async def _demo(config: Config, urls: embedded.EmbeddedUrls, args: argparse.Name
     )
 
 
+async def _check_stores(config: Config, urls: embedded.EmbeddedUrls) -> None:
+    """Migrate the schema and connect as the service role once, before taking traffic."""
+    async with _stores(config, urls):
+        pass
+
+
 async def _serve(config: Config, urls: embedded.EmbeddedUrls) -> None:
     from server.app import serve
 
-    async with _stores(config, urls):
-        pass  # the schema is migrated before the server takes traffic
+    await _check_stores(config, urls)
     await serve(config, urls.database_url, urls.redis_url)
+
+
+def _serve_workers(config: Config, urls: embedded.EmbeddedUrls) -> int:
+    from server.workers import serve_workers
+
+    asyncio.run(_check_stores(config, urls))
+    return serve_workers(config, urls.database_url, urls.redis_url, config.workers)
 
 
 def _healthcheck(config: Config, target: str | None) -> int:
@@ -358,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "healthcheck":
             return _healthcheck(config, args.target)
+        if args.command == "serve" and args.workers is not None:
+            config = dataclasses.replace(config, workers=args.workers)
+            config.validate()
+        if args.command == "serve" and config.workers > 1:
+            with embedded.services(config.data_dir, config.database_url, config.redis_url) as urls:
+                return _serve_workers(config, urls)
         commands: dict[str, Callable[[embedded.EmbeddedUrls], Coroutine[Any, Any, None]]] = {
             "demo": lambda urls: _demo(config, urls, args),
             "serve": lambda urls: _serve(config, urls),

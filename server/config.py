@@ -43,6 +43,7 @@ class Config:
     redis_url: str | None = field(default=None, repr=False)
     listen: str = "127.0.0.1:50051"
     metrics_listen: str = "127.0.0.1:9464"
+    workers: int = 1  # serving processes sharing the port (``serve --workers``)
     auth_secret: str | None = field(default=None, repr=False)
     previous_auth_secret: str | None = field(default=None, repr=False)
     token_issuer: str = "privrank"
@@ -101,6 +102,7 @@ class Config:
         _parse_address(PREFIX + "METRICS_LISTEN", self.metrics_listen)
         positive = {
             "DEFAULT_DEADLINE_S": self.default_deadline_s,
+            "WORKERS": self.workers,
             "MAX_MESSAGE_BYTES": self.max_message_bytes,
             "MAX_CONCURRENT_RPCS": self.max_concurrent_rpcs,
             "MAX_ACTIVE_RPCS": self.max_active_rpcs,

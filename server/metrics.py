@@ -1,18 +1,26 @@
 """Online metrics: Prometheus series for scraping, plus the same figures for Admin.GetMetrics.
 
-Each server owns its registry (tests run several servers in one process). Latency percentiles
-for GetMetrics come from a bounded window of recent ranking requests.
+Each server owns its registry (tests run several servers in one process). The counts for
+GetMetrics are read back from the Prometheus series, so the two never disagree. Latency
+percentiles come from a bounded window of recent ranking requests; under ``serve --workers``
+(prometheus_client's multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR`` set) every figure is summed
+over all workers' series and the percentiles are interpolated from the latency histogram's
+buckets, as Prometheus' ``histogram_quantile`` does.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 from collections import Counter as Tally
-from collections import deque
+from collections import defaultdict, deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_WINDOW = 10_000
 RANKING_METHODS = ("Recommend", "RankCandidates", "SimilarItems")
@@ -58,10 +66,7 @@ class ServiceMetrics:
         )
         self._lock = threading.Lock()
         self._recent: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self._by_source: Tally[str] = Tally()
-        self._by_variant: Tally[str] = Tally()
-        self._ranking_requests = 0
-        self._blocked_total = 0
+        self._shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         name = method.rsplit("/", 1)[-1]
@@ -70,42 +75,95 @@ class ServiceMetrics:
         if name in RANKING_METHODS:
             with self._lock:
                 self._recent.append(seconds)
-                self._ranking_requests += 1
 
     def observe_answer(self, scope: str, source: str, blocked: bool, variant: str) -> None:
         self._served.labels(scope, source, variant).inc()
-        with self._lock:
-            self._by_source[source] += 1
-            self._by_variant[variant] += 1
-            if blocked:
-                self._blocked_total += 1
         if blocked:
             self._blocked.labels(scope).inc()
 
+    def _series(self) -> CollectorRegistry:
+        """This process's series, or every worker's under ``serve --workers``."""
+        if self._shared_dir is None:
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self._shared_dir)
+        return registry
+
     def figures(self) -> OnlineFigures:
-        with self._lock:
-            recent = np.array(self._recent, dtype=np.float64) * 1000.0
-            by_source = dict(self._by_source)
-            by_variant = dict(self._by_variant)
-            blocked = self._blocked_total
-            requests = self._ranking_requests
+        by_source: Tally[str] = Tally()
+        by_variant: Tally[str] = Tally()
+        buckets: defaultdict[float, float] = defaultdict(float)
+        blocked = requests = 0.0
+        for family in self._series().collect():
+            for sample in family.samples:
+                labels, value = sample.labels, sample.value
+                if sample.name == "privrank_served_total":
+                    by_source[labels["source"]] += int(value)
+                    by_variant[labels["variant"]] += int(value)
+                elif sample.name == "privrank_personalization_blocked_total":
+                    blocked += value
+                elif labels.get("method") not in RANKING_METHODS:
+                    continue
+                elif sample.name == "privrank_requests_total":
+                    requests += value
+                elif sample.name == "privrank_request_seconds_bucket":
+                    buckets[float(labels["le"])] += value
+        if self._shared_dir is None:
+            with self._lock:
+                recent = np.array(self._recent, dtype=np.float64) * 1000.0
+            p50, p95, p99 = np.percentile(recent, [50, 95, 99]) if len(recent) else (0.0, 0.0, 0.0)
+        else:
+            p50, p95, p99 = (1000.0 * q for q in bucket_quantiles(buckets, (0.5, 0.95, 0.99)))
         answers = sum(by_source.values())
-        p50, p95, p99 = np.percentile(recent, [50, 95, 99]) if len(recent) else (0.0, 0.0, 0.0)
         personal = by_source.get("cached", 0) + by_source.get("live", 0)
         return OnlineFigures(
-            requests=requests,
+            requests=int(requests),
             p50_ms=float(p50),
             p95_ms=float(p95),
             p99_ms=float(p99),
             cache_hit_rate=by_source.get("cached", 0) / personal if personal else 0.0,
             fallback_rate=by_source.get("popular", 0) / answers if answers else 0.0,
             opt_out_rate=blocked / answers if answers else 0.0,
-            served_by_source=by_source,
-            served_by_variant=by_variant,
+            served_by_source=dict(by_source),
+            served_by_variant=dict(by_variant),
         )
 
     def serve_http(self, address: str) -> int:
         """Expose ``/metrics`` on ``address`` (HOST:PORT, port 0 picks one); returns the port."""
-        host, _, port = address.rpartition(":")
-        server, _thread = start_http_server(int(port), addr=host, registry=self.registry)
-        return int(server.server_port)
+        return _serve_http(address, self.registry)
+
+
+def bucket_quantiles(buckets: Mapping[float, float], quantiles: Sequence[float]) -> list[float]:
+    """Quantiles of a cumulative histogram {upper bound: count <= bound}, interpolated
+    linearly inside the bucket that holds each rank (0 for an empty histogram). A rank in the
+    +Inf bucket gets the highest finite bound."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0.0
+    out = []
+    for q in quantiles:
+        rank, lower, below, value = q * total, 0.0, 0.0, 0.0
+        for bound in bounds:
+            count = buckets[bound]
+            if total and count >= rank:
+                if math.isinf(bound):
+                    value = lower
+                else:
+                    share = (rank - below) / (count - below) if count > below else 1.0
+                    value = lower + (bound - lower) * share
+                break
+            lower, below = bound, count
+        out.append(value)
+    return out
+
+
+def serve_multiprocess_http(address: str, path: str) -> int:
+    """Expose ``/metrics`` summed over every process writing series under ``path``."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)
+    return _serve_http(address, registry)
+
+
+def _serve_http(address: str, registry: CollectorRegistry) -> int:
+    host, _, port = address.rpartition(":")
+    server, _thread = start_http_server(int(port), addr=host, registry=registry)
+    return int(server.server_port)

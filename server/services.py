@@ -392,7 +392,7 @@ class AdminService(rpc.AdminServicer):
     async def Reload(
         self, request: pb.ReloadRequest, context: aio.ServicerContext
     ) -> pb.ReloadResponse:
-        versions = await self._app.reload()
+        versions = await self._app.reload_everywhere()
         return pb.ReloadResponse(model_versions=versions)
 
     async def GetModelInfo(
@@ -422,7 +422,7 @@ class AdminService(rpc.AdminServicer):
 
     async def SetFlags(self, request: pb.SetFlagsRequest, context: aio.ServicerContext) -> pb.Flags:
         if request.HasField("personalization_enabled"):
-            self._app.ranker.personalization_enabled = request.personalization_enabled
+            self._app.set_personalization(request.personalization_enabled)
             log.warning(
                 "personalization globally %s by an admin",
                 "enabled" if request.personalization_enabled else "disabled",

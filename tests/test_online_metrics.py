@@ -1,0 +1,50 @@
+"""Online figures: read back from the Prometheus series; percentiles from histogram buckets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from server.metrics import ServiceMetrics, bucket_quantiles
+
+
+def test_bucket_quantiles_by_hand() -> None:
+    buckets = {0.001: 2.0, 0.002: 4.0, math.inf: 4.0}
+    assert bucket_quantiles(buckets, (0.5, 0.75, 1.0)) == pytest.approx([0.001, 0.0015, 0.002])
+    assert bucket_quantiles({}, (0.5, 0.99)) == [0.0, 0.0]
+    # ranks past the last finite bound get that bound
+    assert bucket_quantiles({0.01: 1.0, math.inf: 3.0}, (0.9,)) == [0.01]
+
+
+@given(st.lists(st.floats(0.0001, 2.0), min_size=1, max_size=200), st.floats(0.01, 1.0))
+def test_bucket_quantiles_fall_in_the_right_bucket(values: list[float], q: float) -> None:
+    bounds = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, math.inf)
+    data = np.array(values)
+    buckets = {b: float((data <= b).sum()) for b in bounds}
+    (estimate,) = bucket_quantiles(buckets, (q,))
+    exact = float(np.quantile(data, q, method="inverted_cdf"))
+    upper = min(b for b in bounds if b >= exact)
+    lower = max([0.0, *(b for b in bounds if b < exact)])
+    assert lower <= estimate <= upper
+
+
+def test_figures_count_what_was_observed() -> None:
+    metrics = ServiceMetrics()
+    for seconds in (0.001, 0.002, 0.003):
+        metrics.observe_rpc("/privrank.v1.Ranking/Recommend", "OK", seconds)
+    metrics.observe_rpc("/privrank.v1.Admin/GetMetrics", "OK", 0.5)
+    metrics.observe_answer("default", "cached", blocked=False, variant="control")
+    metrics.observe_answer("default", "live", blocked=False, variant="b")
+    metrics.observe_answer("default", "popular", blocked=True, variant="control")
+    figures = metrics.figures()
+    assert figures.requests == 3
+    assert figures.p50_ms == pytest.approx(2.0)
+    assert figures.served_by_source == {"cached": 1, "live": 1, "popular": 1}
+    assert figures.served_by_variant == {"control": 2, "b": 1}
+    assert figures.cache_hit_rate == pytest.approx(0.5)
+    assert figures.fallback_rate == pytest.approx(1 / 3)
+    assert figures.opt_out_rate == pytest.approx(1 / 3)
