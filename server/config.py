@@ -50,7 +50,7 @@ class Config:
     personalization_enabled: bool = True
     default_deadline_s: float = 1.0
     max_message_bytes: int = 4 * 1024 * 1024
-    max_concurrent_rpcs: int = 256  # gRPC's own hard cap on open calls
+    max_concurrent_rpcs: int = 512  # gRPC's own cap on open calls: > active + queued
     max_active_rpcs: int = 8  # handlers running at once (the CPU work is on one event loop)
     max_queued_rpcs: int = 256  # waiting for a slot; past this, RESOURCE_EXHAUSTED at once
     kernel_threads: int = 2  # threads scoring large requests off the event loop (numba nogil)
@@ -121,6 +121,13 @@ class Config:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{PREFIX}{name}: must be positive, got {value}")
+        if self.max_concurrent_rpcs <= self.max_active_rpcs + self.max_queued_rpcs:
+            # gRPC's cap would refuse calls before admission control could, with no clear message
+            raise ConfigError(
+                f"{PREFIX}MAX_CONCURRENT_RPCS ({self.max_concurrent_rpcs}) must exceed "
+                f"{PREFIX}MAX_ACTIVE_RPCS + {PREFIX}MAX_QUEUED_RPCS "
+                f"({self.max_active_rpcs + self.max_queued_rpcs})"
+            )
         if self.optout_max_staleness_s < self.optout_refresh_s:
             raise ConfigError(f"{PREFIX}OPTOUT_MAX_STALENESS_S must be >= OPTOUT_REFRESH_S")
         if self.database_url and not self.database_url.startswith(("postgres://", "postgresql://")):
