@@ -28,6 +28,12 @@ _COUNTRIES = ("DE", "FR", "GB", "US", "IN", "BR", "JP", "NL", "ES", "PL")
 _OFFSETS = (60, 60, 0, -300, 330, -180, 540, 60, 60, 60)
 
 
+def _draw(rng: np.random.Generator, cdf: np.ndarray, size: int) -> np.ndarray:
+    """``size`` positions drawn with probability proportional to the weights behind ``cdf``."""
+    drawn = np.searchsorted(cdf, rng.random(size) * cdf[-1], side="right")
+    return np.minimum(drawn, len(cdf) - 1).astype(np.int64)
+
+
 def generate(
     *,
     users: int,
@@ -48,8 +54,9 @@ def generate(
     popularity = 1.0 / np.arange(1, items + 1) ** 0.9
     rng.shuffle(popularity)
     by_topic = [np.flatnonzero(item_topic == t) for t in range(TOPICS)]
-    topic_weights = [popularity[idx] / popularity[idx].sum() for idx in by_topic]
-    global_weights = popularity / popularity.sum()
+    # cumulative weights, drawn from by inverse CDF: O(log n) a draw at a million items
+    topic_cdf = [np.cumsum(popularity[idx]) for idx in by_topic]
+    global_cdf = np.cumsum(popularity)
 
     # events per user: every user one, the rest spread with a heavy tail
     activity = rng.pareto(1.5, users) + 1.0
@@ -64,15 +71,12 @@ def generate(
     for u in range(users):
         n = int(per_user[u])
         liked = rng.choice(TOPICS, size=1 + int(rng.random() < 0.5), replace=False)
-        topical = rng.random(n) < 0.8
-        picks = np.empty(n, dtype=np.int64)
-        for j in range(n):
-            if topical[j]:
-                t = liked[rng.integers(0, len(liked))]
-                if len(by_topic[t]):
-                    picks[j] = rng.choice(by_topic[t], p=topic_weights[t])
-                    continue
-            picks[j] = rng.choice(items, p=global_weights)
+        topic = np.where(rng.random(n) < 0.8, liked[rng.integers(0, len(liked), n)], -1)
+        picks = _draw(rng, global_cdf, n)  # an event off the user's topics: any item
+        for t in liked:
+            mine = topic == t
+            if len(by_topic[t]) and mine.any():
+                picks[mine] = by_topic[t][_draw(rng, topic_cdf[t], int(mine.sum()))]
         kinds = rng.choice(len(types), size=n, p=type_p)
         # sessions: bursts of a few minutes, at a user-typical hour
         sessions = max(1, n // 6)
