@@ -30,7 +30,13 @@ from ranking import kernels, snapshot
 from ranking.diversity import mmr
 from ranking.itemitem import item_item_top_k
 from ranking.profiles import CONTROL, DEFAULT_PROFILE, Profile
-from ranking.retrieval import SEARCH_PARAMS_KEY, build_index, tune_search, write_index
+from ranking.retrieval import (
+    SEARCH_PARAMS_KEY,
+    build_index,
+    retriever_for,
+    tune_search,
+    write_index,
+)
 from ranking.scoring import RULES, Scoring, item_bias, scoring_for, top_k_batch
 from server.config import Config
 
@@ -519,7 +525,8 @@ async def precompute(ctx: JobContext, scope: str) -> str:
     of an A/B variant that scores otherwise are skipped (serving ranks them live)."""
     snap = snapshot.load_current(ctx.config.snapshot_dir, scope)
     profile = ctx.config.profile(scope)
-    scoring = scoring_for(snap, profile)
+    # the retriever serving uses: faiss above the exact-search threshold, batched here
+    scoring = scoring_for(snap, profile, retriever=retriever_for(snap))
     active = await ctx.pg.active_users(scope, now=await _as_of(ctx, scope))
     live = {
         name for name in profile.variant_names if not profile.for_variant(name).scores_like(profile)

@@ -70,6 +70,15 @@ class Retriever(Protocol):
         serve-time bias); an index is shared, not rebuilt."""
         ...
 
+    def top_k_batch(
+        self, queries: np.ndarray, excluded_indptr: np.ndarray, excluded_indices: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``top_k`` for each row of ``queries`` (float32[b, d]), row r excluding
+        ``excluded_indices[excluded_indptr[r]:excluded_indptr[r + 1]]`` (CSR, rows sorted):
+        (positions int64[b, k], scores float32[b, k], counts int64[b]), row r holding
+        ``counts[r]`` results, the same as ``top_k`` gives for that row."""
+        ...
+
 
 @dataclass(frozen=True)
 class SearchParams:
@@ -111,6 +120,14 @@ class ExactRetriever:
 
     def with_bias(self, bias: np.ndarray) -> ExactRetriever:
         return ExactRetriever(self._vectors, bias)
+
+    def top_k_batch(
+        self, queries: np.ndarray, excluded_indptr: np.ndarray, excluded_indices: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        result: tuple[np.ndarray, np.ndarray, np.ndarray] = kernels.topk_dense_batch(
+            queries, self._vectors, self._bias, excluded_indptr, excluded_indices, k
+        )
+        return result
 
 
 def popular_order(bias: np.ndarray) -> np.ndarray:
@@ -179,7 +196,8 @@ class FaissRetriever:
         )
 
     def _search(self, augmented: np.ndarray, wanted: int) -> np.ndarray:
-        """faiss's candidates (int64[m], may hold -1) for one augmented query."""
+        """faiss's candidates (int64[b, m], may hold -1) for augmented queries (float32[b,
+        d + 1]), each row best first."""
         params = self.params
         if isinstance(self._index, faiss.IndexIVF):
             nprobe = params.nprobe or int(self._index.nprobe)
@@ -195,7 +213,7 @@ class FaissRetriever:
             wanted *= self._oversample
             search = None
         _, found = self._index.search(augmented, wanted, params=search)
-        candidates: np.ndarray = found[0]
+        candidates: np.ndarray = found
         return candidates
 
     def _head_top_k(self, query: np.ndarray, excluded: np.ndarray, k: int) -> np.ndarray:
@@ -219,11 +237,42 @@ class FaissRetriever:
         # excluded items may take slots among the index's answers
         wanted = k + len(excluded)
         try:
-            augmented = np.append(query, np.float32(1.0)).reshape(1, -1)
-            found = self._search(augmented, wanted)
+            found = self._search(_augment(query.reshape(1, -1)), wanted)[0]
         except (RuntimeError, ValueError):
             log.exception("faiss search failed; using the exact scan")
             return self._exact.top_k(query, excluded, k)
+        return self._rescore(query, found, excluded, k)
+
+    def top_k_batch(
+        self, queries: np.ndarray, excluded_indptr: np.ndarray, excluded_indices: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One faiss search for the whole batch (faiss spreads it over its threads), then each
+        row cut to the candidates ``top_k`` would have asked for and re-scored as it does."""
+        b = len(queries)
+        k = min(k, len(self._vectors))
+        out_i = np.full((b, k), -1, dtype=np.int64)
+        out_s = np.zeros((b, k), dtype=np.float32)
+        counts = np.zeros(b, dtype=np.int64)
+        if b == 0 or k <= 0:
+            return out_i, out_s, counts
+        excluded_counts = np.diff(excluded_indptr)
+        try:
+            found = self._search(_augment(queries), k + int(excluded_counts.max()))
+        except (RuntimeError, ValueError):
+            log.exception("faiss search failed; using the exact scan")
+            return self._exact.top_k_batch(queries, excluded_indptr, excluded_indices, k)
+        for r in range(b):
+            excluded = excluded_indices[excluded_indptr[r] : excluded_indptr[r + 1]]
+            wanted = k + int(excluded_counts[r])
+            items, scores = self._rescore(queries[r], found[r, :wanted], excluded, k)
+            out_i[r, : len(items)], out_s[r, : len(items)], counts[r] = items, scores, len(items)
+        return out_i, out_s, counts
+
+    def _rescore(
+        self, query: np.ndarray, found: np.ndarray, excluded: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top k among faiss's candidates ``found`` and the popular head; the exact
+        scan if they hold too few."""
         candidates = found[found >= 0].astype(np.int64)
         if len(self._head):
             candidates = np.concatenate([candidates, self._head_top_k(query, excluded, k)])
@@ -233,6 +282,13 @@ class FaissRetriever:
         if len(items) < min(k, len(self._vectors) - len(excluded)):
             return self._exact.top_k(query, excluded, k)
         return items, scores
+
+
+def _augment(queries: np.ndarray) -> np.ndarray:
+    """``[query, 1]`` rows (float32[b, d + 1], C order): the index's inner product is then
+    vector · query + bias, the kernel's score."""
+    ones = np.ones((len(queries), 1), dtype=np.float32)
+    return np.ascontiguousarray(np.hstack([np.asarray(queries, dtype=np.float32), ones]))
 
 
 def ivf_lists(n: int) -> int:

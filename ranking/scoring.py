@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ranking import kernels
 from ranking.itemitem import item_item_top_k
 from ranking.profiles import Profile
 from ranking.retrieval import ExactRetriever, Retriever
@@ -194,9 +193,10 @@ def top_k_batch(
     seen_indices: np.ndarray,
     k: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact top-k for snapshot user positions ``users`` (int64[b]) minus the CSR rows
+    """Top-k for snapshot user positions ``users`` (int64[b]) minus the CSR rows
     ``seen_indptr`` / ``seen_indices`` (their seen items): (items int64[b, k], scores
-    float32[b, k], counts int64[b]). What serving answers, scanned exactly."""
+    float32[b, k], counts int64[b]). What serving answers: dense scoring goes through
+    ``scoring.retriever`` (batched; row by row the same as its single-query path)."""
     if scoring.kind == ITEM_ITEM:
         assert snap.item_item is not None
         k = min(k, snap.n_items)
@@ -210,12 +210,7 @@ def top_k_batch(
             )
             out_i[r, : len(items)], out_s[r, : len(items)], counts[r] = items, scores, len(items)
         return out_i, out_s, counts
-    result: tuple[np.ndarray, np.ndarray, np.ndarray] = kernels.topk_dense_batch(
-        scoring.queries(snap.user_vectors[users]),
-        snap.item_vectors,
-        scoring.bias,
-        seen_indptr,
-        seen_indices,
-        k,
+    retriever = scoring.retriever or ExactRetriever(snap.item_vectors, scoring.bias)
+    return retriever.top_k_batch(
+        scoring.queries(snap.user_vectors[users]), seen_indptr, seen_indices, k
     )
-    return result

@@ -725,3 +725,34 @@ def test_retriever_for_mismatched_index_uses_exact(tmp_path: Path) -> None:
         index_writer=lambda path: write_index(build_index(other, other_bias), path),
     )
     assert isinstance(retriever_for(snapshot.load_current(tmp_path, SCOPE)), ExactRetriever)
+
+
+@pytest.mark.parametrize("kind", ["exact", *KINDS])
+def test_batched_retrieval_is_the_single_query_path(kind: str) -> None:
+    # what precompute caches is what Recommend would serve: row by row the same items and bits
+    vectors, bias = catalog()
+    retriever: ExactRetriever | FaissRetriever = (
+        ExactRetriever(vectors, bias)
+        if kind == "exact"
+        else FaissRetriever(
+            build_index(vectors, bias, kind=kind), vectors, bias, params=SearchParams(head=50)
+        )
+    )
+    rng = np.random.default_rng(11)
+    batch = queries(count=40)
+    # rows with no, few and many exclusions (duplicates included), sorted as the CSR requires
+    rows = [
+        np.sort(rng.choice(3000, size=int(rng.integers(0, 3)) * 40, replace=True)).astype(np.int64)
+        for _ in batch
+    ]
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    indices = np.concatenate(rows).astype(np.int64)
+    items, scores, counts = retriever.top_k_batch(batch, indptr, indices, 25)
+    assert items.shape == scores.shape == (40, 25)
+    for r, query in enumerate(batch):
+        single_items, single_scores = retriever.top_k(query, rows[r], 25)
+        assert counts[r] == len(single_items) == 25
+        np.testing.assert_array_equal(items[r], single_items)
+        np.testing.assert_array_equal(scores[r], single_scores)
+    empty = retriever.top_k_batch(batch[:0], indptr[:1], indices[:0], 25)
+    assert [a.shape[0] for a in empty] == [0, 0, 0]
