@@ -50,7 +50,7 @@ class Config:
     personalization_enabled: bool = True
     default_deadline_s: float = 1.0
     max_message_bytes: int = 4 * 1024 * 1024
-    max_concurrent_rpcs: int = 512  # gRPC's own cap on open calls: > active + queued
+    max_concurrent_rpcs: int = 0  # gRPC's own cap on open calls; 0: active + queued + 64
     max_active_rpcs: int = 8  # handlers running at once (the CPU work is on one event loop)
     max_queued_rpcs: int = 256  # waiting for a slot; past this, RESOURCE_EXHAUSTED at once
     kernel_threads: int = 2  # threads scoring large requests off the event loop (numba nogil)
@@ -104,7 +104,6 @@ class Config:
             "DEFAULT_DEADLINE_S": self.default_deadline_s,
             "WORKERS": self.workers,
             "MAX_MESSAGE_BYTES": self.max_message_bytes,
-            "MAX_CONCURRENT_RPCS": self.max_concurrent_rpcs,
             "MAX_ACTIVE_RPCS": self.max_active_rpcs,
             "MAX_QUEUED_RPCS": self.max_queued_rpcs,
             "KERNEL_THREADS": self.kernel_threads,
@@ -121,7 +120,9 @@ class Config:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{PREFIX}{name}: must be positive, got {value}")
-        if self.max_concurrent_rpcs <= self.max_active_rpcs + self.max_queued_rpcs:
+        if self.max_concurrent_rpcs < 0:
+            raise ConfigError(f"{PREFIX}MAX_CONCURRENT_RPCS: must be >= 0 (0: automatic)")
+        if 0 < self.max_concurrent_rpcs <= self.max_active_rpcs + self.max_queued_rpcs:
             # gRPC's cap would refuse calls before admission control could, with no clear message
             raise ConfigError(
                 f"{PREFIX}MAX_CONCURRENT_RPCS ({self.max_concurrent_rpcs}) must exceed "
@@ -134,6 +135,11 @@ class Config:
             raise ConfigError(f"{PREFIX}DATABASE_URL: expected a postgresql:// DSN")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"{PREFIX}REDIS_URL: expected a redis:// or unix:// URL")
+
+    @property
+    def concurrent_rpc_cap(self) -> int:
+        """gRPC's cap on open calls, above admission control's, which refuses first."""
+        return self.max_concurrent_rpcs or self.max_active_rpcs + self.max_queued_rpcs + 64
 
     @property
     def snapshot_dir(self) -> Path:

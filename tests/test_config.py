@@ -11,7 +11,9 @@ from server.config import Config
 def test_defaults_are_valid() -> None:
     config = Config.from_env({})
     assert config.workers == 1
-    assert config.max_concurrent_rpcs > config.max_active_rpcs + config.max_queued_rpcs
+    assert config.concurrent_rpc_cap > config.max_active_rpcs + config.max_queued_rpcs
+    raised = Config.from_env({"PRIVRANK_MAX_QUEUED_RPCS": "1000"})
+    assert raised.concurrent_rpc_cap > raised.max_active_rpcs + raised.max_queued_rpcs
 
 
 @pytest.mark.parametrize(
@@ -20,7 +22,7 @@ def test_defaults_are_valid() -> None:
         ({"PRIVRANK_WORKERS": "0"}, "PRIVRANK_WORKERS"),
         ({"PRIVRANK_WORKERS": "two"}, "PRIVRANK_WORKERS"),
         ({"PRIVRANK_LISTEN": "nowhere"}, "PRIVRANK_LISTEN"),
-        ({"PRIVRANK_MAX_QUEUED_RPCS": "600"}, "PRIVRANK_MAX_CONCURRENT_RPCS"),
+        ({"PRIVRANK_MAX_CONCURRENT_RPCS": "-1"}, "PRIVRANK_MAX_CONCURRENT_RPCS"),
         (
             {"PRIVRANK_MAX_CONCURRENT_RPCS": "100", "PRIVRANK_MAX_QUEUED_RPCS": "92"},
             "must exceed",

@@ -1005,7 +1005,7 @@ async def setup(b: Bench) -> None:
     say(
         "  server settings (defaults, untouched): "
         f"MAX_ACTIVE_RPCS={cfg.max_active_rpcs} MAX_QUEUED_RPCS={cfg.max_queued_rpcs} "
-        f"MAX_CONCURRENT_RPCS={cfg.max_concurrent_rpcs} KERNEL_THREADS={cfg.kernel_threads} "
+        f"MAX_CONCURRENT_RPCS={cfg.concurrent_rpc_cap} KERNEL_THREADS={cfg.kernel_threads} "
         f"OFFLOAD_MIN_WORK={cfg.offload_min_work} (a LIVE Recommend is "
         f"{snap.n_items * snap.dim} multiply-adds: "
         f"{'offloaded' if snap.n_items * snap.dim >= cfg.offload_min_work else 'inline'}) "
