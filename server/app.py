@@ -1,6 +1,6 @@
 """Wiring: the application state, the gRPC server and its lifecycle.
 
-    create_server(app) -> (server, port)     interceptors: ErrorInterceptor → AuthInterceptor
+    create_server(app) -> (server, port)     with server.interceptors.ServingInterceptor
     serve(config)                            start → warm → SERVING; SIGTERM → NOT_SERVING → drain
 
 Health stays NOT_SERVING until every published snapshot is loaded and every kernel has been
@@ -27,15 +27,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from features.cache import RankCache
-from features.errors import SnapshotError, StoreUnavailable
+from features.errors import NotReady, SnapshotError, StoreUnavailable
 from features.postgres import PgStore
 from features.schema import ENGAGED_EVENTS, Interaction
 from ranking import kernels, snapshot
 from ranking.pipeline import EMPTY, LoadedScope, Ranker
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
+from server.auth import Authorizer
 from server.config import Config
-from server.interceptors import Admission, AuthInterceptor, ErrorInterceptor
+from server.interceptors import Admission, ServingInterceptor
 from server.metrics import ServiceMetrics
 from server.optout import OptOutRegistry
 from server.services import AdminService, RankingService, SettingsService
@@ -65,6 +66,7 @@ class App:
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
     link: WorkerLink | None = None  # to the sibling workers under ``serve --workers``
+    warm_done: bool = False
     _poller: asyncio.Task[None] | None = None
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -122,7 +124,13 @@ class App:
         await self.optouts.start()
         await self.reload()
         self._poller = asyncio.create_task(self._poll(), name="snapshot-poll")
+        self.warm_done = True
         await self.set_serving(True)
+
+    def check_warm(self) -> None:
+        """NotReady (UNAVAILABLE, retryable) until ``warm`` has loaded the snapshots."""
+        if not self.warm_done:
+            raise NotReady("warming up: snapshots not loaded yet; retry shortly")
 
     async def reload(self) -> dict[str, str]:
         """Load any newly published snapshot, warm it off the request path, and swap it in.
@@ -255,19 +263,19 @@ def create_server(
     config = app.config
     server = aio.server(
         interceptors=[
-            ErrorInterceptor(
+            ServingInterceptor(
                 app.metrics,
                 config.default_deadline_s,
                 Admission(config.max_active_rpcs, config.max_queued_rpcs),
-            ),
-            AuthInterceptor(config.signing_keys(), config.token_issuer),
+                Authorizer(config.signing_keys(), config.token_issuer),
+            )
         ],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        maximum_concurrent_rpcs=config.concurrent_rpc_cap,
     )
     rpc.add_RankingServicer_to_server(RankingService(app), server)
     rpc.add_SettingsServicer_to_server(SettingsService(app), server)
@@ -302,13 +310,18 @@ async def serve(
     try:
         server, port = create_server(app, reuse_port=link is not None)
         await app.set_serving(False)
-        await server.start()
         if link is None:
+            # health answers NOT_SERVING while warming up
+            await server.start()
             metrics_port = app.metrics.serve_http(config.metrics_listen)
             log.info("listening on port %d (metrics on %d); warming up", port, metrics_port)
+            await app.warm()
         else:
-            log.info("worker %d listening on port %d; warming up", link.index, port)
-        await app.warm()
+            # a worker joins the port's group only when warm: the kernel hands new
+            # connections to every listener of the group, ready or not
+            await app.warm()
+            await server.start()
+            log.info("worker %d listening on port %d", link.index, port)
         log.info(
             "SERVING: %s",
             ", ".join(f"{s}={v}" for s, v in (await app.reload()).items())

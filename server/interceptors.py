@@ -1,12 +1,13 @@
-"""The interceptor chain, outermost first:
+"""One interceptor around every call, in this order:
 
-    ErrorInterceptor  request id, deadline budget, admission control, metrics;
-                      the error tree → gRPC status
-    AuthInterceptor   bearer token → Principal, checked against auth.POLICY
+    request id and deadline budget → undecodable request refused → admission control →
+    bearer token → Principal, checked against auth.POLICY → the handler;
+    the error tree → gRPC status, and metrics, whatever happened
 
 Unary handlers are wrapped; streaming methods are only the public health and reflection ones.
 An unexpected exception becomes INTERNAL with a generic message and the request id; its details
-go to the server log only.
+go to the server log only. Each method's wrapped handler is made on its first call and reused,
+so per call the interception costs a dictionary lookup plus the work above.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 
 from features import errors
-from server.auth import ANONYMOUS, PUBLIC_METHODS, Principal, authorize
+from server.auth import ANONYMOUS, PUBLIC_METHODS, Authorizer, Principal
 from server.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -94,22 +95,6 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
-def _wrap_unary(
-    handler: grpc.RpcMethodHandler,
-    wrap: Callable[[Behavior], Behavior],
-    *,
-    tolerant: bool = False,
-) -> Any:
-    if handler is None or handler.unary_unary is None:
-        return handler
-    deserializer = handler.request_deserializer
-    return grpc.unary_unary_rpc_method_handler(
-        wrap(handler.unary_unary),
-        request_deserializer=_tolerant(deserializer) if tolerant else deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
 class Admission:
     """Admission control: at most ``active + queued`` calls are admitted at once, and at most
     ``active`` handlers run at once; a call beyond that is refused at once (RESOURCE_EXHAUSTED),
@@ -140,12 +125,15 @@ class Admission:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise errors.DeadlineExceeded("deadline passed while waiting for capacity")
-            try:
-                await asyncio.wait_for(self._slots.acquire(), remaining)
-            except TimeoutError:
-                raise errors.DeadlineExceeded(
-                    "deadline passed while waiting for capacity"
-                ) from None
+            if self._slots.locked():
+                try:
+                    await asyncio.wait_for(self._slots.acquire(), remaining)
+                except TimeoutError:
+                    raise errors.DeadlineExceeded(
+                        "deadline passed while waiting for capacity"
+                    ) from None
+            else:  # a free slot: take it without the task wait_for would create
+                await self._slots.acquire()
             try:
                 yield
             finally:
@@ -154,89 +142,96 @@ class Admission:
             self._admitted -= 1
 
 
-class ErrorInterceptor(aio.ServerInterceptor):
+class ServingInterceptor(aio.ServerInterceptor):
     def __init__(
-        self, metrics: ServiceMetrics, default_deadline_s: float, admission: Admission | None = None
+        self,
+        metrics: ServiceMetrics,
+        default_deadline_s: float,
+        admission: Admission | None,
+        authorizer: Authorizer,
     ) -> None:
         self._metrics = metrics
         self._default_deadline_s = default_deadline_s
         self._admission = admission
+        self._authorizer = authorizer
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
     ) -> Any:
         method = details.method
-        handler = await continuation(details)
+        wrapped = self._handlers.get(method)
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None:  # unknown method: not remembered, so no caller can grow the map
+                return None
+            wrapped = self._handlers[method] = self._wrap(method, handler)
+        return wrapped
 
-        def wrap(inner: Behavior) -> Behavior:
-            async def behavior(request: Any, context: aio.ServicerContext) -> Any:
-                started = time.monotonic()
-                remaining = context.time_remaining()
-                budget = self._default_deadline_s if remaining is None else max(remaining, 0.0)
-                scope = RequestScope(uuid.uuid4().hex[:16], started + budget)
-                token = _CURRENT.set(scope)
-                code = grpc.StatusCode.OK
-                try:
-                    if request is UNDECODABLE:
-                        raise errors.InvalidInput(
-                            "the request is not a valid message of this RPC's type"
-                        )
-                    async with asyncio.timeout(budget):
-                        if self._admission is None or method in PUBLIC_METHODS:
-                            return await inner(request, context)
-                        async with self._admission.admit(scope.deadline):
-                            return await inner(request, context)
-                except errors.PrivrankError as exc:
-                    code = status_for(exc)
-                    if code is grpc.StatusCode.INTERNAL:
-                        log.error("request %s %s failed: %s", scope.request_id, method, exc)
-                        await context.abort(code, f"internal error (request id {scope.request_id})")
-                    await context.abort(code, str(exc))
-                except TimeoutError:
-                    code = grpc.StatusCode.DEADLINE_EXCEEDED
-                    await context.abort(code, f"deadline of {budget:.3f}s exceeded")
-                except aio.AbortError:
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                except Exception:
-                    code = grpc.StatusCode.INTERNAL
-                    log.exception("request %s %s failed", scope.request_id, method)
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> Any:
+        public = method in PUBLIC_METHODS
+        if handler.unary_unary is None:
+            # only the public health and reflection services stream; refuse any other
+            return handler if public else None
+        inner: Behavior = handler.unary_unary
+        admission = None if public else self._admission
+        authorizer, metrics, default_budget = (
+            self._authorizer,
+            self._metrics,
+            self._default_deadline_s,
+        )
+
+        async def authorized(
+            request: Any, context: aio.ServicerContext, scope: RequestScope
+        ) -> Any:
+            if not public:
+                authorization = ""
+                for key, value in context.invocation_metadata() or ():
+                    if key == "authorization" and isinstance(value, str):
+                        authorization = value
+                principal = authorizer.authorize(method, authorization)
+                _CURRENT.set(RequestScope(scope.request_id, scope.deadline, principal))
+            return await inner(request, context)
+
+        async def behavior(request: Any, context: aio.ServicerContext) -> Any:
+            started = time.monotonic()
+            remaining = context.time_remaining()
+            budget = default_budget if remaining is None else max(remaining, 0.0)
+            scope = RequestScope(secrets.token_hex(8), started + budget)
+            token = _CURRENT.set(scope)
+            code = grpc.StatusCode.OK
+            try:
+                if request is UNDECODABLE:
+                    raise errors.InvalidInput(
+                        "the request is not a valid message of this RPC's type"
+                    )
+                async with asyncio.timeout(budget):
+                    if admission is None:
+                        return await authorized(request, context, scope)
+                    async with admission.admit(scope.deadline):
+                        return await authorized(request, context, scope)
+            except errors.PrivrankError as exc:
+                code = status_for(exc)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.error("request %s %s failed: %s", scope.request_id, method, exc)
                     await context.abort(code, f"internal error (request id {scope.request_id})")
-                finally:
-                    _CURRENT.reset(token)
-                    self._metrics.observe_rpc(method, code.name, time.monotonic() - started)
+                await context.abort(code, str(exc))
+            except TimeoutError:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                await context.abort(code, f"deadline of {budget:.3f}s exceeded")
+            except aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("request %s %s failed", scope.request_id, method)
+                await context.abort(code, f"internal error (request id {scope.request_id})")
+            finally:
+                _CURRENT.reset(token)
+                metrics.observe_rpc(method, code.name, time.monotonic() - started)
 
-            return behavior
-
-        return _wrap_unary(handler, wrap, tolerant=True)
-
-
-class AuthInterceptor(aio.ServerInterceptor):
-    def __init__(self, keys: list[str], issuer: str) -> None:
-        self._keys = keys
-        self._issuer = issuer
-
-    async def intercept_service(
-        self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
-    ) -> Any:
-        method = details.method
-        handler = await continuation(details)
-        if method in PUBLIC_METHODS or handler is None:
-            return handler
-        if handler.unary_unary is None:  # no private streaming RPC exists; refuse any
-            return None
-        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
-
-        def wrap(inner: Behavior) -> Behavior:
-            async def behavior(request: Any, context: aio.ServicerContext) -> Any:
-                principal = authorize(method, metadata, self._keys, self._issuer)
-                scope = _CURRENT.get()
-                token = _CURRENT.set(RequestScope(scope.request_id, scope.deadline, principal))
-                try:
-                    return await inner(request, context)
-                finally:
-                    _CURRENT.reset(token)
-
-            return behavior
-
-        return _wrap_unary(handler, wrap)
+        return grpc.unary_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )

@@ -17,6 +17,7 @@ from collections import Counter as Tally
 from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -67,12 +68,21 @@ class ServiceMetrics:
         self._lock = threading.Lock()
         self._recent: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        self._rpc_series: dict[tuple[str, str], tuple[Any, Any, bool]] = {}
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        name = method.rsplit("/", 1)[-1]
-        self._requests.labels(name, code).inc()
-        self._latency.labels(name).observe(seconds)
-        if name in RANKING_METHODS:
+        series = self._rpc_series.get((method, code))
+        if series is None:  # the label lookups, once per method and code
+            name = method.rsplit("/", 1)[-1]
+            series = self._rpc_series[(method, code)] = (
+                self._requests.labels(name, code),
+                self._latency.labels(name),
+                name in RANKING_METHODS,
+            )
+        requests, latency, ranking = series
+        requests.inc()
+        latency.observe(seconds)
+        if ranking:
             with self._lock:
                 self._recent.append(seconds)
 

@@ -131,6 +131,7 @@ class RankingService(rpc.RankingServicer):
     async def Recommend(
         self, request: pb.RecommendRequest, context: aio.ServicerContext
     ) -> pb.RankedItems:
+        self._app.check_warm()
         user_id = validate_id("user_id", request.user_id)
         scope = validate_scope(request.scope)
         limit = _limit(request.limit)
@@ -144,6 +145,7 @@ class RankingService(rpc.RankingServicer):
     async def RankCandidates(
         self, request: pb.RankCandidatesRequest, context: aio.ServicerContext
     ) -> pb.RankedItems:
+        self._app.check_warm()
         user_id = validate_id("user_id", request.user_id)
         scope = validate_scope(request.scope)
         candidates = _ids("candidate_item_ids", request.candidate_item_ids, MAX_CANDIDATES)
@@ -158,6 +160,7 @@ class RankingService(rpc.RankingServicer):
     async def SimilarItems(
         self, request: pb.SimilarItemsRequest, context: aio.ServicerContext
     ) -> pb.RankedItems:
+        self._app.check_warm()
         item_id = validate_id("item_id", request.item_id)
         scope = validate_scope(request.scope)
         answer = await self._app.ranker.similar_items(

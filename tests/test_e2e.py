@@ -437,15 +437,18 @@ async def test_admin_metrics_model_info_and_job_history(client: Client, seeded: 
 
 
 async def test_unexpected_errors_become_internal_without_details(
-    config: Config, pg_url: str, redis_url: str
+    config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from server.interceptors import ErrorInterceptor
+    from server import auth
+    from server.interceptors import ServingInterceptor
     from server.metrics import ServiceMetrics
 
     async def explode(request: bytes, context: aio.ServicerContext) -> bytes:
         raise RuntimeError("secret internal detail")
 
-    server = aio.server(interceptors=[ErrorInterceptor(ServiceMetrics(), 1.0)])
+    monkeypatch.setitem(auth.POLICY, "/test.Boom/Explode", frozenset({auth.Role.SERVICE}))
+    authorizer = auth.Authorizer(config.signing_keys(), config.token_issuer)
+    server = aio.server(interceptors=[ServingInterceptor(ServiceMetrics(), 1.0, None, authorizer)])
     server.add_generic_rpc_handlers(
         [
             grpc.method_handlers_generic_handler(
@@ -457,8 +460,17 @@ async def test_unexpected_errors_become_internal_without_details(
     await server.start()
     try:
         async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            token = auth.mint_token(
+                config.signing_keys()[0],
+                role="service",
+                subject="t",
+                ttl_s=60,
+                issuer=config.token_issuer,
+            )
             with pytest.raises(aio.AioRpcError) as err:
-                await channel.unary_unary("/test.Boom/Explode")(b"")
+                await channel.unary_unary("/test.Boom/Explode")(
+                    b"", metadata=[("authorization", f"Bearer {token}")]
+                )
         assert err.value.code() == grpc.StatusCode.INTERNAL
         assert "secret" not in err.value.details()
         assert "request id" in err.value.details()

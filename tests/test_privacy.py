@@ -21,13 +21,13 @@ import redis
 from google.protobuf.message import Message
 from grpc import aio
 
-from features.errors import Unauthenticated
+from features.errors import PermissionDenied, Unauthenticated
 from features.postgres import SERVICE_ROLE, PgStore
 from features.schema import make_interaction
 from jobs.runner import run_job
 from jobs.steps import JobContext
 from server.api import privrank_pb2 as pb
-from server.auth import POLICY, Role, mint_token, verify_token
+from server.auth import POLICY, Authorizer, Role, mint_token, verify_token
 from tests.conftest import Client, privrank
 
 OWN = "matrix-user"
@@ -135,6 +135,26 @@ def test_signing_key_rotation_accepts_both_keys_until_the_old_one_is_dropped() -
     assert verify_token(token, [new, old], "privrank").role is Role.SERVICE
     with pytest.raises(Unauthenticated):
         verify_token(token, [new], "privrank")
+
+
+def test_remembered_tokens_still_expire_and_bad_ones_are_never_remembered() -> None:
+    key = "memo-key-" + "c" * 32
+    authorizer = Authorizer([key], "privrank")
+    method = "/privrank.v1.Ranking/Recommend"
+    now = time.time()
+    token = mint_token(key, role="service", subject="s", ttl_s=2, issuer="privrank", now=now)
+    expires = int(now) + 2
+    assert authorizer.authorize(method, f"Bearer {token}").role is Role.SERVICE
+    assert authorizer.authorize(method, f"Bearer {token}").role is Role.SERVICE  # remembered
+    with pytest.raises(PermissionDenied):  # the role is checked on every call, memo or not
+        authorizer.authorize("/privrank.v1.Admin/SetFlags", f"Bearer {token}")
+    time.sleep(max(0.0, expires - time.time()) + 0.2)
+    with pytest.raises(Unauthenticated, match="expired"):
+        authorizer.authorize(method, f"Bearer {token}")
+    forged = mint_token("other-" + "d" * 32, role="admin", subject="x", ttl_s=60, issuer="privrank")
+    for _ in range(2):
+        with pytest.raises(Unauthenticated):
+            authorizer.authorize(method, f"Bearer {forged}")
 
 
 async def test_row_level_security_confines_a_user_scoped_connection(pg_url: str) -> None:
