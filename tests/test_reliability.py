@@ -108,8 +108,7 @@ async def test_redis_hung_then_killed_then_back(
             from jobs.steps import top_k_for_users
 
             positions = np.array([snap.user_position(u) for u in users], dtype=np.int64)
-            retriever = app.ranker.scope("default").retriever
-            items, scores, counts = top_k_for_users(snap, retriever, positions, 100)
+            items, scores, counts = top_k_for_users(snap, positions, 100)
             await app.cache.put_many(
                 "default",
                 snap.version,
