@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -166,9 +167,20 @@ async def test_overload_is_shed_at_once_and_queued_calls_respect_deadlines(
                 return exc.code()
             return grpc.StatusCode.OK
 
-        codes = await asyncio.gather(*(heavy() for _ in range(60)))
-        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
-        assert codes.count(grpc.StatusCode.OK) >= 5  # one running + four queued, at least
+        # both kernel threads held: the first call keeps its slot until they are freed, so
+        # however slowly the calls arrive, one runs, four queue and the rest are refused
+        release = threading.Event()
+        holds = [app.kernels_pool.submit(release.wait, 30) for _ in range(config.kernel_threads)]
+        calls = [asyncio.create_task(heavy()) for _ in range(60)]
+        for refused, finished in enumerate(asyncio.as_completed(calls), start=1):
+            assert await finished == grpc.StatusCode.RESOURCE_EXHAUSTED
+            if refused == 55:
+                break
+        release.set()
+        codes = await asyncio.gather(*calls)
+        assert all(hold.result() for hold in holds)
+        assert codes.count(grpc.StatusCode.OK) == 5  # one running + four queued
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 55
 
         answers_before = sum(app.metrics.figures().served_by_source.values())
         blockers = [asyncio.create_task(heavy()) for _ in range(3)]
