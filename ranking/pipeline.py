@@ -24,7 +24,7 @@ from ranking import kernels
 from ranking.diversity import mmr
 from ranking.itemitem import item_item_top_k
 from ranking.profiles import CONTROL, DEFAULT_PROFILE, Profile
-from ranking.retrieval import Retriever, retriever_for
+from ranking.retrieval import Retriever, retriever_for, scan_top_k
 from ranking.scoring import ITEM_ITEM, RULES, Scoring, scoring_for
 from ranking.snapshot import Snapshot
 
@@ -227,12 +227,13 @@ class Ranker:
         items, scores = await self._compute(
             deadline,
             snap.n_items * snap.dim,
-            kernels.topk_dense,
+            scan_top_k,
             query,
             snap.item_unit,
             snap.zero_bias,
             np.union1d(recent, excluded),
             limit,
+            deadline,
         )
         return _answer(snap, items, scores, Source.RECENT) if len(items) else None
 
@@ -363,6 +364,7 @@ class Ranker:
                 scoring.query(snap.user_vectors[user]),
                 excluded,
                 depth,
+                deadline,
             )
         if len(items) == 0:
             return self.popular(snap, caller_excluded, limit, scoring=scoring)
@@ -419,12 +421,13 @@ class Ranker:
         items, scores = await self._compute(
             deadline,
             snap.n_items * snap.dim,
-            kernels.topk_dense,
+            scan_top_k,
             snap.item_unit[pos],
             snap.item_unit,
             snap.zero_bias,
             np.array([pos], np.int64),
             limit,
+            deadline,
         )
         return _answer(snap, items, scores, Source.LIVE)
 

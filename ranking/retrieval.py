@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
+from features.errors import DeadlineExceeded
 from ranking import kernels
 from ranking.snapshot import INDEX_FILE, Snapshot
 
@@ -59,10 +60,12 @@ class Retriever(Protocol):
     name: str
 
     def top_k(
-        self, query: np.ndarray, excluded: np.ndarray, k: int
+        self, query: np.ndarray, excluded: np.ndarray, k: int, deadline: float | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Best ``k`` items for ``query`` (float32[d]) by vector · query + bias, minus
-        ``excluded`` (sorted int64 positions): (positions int64[k'], scores float32[k'])."""
+        ``excluded`` (sorted int64 positions): (positions int64[k'], scores float32[k']).
+        A scan of the catalog stops with DeadlineExceeded once ``deadline`` (a
+        ``time.monotonic()`` value) has passed (see ``scan_top_k``)."""
         ...
 
     def with_bias(self, bias: np.ndarray) -> Retriever:
@@ -111,12 +114,9 @@ class ExactRetriever:
         self._bias = bias
 
     def top_k(
-        self, query: np.ndarray, excluded: np.ndarray, k: int
+        self, query: np.ndarray, excluded: np.ndarray, k: int, deadline: float | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        result: tuple[np.ndarray, np.ndarray] = kernels.topk_dense(
-            query, self._vectors, self._bias, excluded, k
-        )
-        return result
+        return scan_top_k(query, self._vectors, self._bias, excluded, k, deadline)
 
     def with_bias(self, bias: np.ndarray) -> ExactRetriever:
         return ExactRetriever(self._vectors, bias)
@@ -128,6 +128,41 @@ class ExactRetriever:
             queries, self._vectors, self._bias, excluded_indptr, excluded_indices, k
         )
         return result
+
+
+SCAN_CHUNK_ITEMS = 65_536  # items scored between two deadline checks: a few ms of work
+
+
+def scan_top_k(
+    query: np.ndarray,
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    excluded: np.ndarray,
+    k: int,
+    deadline: float | None = None,
+    chunk_items: int = SCAN_CHUNK_ITEMS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``kernels.topk_dense``, in chunks of ``chunk_items`` items with ``deadline`` (a
+    ``time.monotonic()`` value) checked before each: DeadlineExceeded once it has passed, so
+    a request its caller gave up on stops costing CPU. One heap runs across the chunks, so
+    the result is the single pass's, bit for bit."""
+    n = len(vectors)
+    if deadline is None or n <= chunk_items:
+        result: tuple[np.ndarray, np.ndarray] = kernels.topk_dense(
+            query, vectors, bias, excluded, k
+        )
+        return result
+    heap_s, heap_i = kernels.topk_init(k)
+    size = 0
+    for start in range(0, n, chunk_items):
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded("the request's time budget ran out while scoring")
+        stop = min(start + chunk_items, n)
+        size = kernels.topk_dense_chunk(
+            query, vectors, bias, excluded, k, start, stop, heap_s, heap_i, size
+        )
+    chunked: tuple[np.ndarray, np.ndarray] = kernels.topk_finalize(heap_s, heap_i, size)
+    return chunked
 
 
 def popular_order(bias: np.ndarray) -> np.ndarray:
@@ -230,7 +265,7 @@ class FaissRetriever:
         return chosen
 
     def top_k(
-        self, query: np.ndarray, excluded: np.ndarray, k: int
+        self, query: np.ndarray, excluded: np.ndarray, k: int, deadline: float | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         if k <= 0:
             return self._exact.top_k(query, excluded, 0)
@@ -240,8 +275,8 @@ class FaissRetriever:
             found = self._search(_augment(query.reshape(1, -1)), wanted)[0]
         except (RuntimeError, ValueError):
             log.exception("faiss search failed; using the exact scan")
-            return self._exact.top_k(query, excluded, k)
-        return self._rescore(query, found, excluded, k)
+            return self._exact.top_k(query, excluded, k, deadline)
+        return self._rescore(query, found, excluded, k, deadline)
 
     def top_k_batch(
         self, queries: np.ndarray, excluded_indptr: np.ndarray, excluded_indices: np.ndarray, k: int
@@ -269,7 +304,12 @@ class FaissRetriever:
         return out_i, out_s, counts
 
     def _rescore(
-        self, query: np.ndarray, found: np.ndarray, excluded: np.ndarray, k: int
+        self,
+        query: np.ndarray,
+        found: np.ndarray,
+        excluded: np.ndarray,
+        k: int,
+        deadline: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The exact top k among faiss's candidates ``found`` and the popular head; the exact
         scan if they hold too few."""
@@ -280,7 +320,7 @@ class FaissRetriever:
             query, self._vectors, self._bias, candidates, excluded, k
         )
         if len(items) < min(k, len(self._vectors) - len(excluded)):
-            return self._exact.top_k(query, excluded, k)
+            return self._exact.top_k(query, excluded, k, deadline)
         return items, scores
 
 

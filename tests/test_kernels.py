@@ -8,6 +8,7 @@ contract (higher score first, ties to the lower position, i.e. the lower item ID
 from __future__ import annotations
 
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from features.errors import DeadlineExceeded
 from ranking import kernels
+from ranking.retrieval import scan_top_k
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 
@@ -185,6 +188,26 @@ def test_chunked_scan_equals_single_pass(problem: Problem, data: st.DataObject) 
         assert 0 <= size <= k
     got = kernels.topk_finalize(heap_s, heap_i, size)
     assert_topk_equal(got, kernels.topk_dense(query, vectors, bias, excluded, k))
+
+
+@SETTINGS
+@given(problems(), st.integers(min_value=1, max_value=8))
+def test_deadline_checked_scan_equals_single_pass(problem: Problem, chunk_items: int) -> None:
+    query, vectors, bias, excluded, k = problem
+    future = time.monotonic() + 60
+    got = scan_top_k(query, vectors, bias, excluded, k, future, chunk_items=chunk_items)
+    assert_topk_equal(got, kernels.topk_dense(query, vectors, bias, excluded, k))
+
+
+def test_a_scan_past_its_deadline_stops_before_scoring() -> None:
+    rng = np.random.default_rng(3)
+    vectors = _float32(rng.standard_normal((100, 4)))
+    bias, query = _float32(np.zeros(100)), _float32(rng.standard_normal(4))
+    with pytest.raises(DeadlineExceeded):
+        scan_top_k(query, vectors, bias, _positions([]), 5, time.monotonic() - 1, chunk_items=10)
+    # small enough for one chunk, or no deadline: one pass, as the caller checked the deadline
+    scan_top_k(query, vectors, bias, _positions([]), 5, time.monotonic() - 1, chunk_items=100)
+    scan_top_k(query, vectors, bias, _positions([]), 5, None, chunk_items=10)
 
 
 @pytest.mark.parametrize("d", [1, 5, 12, 16, 17, 33, 64, 100])
