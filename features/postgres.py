@@ -600,6 +600,10 @@ class PgStore:
         """
         names, weights = _weights()
         async with self._conn() as conn, conn.transaction():
+            # right after a bulk import (before autovacuum has analyzed events) the planner
+            # thinks the aggregates have a row or two and nests their join: quadratic in users
+            # (minutes at 100k). Hash joins are right at any size.
+            await conn.execute("SET LOCAL enable_nestloop = off")
             await conn.execute(
                 "DELETE FROM user_features f USING user_settings s"
                 " WHERE f.user_id = s.user_id AND NOT s.personalization_enabled AND f.scope = $1",
