@@ -60,7 +60,9 @@ class Config:
     shutdown_delay_s: float = 2.0  # NOT_SERVING but still answering, so balancers move away
     shutdown_grace_s: float = 10.0  # then in-flight calls get this long to finish
     store_timeout_s: float = 2.0
-    redis_timeout_s: float = 0.05
+    # measured on the event loop, so it must cover the loop's own lag under load, not only
+    # Redis: a tighter one fails healthy calls when busy and opens the breaker (all LIVE)
+    redis_timeout_s: float = 0.25
     cache_ttl_s: int = 24 * 3600
     optout_refresh_s: float = 5.0
     optout_max_staleness_s: float = 30.0
