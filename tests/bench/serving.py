@@ -95,6 +95,7 @@ class Stores:
     data_dir: Path
     database_url: str
     redis_url: str
+    precomputed: bool = False  # this run has filled the cache
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVRANK_")}
@@ -386,18 +387,20 @@ async def bench_precompute(st: Stores, args: argparse.Namespace) -> None:
     from jobs.steps import BATCH_USERS, JobContext, precompute, top_k_for_users
     from ranking import snapshot
     from ranking.retrieval import retriever_for
+    from ranking.scoring import scoring_for
     from server.config import Config
 
     header("precompute: top-100 for every active user into Redis (and the ranks table)")
     config = Config.from_env(st.env())
     snap = snapshot.load_current(config.snapshot_dir, SCOPE)
     retriever = retriever_for(snap)
+    scoring = scoring_for(snap, config.profile(SCOPE), retriever=retriever)
     say(f"  snapshot {snap.version}: {snap.n_items:,} items x {snap.dim}, {snap.n_users:,} users")
     say(f"  retrieval: {retriever.name}; {BATCH_USERS} users per batch")
     sample = np.arange(min(snap.n_users, args.retrieval_sample), dtype=np.int64)
     started = time.perf_counter()
     for start in range(0, len(sample), BATCH_USERS):
-        top_k_for_users(snap, retriever, sample[start : start + BATCH_USERS], 100)
+        top_k_for_users(snap, sample[start : start + BATCH_USERS], 100, scoring)
     retrieval_rate = len(sample) / (time.perf_counter() - started)
     pg = await PgStore.connect(st.database_url, timeout_s=60)
     cache = RankCache.from_url(st.redis_url, timeout_s=60, ttl_s=config.cache_ttl_s)
@@ -408,6 +411,7 @@ async def bench_precompute(st: Stores, args: argparse.Namespace) -> None:
     finally:
         await cache.close()
         await pg.close()
+    st.precomputed = True
     written = int(summary.split()[0])
     rate = written / elapsed
     say(f"  job step: {summary}")
@@ -480,8 +484,24 @@ async def bench_recommend(st: Stores, args: argparse.Namespace) -> None:
         + (", servers on core 0, client on core 1" if pinned else ", no pinning")
     )
     snap = snapshot.load_current(st.data_dir / "snapshots", SCOPE)
+    if not st.precomputed:
+        await bench_precompute(st, args)
+    # the users whose rankings precompute cached (and wrote to the ranks table)
+    import asyncpg
+
+    conn = await asyncpg.connect(st.database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT user_id FROM ranks WHERE scope = $1 AND model_version = $2",
+            SCOPE,
+            snap.version,
+        )
+    finally:
+        await conn.close()
     rng = random.Random(1)
-    users = [str(snap.user_ids[rng.randrange(snap.n_users)]) for _ in range(20_000)]
+    cached = [r["user_id"] for r in rows]
+    users = [cached[rng.randrange(len(cached))] for _ in range(20_000)]
+    say(f"  users: 20,000 draws from the {len(cached):,} with a cached ranking")
     miss_url = st.redis_url.replace("db=0", "db=1")
     servers = [
         start_echo(st, args.workers, server_cores),
