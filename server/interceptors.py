@@ -95,6 +95,9 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
+OVERLOADED = "server at capacity; retry with backoff"
+
+
 class Admission:
     """Admission control: at most ``active + queued`` calls are admitted at once, and at most
     ``active`` handlers run at once; a call beyond that is refused at once (RESOURCE_EXHAUSTED),
@@ -115,10 +118,15 @@ class Admission:
     def admitted(self) -> int:
         return self._admitted
 
+    @property
+    def full(self) -> bool:
+        """True while a new call would be refused."""
+        return self._admitted >= self._limit
+
     @contextlib.asynccontextmanager
     async def admit(self, deadline: float) -> AsyncIterator[None]:
         if self._admitted >= self._limit:
-            raise errors.Overloaded("server at capacity; retry with backoff")
+            raise errors.Overloaded(OVERLOADED)
         self._admitted += 1
         try:
             await asyncio.sleep(0)  # let every call that has arrived register first
@@ -154,19 +162,39 @@ class ServingInterceptor(aio.ServerInterceptor):
         self._default_deadline_s = default_deadline_s
         self._admission = admission
         self._authorizer = authorizer
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        # per method: its wrapped handler, and the one that refuses it when admission is full
+        self._handlers: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
     ) -> Any:
         method = details.method
-        wrapped = self._handlers.get(method)
-        if wrapped is None:
+        handlers = self._handlers.get(method)
+        if handlers is None:
             handler = await continuation(details)
             if handler is None:  # unknown method: not remembered, so no caller can grow the map
                 return None
-            wrapped = self._handlers[method] = self._wrap(method, handler)
+            handlers = self._handlers[method] = (
+                self._wrap(method, handler),
+                None
+                if method in PUBLIC_METHODS or handler.unary_unary is None
+                else self._refusal(method),
+            )
+        wrapped, refusal = handlers
+        if refusal is not None and self._admission is not None and self._admission.full:
+            return refusal
         return wrapped
+
+    def _refusal(self, method: str) -> Any:
+        """A handler refusing ``method`` before its request is even parsed: under overload a
+        refusal must cost far less than an answer."""
+        metrics = self._metrics
+
+        async def refuse(request: bytes, context: aio.ServicerContext) -> None:
+            metrics.observe_rpc(method, grpc.StatusCode.RESOURCE_EXHAUSTED.name, 0.0)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED)
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> Any:
         public = method in PUBLIC_METHODS

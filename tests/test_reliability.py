@@ -153,7 +153,8 @@ async def test_overload_is_shed_at_once_and_queued_calls_respect_deadlines(
 ) -> None:
     # every request scores on the kernel pool, so waiting calls are visible to admission
     tight = dataclasses.replace(config, max_active_rpcs=1, max_queued_rpcs=4, offload_min_work=0)
-    async with _serving(tight, pg_url, redis_url) as (app, stub, metadata):
+    async with serving(tight, pg_url, redis_url) as running:
+        app, stub, metadata = running.app, rpc.RankingStub(running.channel), running.service
         candidates = [f"i{n}" for n in range(100)] * 100
 
         async def heavy() -> grpc.StatusCode:
@@ -176,6 +177,11 @@ async def test_overload_is_shed_at_once_and_queued_calls_respect_deadlines(
             assert await finished == grpc.StatusCode.RESOURCE_EXHAUSTED
             if refused == 55:
                 break
+        # full: a call is refused before its request is parsed (garbage is not even looked at)
+        garbage = running.channel.unary_unary("/privrank.v1.Ranking/Recommend")
+        with pytest.raises(aio.AioRpcError) as err:
+            await garbage(b"\xff\xff not protobuf", metadata=metadata, timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         release.set()
         codes = await asyncio.gather(*calls)
         assert all(hold.result() for hold in holds)
