@@ -51,6 +51,7 @@ TUNE_REGULARIZATION = (0.01, 0.1, 1.0)
 TUNE_ALPHA = (1.0, 4.0, 10.0, 40.0)
 TUNE_MAX_PAIRS = 2_000_000
 TUNE_MIN_USERS = 20
+TUNE_MAX_USERS = 2_000  # validation users scored per candidate setting (a seeded sample)
 EASE_MAX_ITEMS = 10_000  # n² floats in memory, n³ to train
 EASE_LAMBDA = (50.0, 200.0, 800.0, 3200.0)
 DAYPARTS = 4  # local hour // 6
@@ -194,6 +195,9 @@ def _validation(pairs: TrainingPairs, base: AlsParams) -> _Validation | str:
     train_part, held = _validation_split(pairs, HOLDOUT_FRACTION)
     if len(held) < TUNE_MIN_USERS:
         return "too little data to tune"
+    if len(held) > TUNE_MAX_USERS:  # each setting scans the catalog once per validation user
+        sample = np.random.default_rng(0).choice(sorted(held), TUNE_MAX_USERS, replace=False)
+        held = {str(u): held[str(u)] for u in sorted(sample)}
     index = _factorize(train_part, replace(base, iterations=0), "index", progress=False)
     return _Validation(train_part, held, index)
 
