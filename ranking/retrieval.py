@@ -575,6 +575,15 @@ def time_per_query(
     return float(np.median(times) * 1e3)
 
 
+def read_index(path: Path) -> faiss.Index:
+    """The index at ``path``, memory-mapped where faiss can (IVF-Flat: its lists stay in the
+    page cache, shared by every worker, not copied into each process), else read."""
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+    except RuntimeError:
+        return faiss.read_index(str(path))
+
+
 def write_index(index: faiss.Index, path: Path) -> None:
     faiss.write_index(index, str(path))
 
@@ -587,7 +596,7 @@ def retriever_for(snapshot: Snapshot) -> Retriever:
     """
     path = snapshot.path / INDEX_FILE
     if path.exists():
-        index = faiss.read_index(str(path))
+        index = read_index(path)
         if index.ntotal == snapshot.n_items and index.d == snapshot.dim + 1:
             recorded = snapshot.manifest.get(SEARCH_PARAMS_KEY)
             params = SearchParams.from_dict(recorded) if isinstance(recorded, dict) else None

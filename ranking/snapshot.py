@@ -52,6 +52,9 @@ ARRAYS: dict[str, tuple[str, int]] = {
 # per item (int32[n]) into the category names (str[C], code 0 = none). Snapshots built before
 # the components serve their item_bias as built.
 OPTIONAL_ARRAYS: dict[str, tuple[str, int]] = {
+    # item_vectors' rows scaled to norm 1 (0 stays 0): written by publish, so that every
+    # process maps one copy instead of computing its own (snapshots from before compute it)
+    "item_unit": ("f", 2),
     "item_item": ("f", 2),
     "segment_items": ("i", 2),
     "segment_scores": ("f", 2),
@@ -150,6 +153,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` (float32[n, d]) with each row scaled to norm 1; zero rows stay zero."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit: np.ndarray = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    return unit
+
+
 def _check_arrays(arrays: dict[str, np.ndarray]) -> None:
     missing = set(ARRAYS) - set(arrays)
     if missing:
@@ -178,6 +189,10 @@ def _check_arrays(arrays: dict[str, np.ndarray]) -> None:
         extra = arrays.get(name)
         if extra is not None and (extra.dtype.kind != kind or extra.ndim != ndim):
             raise SnapshotError(f"{name}: expected kind {kind!r} with {ndim} dims")
+    if arrays.get("item_unit") is not None and (
+        arrays["item_unit"].shape != arrays["item_vectors"].shape
+    ):
+        raise SnapshotError("item_unit: expected the shape of item_vectors")
     if arrays.get("item_item") is not None and arrays["item_item"].shape != (n, n):
         raise SnapshotError(f"item_item: expected a {n}x{n} matrix")
     present = [arrays.get(name) is not None for name in ITEM_COMPONENTS]
@@ -214,6 +229,9 @@ def publish(
     pointer swap, readers keep the previous snapshot; a leftover temporary directory is
     harmless and removed by cleanup.
     """
+    vectors = arrays.get("item_vectors")
+    if arrays.get("item_unit") is None and vectors is not None and vectors.ndim == 2:
+        arrays = {**arrays, "item_unit": unit_rows(arrays["item_vectors"])}
     _check_arrays(arrays)
     scope_dir = root / scope
     scope_dir.mkdir(parents=True, exist_ok=True)
@@ -319,8 +337,8 @@ def load(path: Path) -> Snapshot:
         raise SnapshotError(f"{path}: unreadable array: {exc}") from exc
     _check_arrays(arrays)
     vectors = np.ascontiguousarray(arrays["item_vectors"], dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    stored_unit = arrays.get("item_unit")
+    unit = unit_rows(vectors) if stored_unit is None else stored_unit
     popularity = arrays["item_popularity"]
     # stable sort of -popularity over ID-ordered positions: ties keep ID order
     popular = np.argsort(-np.asarray(popularity, dtype=np.float64), kind="stable").astype(np.int64)
@@ -338,7 +356,7 @@ def load(path: Path) -> Snapshot:
         user_features=arrays["user_features"],
         seen_indptr=np.asarray(arrays["seen_indptr"], dtype=np.int64),
         seen_indices=np.asarray(arrays["seen_indices"], dtype=np.int64),
-        item_unit=unit.astype(np.float32),
+        item_unit=np.ascontiguousarray(unit, dtype=np.float32),
         zero_bias=np.zeros(len(vectors), dtype=np.float32),
         popular=popular,
         item_item=arrays.get("item_item"),

@@ -106,9 +106,23 @@ def test_round_trip(tmp_path: Path) -> None:
     assert manifest["retrieval"] == "exact"
     assert manifest["model"] == "als"
     assert manifest["iterations"] == 3
-    assert set(manifest["files"]) == {f"{name}.npy" for name in snapshot.ARRAYS}
+    assert set(manifest["files"]) == {f"{name}.npy" for name in [*snapshot.ARRAYS, "item_unit"]}
     assert loaded.created_at == manifest["created_at"]
     assert re.fullmatch(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{10}", version), version
+
+
+def test_unit_rows_are_published_and_mapped_not_computed(tmp_path: Path) -> None:
+    arrays = make_arrays()
+    arrays["item_vectors"][2] = 0.0  # a zero row stays zero
+    snapshot.publish(tmp_path, SCOPE, arrays)
+    loaded = snapshot.load_current(tmp_path, SCOPE)
+    expected = arrays["item_vectors"] / np.maximum(
+        np.linalg.norm(arrays["item_vectors"], axis=1, keepdims=True), 1e-30
+    )
+    np.testing.assert_allclose(loaded.item_unit, expected, rtol=1e-6)
+    assert not loaded.item_unit.flags.owndata  # a view of the mapped file, shared by workers
+    with pytest.raises(SnapshotError, match="item_unit"):
+        snapshot.publish(tmp_path, SCOPE, {**arrays, "item_unit": expected[:, :2]})
 
 
 def test_loaded_derived_arrays(tmp_path: Path) -> None:
@@ -169,7 +183,8 @@ def test_publish_leaves_no_temporary_files(tmp_path: Path) -> None:
         [snapshot.POINTER, version]
     )
     files = sorted(p.name for p in (tmp_path / SCOPE / version).iterdir())
-    assert files == sorted([snapshot.MANIFEST, *(f"{name}.npy" for name in snapshot.ARRAYS)])
+    names = [*snapshot.ARRAYS, "item_unit"]
+    assert files == sorted([snapshot.MANIFEST, *(f"{name}.npy" for name in names)])
 
 
 def flip_byte(path: Path, offset: int = -1) -> None:
