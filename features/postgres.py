@@ -7,8 +7,10 @@ driver errors leave this module translated into the error tree (``StoreUnavailab
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -681,7 +683,11 @@ class PgStore:
                 "CREATE TEMP TABLE ranks_in (user_id text, item_ids text[], scores real[])"
                 " ON COMMIT DROP"
             )
-            await conn.copy_records_to_table("ranks_in", records=rows, timeout=600)
+            # COPY's text format: asyncpg's record encoder checks every array element in
+            # Python, most of the precompute step's time at 100k users x 100 items
+            await conn.copy_to_table(
+                "ranks_in", source=io.BytesIO(_ranks_copy_text(rows)), timeout=600
+            )
             await conn.execute(
                 "INSERT INTO ranks (scope, user_id, model_version, item_ids, scores, computed_at)"
                 " SELECT $1, r.user_id, $2, r.item_ids, r.scores, now() FROM ranks_in r"
@@ -834,6 +840,39 @@ def _as_number(value: object) -> float:
     if isinstance(value, str):  # country code, exported as its two letters' code point pair
         return float(ord(value[0]) * 256 + ord(value[1])) if len(value) == 2 else 0.0
     return float(value)  # type: ignore[arg-type]
+
+
+# in a joined list of IDs: what would need quoting as an array element (whitespace, quotes,
+# braces, backslashes; empty or NULL elements) or escaping in COPY's text format
+_NEEDS_QUOTING = re.compile(r'[\s"{}\\]|^,|,,|,$|^$|(?:^|,)null(?:,|$)', re.IGNORECASE)
+
+
+_REAL = "{:.9g}".format
+
+
+def _copy_field(text: str) -> str:
+    """``text`` escaped for COPY's text format."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _array_field(values: Sequence[str]) -> str:
+    """``values`` as a PostgreSQL array literal, as a COPY text field. Validated IDs need no
+    quoting, so the common case is one join; anything else is quoted element by element."""
+    joined = ",".join(values)
+    if joined.count(",") == len(values) - 1 and not _NEEDS_QUOTING.search(joined):
+        return "{" + joined + "}"
+    quoted = (v.replace("\\", "\\\\").replace('"', '\\"') for v in values)
+    return _copy_field("{" + ",".join(f'"{v}"' for v in quoted) + "}")
+
+
+def _ranks_copy_text(rows: Sequence[tuple[str, Sequence[str], Sequence[float]]]) -> bytes:
+    """(user_id, item_ids, scores) rows in COPY's text format (tab-separated). Scores are
+    written with 9 significant digits: every float32 (the ``real`` column) comes back exact."""
+    lines = (
+        f"{_copy_field(user)}\t{_array_field(items)}\t{{{','.join(map(_REAL, scores))}}}\n"
+        for user, items, scores in rows
+    )
+    return "".join(lines).encode()
 
 
 _REFRESH_FEATURES_SQL = """

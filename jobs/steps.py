@@ -556,8 +556,7 @@ async def precompute(ctx: JobContext, scope: str) -> str:
                 scope, snap.version, batch, ttl_s=ctx.config.profile(scope).cache_ttl_s
             )
             rows.extend(
-                (user_id, [str(i) for i in snap.item_ids[its]], [float(s) for s in scs])
-                for user_id, its, scs in batch
+                (user_id, snap.item_ids[its].tolist(), scs.tolist()) for user_id, its, scs in batch
             )
             bar.update(len(chunk))
     await ctx.pg.replace_ranks(scope, snap.version, rows)

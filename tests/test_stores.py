@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import numpy as np
 import pytest
 
@@ -152,6 +153,31 @@ async def test_delete_user_removes_every_row(pg: PgStore) -> None:
     }
     exported = await pg.export_user(user)
     assert exported == {"features": [], "event_counts": [], "ranks": 0}
+
+
+async def test_ranks_round_trip_whatever_the_ids_hold(pg: PgStore, pg_url: str) -> None:
+    # precompute writes ranks through COPY's text format: anything an array literal or COPY
+    # would read differently must come back as written
+    scope = _scope()
+    awkward = ["a,b", 'q"uote', "back\\slash", "{brace}", "NULL", "null", "", " sp ace", "t\tab"]
+    rows = [
+        ("plain-user", ["i1", "i2", "i3"], [0.5, 0.25, -1.0]),
+        ("awkward-user", awkward, [float(n) for n in range(len(awkward))]),
+        ("empty-user", [], []),
+        ("NULL", ["NULL"], [float("inf")]),
+    ]
+    await pg.replace_ranks(scope, "v1", rows)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        stored = {
+            r["user_id"]: (r["item_ids"], r["scores"])
+            for r in await conn.fetch(
+                "SELECT user_id, item_ids, scores FROM ranks WHERE scope = $1", scope
+            )
+        }
+    finally:
+        await conn.close()
+    assert stored == {user: (items, scores) for user, items, scores in rows}
 
 
 async def test_job_lock_admits_one_holder(pg: PgStore, pg_url: str) -> None:
