@@ -266,7 +266,7 @@ def create_server(
             ServingInterceptor(
                 app.metrics,
                 config.default_deadline_s,
-                Admission(config.max_active_rpcs, config.max_queued_rpcs),
+                Admission(config.max_active_rpcs, config.max_queued_rpcs, config.max_queue_wait_s),
                 Authorizer(config.signing_keys(), config.token_issuer),
             )
         ],

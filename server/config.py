@@ -52,6 +52,9 @@ class Config:
     max_message_bytes: int = 4 * 1024 * 1024
     max_concurrent_rpcs: int = 0  # gRPC's own cap on open calls; 0: active + queued + 64
     max_active_rpcs: int = 8  # handlers running at once (the CPU work is on one event loop)
+    # a call queued longer is refused (RESOURCE_EXHAUSTED); above the Redis timeout, so a hung
+    # Redis (until its breaker opens) does not turn into refusals
+    max_queue_wait_s: float = 0.5
     max_queued_rpcs: int = 256  # waiting for a slot; past this, RESOURCE_EXHAUSTED at once
     kernel_threads: int = 2  # threads scoring large requests off the event loop (numba nogil)
     offload_min_work: int = 1_000_000  # multiply-adds above which scoring leaves the loop
@@ -108,6 +111,7 @@ class Config:
             "MAX_MESSAGE_BYTES": self.max_message_bytes,
             "MAX_ACTIVE_RPCS": self.max_active_rpcs,
             "MAX_QUEUED_RPCS": self.max_queued_rpcs,
+            "MAX_QUEUE_WAIT_S": self.max_queue_wait_s,
             "KERNEL_THREADS": self.kernel_threads,
             "BREAKER_FAILURES": self.breaker_failures,
             "BREAKER_COOLDOWN_S": self.breaker_cooldown_s,

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -101,17 +102,20 @@ OVERLOADED = "server at capacity; retry with backoff"
 class Admission:
     """Admission control: at most ``active + queued`` calls are admitted at once, and at most
     ``active`` handlers run at once; a call beyond that is refused at once (RESOURCE_EXHAUSTED),
-    so overload sheds load instead of slowing every call down. A call whose deadline passed
-    while it waited is answered DEADLINE_EXCEEDED without starting any work.
+    so overload sheds load instead of slowing every call down. A call that waits longer than
+    ``max_wait_s`` for a slot is refused too (the queue then holds at most that much work, and
+    an answer that would come too late is not computed); one whose deadline passes while it
+    waits is answered DEADLINE_EXCEEDED. Neither starts any work.
 
     Ranking handlers do their CPU work without awaiting, so waiting calls queue in the event
     loop rather than on a semaphore: a call registers on arrival and yields once, so every call
     that has arrived is counted before any of them does work.
     """
 
-    def __init__(self, active: int, queued: int) -> None:
+    def __init__(self, active: int, queued: int, max_wait_s: float = math.inf) -> None:
         self._slots = asyncio.Semaphore(active)
         self._limit = active + queued
+        self._max_wait_s = max_wait_s
         self._admitted = 0
 
     @property
@@ -135,8 +139,12 @@ class Admission:
                 raise errors.DeadlineExceeded("deadline passed while waiting for capacity")
             if self._slots.locked():
                 try:
-                    await asyncio.wait_for(self._slots.acquire(), remaining)
+                    await asyncio.wait_for(self._slots.acquire(), min(remaining, self._max_wait_s))
                 except TimeoutError:
+                    if remaining > self._max_wait_s:
+                        raise errors.Overloaded(
+                            f"queued over {self._max_wait_s:g}s; {OVERLOADED}"
+                        ) from None
                     raise errors.DeadlineExceeded(
                         "deadline passed while waiting for capacity"
                     ) from None

@@ -152,7 +152,9 @@ async def test_overload_is_shed_at_once_and_queued_calls_respect_deadlines(
     config: Config, pg_url: str, redis_url: str, seeded: object
 ) -> None:
     # every request scores on the kernel pool, so waiting calls are visible to admission
-    tight = dataclasses.replace(config, max_active_rpcs=1, max_queued_rpcs=4, offload_min_work=0)
+    tight = dataclasses.replace(
+        config, max_active_rpcs=1, max_queued_rpcs=4, offload_min_work=0, max_queue_wait_s=30
+    )
     async with serving(tight, pg_url, redis_url) as running:
         app, stub, metadata = running.app, rpc.RankingStub(running.channel), running.service
         candidates = [f"i{n}" for n in range(100)] * 100
@@ -203,6 +205,40 @@ async def test_overload_is_shed_at_once_and_queued_calls_respect_deadlines(
         # the server still serves normally afterwards
         answer = await stub.Recommend(pb.RecommendRequest(user_id="u2"), metadata=metadata)
         assert answer.items
+
+
+async def test_a_call_queued_past_the_wait_bound_is_refused_without_work(
+    config: Config, pg_url: str, redis_url: str, seeded: object
+) -> None:
+    bounded = dataclasses.replace(
+        config, max_active_rpcs=1, max_queued_rpcs=4, offload_min_work=0, max_queue_wait_s=0.2
+    )
+    async with serving(bounded, pg_url, redis_url) as running:
+        stub = rpc.RankingStub(running.channel)
+        release = threading.Event()
+        # the kernel threads held: the first call keeps the only slot; the next one queues
+        holds = [
+            running.app.kernels_pool.submit(release.wait, 30) for _ in range(config.kernel_threads)
+        ]
+        first = asyncio.ensure_future(
+            stub.Recommend(pb.RecommendRequest(user_id="u1"), metadata=running.service, timeout=10)
+        )
+        await asyncio.sleep(0.05)
+        answers_before = sum(running.app.metrics.figures().served_by_source.values())
+        started = time.monotonic()
+        with pytest.raises(aio.AioRpcError) as err:
+            await stub.Recommend(
+                pb.RecommendRequest(user_id="u2"), metadata=running.service, timeout=10
+            )
+        waited = time.monotonic() - started
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queued over 0.2s" in (err.value.details() or "")
+        assert waited < 5  # refused at the bound, not at its 10 s deadline
+        release.set()
+        assert (await first).items
+        assert all(hold.result() for hold in holds)
+        # one answer (the first call's); the refused call computed nothing
+        assert sum(running.app.metrics.figures().served_by_source.values()) == answers_before + 1
 
 
 def _content_hash(root: Path, scope: str) -> str:
