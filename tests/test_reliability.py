@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import asyncpg
@@ -148,14 +149,27 @@ async def test_redis_hung_then_killed_then_back(
             assert {source for _, source in dead} == {pb.SOURCE_LIVE}
 
 
+def _one_slot(config: Config, max_queue_wait_s: float) -> Config:
+    """One handler slot and four queue places; every request scores on the kernel pool, so
+    waiting calls are visible to admission."""
+    return dataclasses.replace(
+        config,
+        max_active_rpcs=1,
+        max_queued_rpcs=4,
+        offload_min_work=0,
+        max_queue_wait_s=max_queue_wait_s,
+    )
+
+
+def _hold_kernel_threads(app: App, release: threading.Event) -> list[Future[bool]]:
+    """Occupy every kernel thread until ``release`` is set (each returns True then)."""
+    return [app.kernels_pool.submit(release.wait, 30) for _ in range(app.config.kernel_threads)]
+
+
 async def test_overload_is_shed_at_once_and_queued_calls_respect_deadlines(
     config: Config, pg_url: str, redis_url: str, seeded: object
 ) -> None:
-    # every request scores on the kernel pool, so waiting calls are visible to admission
-    tight = dataclasses.replace(
-        config, max_active_rpcs=1, max_queued_rpcs=4, offload_min_work=0, max_queue_wait_s=30
-    )
-    async with serving(tight, pg_url, redis_url) as running:
+    async with serving(_one_slot(config, max_queue_wait_s=30), pg_url, redis_url) as running:
         app, stub, metadata = running.app, rpc.RankingStub(running.channel), running.service
         candidates = [f"i{n}" for n in range(100)] * 100
 
@@ -173,7 +187,7 @@ async def test_overload_is_shed_at_once_and_queued_calls_respect_deadlines(
         # both kernel threads held: the first call keeps its slot until they are freed, so
         # however slowly the calls arrive, one runs, four queue and the rest are refused
         release = threading.Event()
-        holds = [app.kernels_pool.submit(release.wait, 30) for _ in range(config.kernel_threads)]
+        holds = _hold_kernel_threads(app, release)
         calls = [asyncio.create_task(heavy()) for _ in range(60)]
         for refused, finished in enumerate(asyncio.as_completed(calls), start=1):
             assert await finished == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -210,16 +224,11 @@ async def test_overload_is_shed_at_once_and_queued_calls_respect_deadlines(
 async def test_a_call_queued_past_the_wait_bound_is_refused_without_work(
     config: Config, pg_url: str, redis_url: str, seeded: object
 ) -> None:
-    bounded = dataclasses.replace(
-        config, max_active_rpcs=1, max_queued_rpcs=4, offload_min_work=0, max_queue_wait_s=0.2
-    )
-    async with serving(bounded, pg_url, redis_url) as running:
+    async with serving(_one_slot(config, max_queue_wait_s=0.2), pg_url, redis_url) as running:
         stub = rpc.RankingStub(running.channel)
         release = threading.Event()
         # the kernel threads held: the first call keeps the only slot; the next one queues
-        holds = [
-            running.app.kernels_pool.submit(release.wait, 30) for _ in range(config.kernel_threads)
-        ]
+        holds = _hold_kernel_threads(running.app, release)
         first = asyncio.ensure_future(
             stub.Recommend(pb.RecommendRequest(user_id="u1"), metadata=running.service, timeout=10)
         )

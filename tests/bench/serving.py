@@ -9,9 +9,10 @@ Run from the repository root (the data is made once and reused from --data-dir):
 
 Data: ``privrank synth`` and ``privrank jobs nightly`` into ``--data-dir`` on its own embedded
 PostgreSQL and Redis (started by this script under the data dir, stopped at the end), unless
-the data dir already holds a published snapshot (whatever its size: a catalog keeps only the
-items that have events). Embedded Redis keeps
-nothing on disk, so the cached rankings are re-made by the precompute section every run.
+the data dir already holds a published snapshot. Every item ID is imported with
+``privrank import items`` (synthetic events touch about half of a million-item catalog; the
+others are cold items, as in a real catalog), so the snapshot has ``--items`` items. Embedded
+Redis keeps nothing on disk, so the cached rankings are re-made by the precompute section every run.
 
 Sections (``--only`` picks some; all by default, in this order):
 
@@ -140,6 +141,14 @@ def prepare(st: Stores, args: argparse.Namespace) -> None:
         *("synth", "--users", str(args.users), "--items", str(args.items)),
         *("--events", str(args.events), "--scope", SCOPE),
     )
+    # a real catalog holds items nobody has touched yet: import every ID (with one of 20
+    # categories), so the snapshot has --items items, the ones without events cold
+    items_file = st.data_dir / "items.csv"
+    rng = random.Random(1)
+    with items_file.open("w") as out:
+        out.write("item_id,category\n")
+        out.writelines(f"i{n},c{rng.randrange(20)}\n" for n in range(args.items))
+    st.cli("import", "items", str(items_file), "--scope", SCOPE)
     st.cli("jobs", "nightly", "--scope", SCOPE)
     say(f"  data made in {time.perf_counter() - started:.0f} s")
 
