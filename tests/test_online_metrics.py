@@ -34,6 +34,7 @@ def test_bucket_quantiles_fall_in_the_right_bucket(values: list[float], q: float
 
 def test_figures_count_what_was_observed() -> None:
     metrics = ServiceMetrics()
+    # latencies are given, not timed: the figures are arithmetic on them
     for seconds in (0.001, 0.002, 0.003):
         metrics.observe_rpc("/privrank.v1.Ranking/Recommend", "OK", seconds)
     metrics.observe_rpc("/privrank.v1.Admin/GetMetrics", "OK", 0.5)
