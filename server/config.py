@@ -56,6 +56,9 @@ class Config:
     # Redis (until its breaker opens) does not turn into refusals
     max_queue_wait_s: float = 0.5
     max_queued_rpcs: int = 256  # waiting for a slot; past this, RESOURCE_EXHAUSTED at once
+    # per method, calls gRPC core holds until the event loop takes them: past a quarter of
+    # this it sheds new ones at random, at this many all of them (the caller sees CANCELLED)
+    max_pending_rpcs: int = 256
     kernel_threads: int = 2  # threads scoring large requests off the event loop (numba nogil)
     offload_min_work: int = 1_000_000  # multiply-adds above which scoring leaves the loop
     breaker_failures: int = 5  # consecutive store failures that open its circuit
@@ -112,6 +115,7 @@ class Config:
             "MAX_ACTIVE_RPCS": self.max_active_rpcs,
             "MAX_QUEUED_RPCS": self.max_queued_rpcs,
             "MAX_QUEUE_WAIT_S": self.max_queue_wait_s,
+            "MAX_PENDING_RPCS": self.max_pending_rpcs,
             "KERNEL_THREADS": self.kernel_threads,
             "BREAKER_FAILURES": self.breaker_failures,
             "BREAKER_COOLDOWN_S": self.breaker_cooldown_s,

@@ -56,9 +56,11 @@ async def wait_serving(
 
 @dataclass(frozen=True)
 class Running:
-    """An in-process server: its app, a channel to it, and service / admin credentials."""
+    """An in-process server: its app, its address, a channel to it, and service / admin
+    credentials."""
 
     app: App
+    target: str
     channel: aio.Channel
     service: list[tuple[str, str]]
     admin: list[tuple[str, str]]
@@ -83,8 +85,9 @@ async def serving(config: Config, pg_url: str, redis_url: str) -> AsyncIterator[
         return [("authorization", f"Bearer {token}")]
 
     try:
-        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield Running(app, channel, credentials("service"), credentials("admin"))
+        target = f"127.0.0.1:{port}"
+        async with aio.insecure_channel(target) as channel:
+            yield Running(app, target, channel, credentials("service"), credentials("admin"))
     finally:
         await server.stop(0)
         await app.close()

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import asyncpg
@@ -33,7 +33,7 @@ from server.api import privrank_pb2_grpc as rpc
 from server.app import App
 from server.config import Config
 from tests.conftest import ROOT, cli_env, privrank
-from tests.serving import serving
+from tests.serving import Running, serving
 
 
 async def test_breaker_opens_probes_and_closes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -248,6 +248,64 @@ async def test_a_call_queued_past_the_wait_bound_is_refused_without_work(
         assert all(hold.result() for hold in holds)
         # one answer (the first call's); the refused call computed nothing
         assert sum(running.app.metrics.figures().served_by_source.values()) == answers_before + 1
+
+
+async def _backlog_while_loop_blocked(
+    running: Running, calls: int
+) -> tuple[list[grpc.StatusCode | None], list[grpc.StatusCode]]:
+    """Send ``calls`` Recommends from another thread while this (the server's) event loop is
+    blocked, so they wait in gRPC core. Returns the codes of the calls as they stood when the
+    loop was freed (None: not finished), and their final codes."""
+
+    def code(future: grpc.Future) -> grpc.StatusCode:
+        try:
+            future.result()
+        except grpc.RpcError as exc:
+            return exc.code()  # type: ignore[no-any-return]
+        return grpc.StatusCode.OK
+
+    with grpc.insecure_channel(running.target) as channel:
+        stub = rpc.RankingStub(channel)
+
+        def fire() -> list[grpc.Future]:
+            request = pb.RecommendRequest(user_id="u1")
+            return [
+                stub.Recommend.future(request, metadata=running.service, timeout=30)
+                for _ in range(calls)
+            ]
+
+        with ThreadPoolExecutor(1) as sender:
+            fired = sender.submit(fire)
+            time.sleep(1.5)  # noqa: ASYNC251 -- blocks the loop: the server takes no call
+            futures = fired.result()
+        while_blocked = [code(f) if f.done() else None for f in futures]
+        return while_blocked, await asyncio.to_thread(lambda: [code(f) for f in futures])
+
+
+async def test_a_backlog_in_grpc_core_is_shed_there_and_the_rest_answered(
+    config: Config, pg_url: str, redis_url: str, seeded: object
+) -> None:
+    cap, calls = 8, 60
+    async with serving(
+        dataclasses.replace(config, max_pending_rpcs=cap), pg_url, redis_url
+    ) as running:
+        answered_before = sum(running.app.metrics.figures().served_by_source.values())
+        while_blocked, final = await _backlog_while_loop_blocked(running, calls)
+        # past the cap, gRPC core refused the calls at once, without the server's Python
+        shed = [c for c in while_blocked if c is not None]
+        assert set(shed) == {grpc.StatusCode.CANCELLED}
+        assert len(shed) >= calls - cap - 1  # one handed to the loop, at most `cap` waiting
+        # the ones it kept were answered once the loop was free, and only they did work
+        kept = [f for w, f in zip(while_blocked, final, strict=True) if w is None]
+        assert set(kept) == {grpc.StatusCode.OK}
+        answered = sum(running.app.metrics.figures().served_by_source.values()) - answered_before
+        assert answered == len(kept)
+
+    # the default cap holds this backlog: nothing is shed
+    async with serving(config, pg_url, redis_url) as running:
+        while_blocked, final = await _backlog_while_loop_blocked(running, calls)
+        assert while_blocked == [None] * calls
+        assert final == [grpc.StatusCode.OK] * calls
 
 
 def _content_hash(root: Path, scope: str) -> str:
