@@ -364,8 +364,20 @@ class PgStore:
             )
         return value
 
-    async def item_stats(self, scope: str, *, now: datetime, window_days: int = 30) -> ItemStats:
-        """Every active item of the scope with its weighted engagement over the window."""
+    async def item_stats(
+        self,
+        scope: str,
+        *,
+        now: datetime | None = None,
+        before: datetime | None = None,
+        window_days: int = 30,
+    ) -> ItemStats:
+        """Every active item of the scope with its weighted engagement over the window that
+        ends at ``now``. With ``before`` instead (a holdout cutoff), the scope as it stood just
+        before that time: only events before it count and only items first seen before it
+        are listed, so nothing at or after the cutoff leaks in."""
+        if (now is None) == (before is None):
+            raise ValueError("item_stats takes one of now= and before=")
         names, weights = _weights()
         async with self._conn() as conn:
             rows = await conn.fetch(
@@ -377,14 +389,15 @@ class PgStore:
                 "   JOIN unnest($2::text[], $3::real[]) AS w(event_type, weight) USING (event_type)"
                 "   WHERE e.scope = $1"
                 "     AND e.occurred_at > $4::timestamptz - make_interval(days => $5)"
-                "     AND e.occurred_at <= $4"
+                "     AND e.occurred_at <= $4 AND NOT ($6::boolean AND e.occurred_at = $4)"
                 "   GROUP BY e.item_id) p USING (item_id)"
-                " WHERE i.scope = $1 AND i.active",
+                " WHERE i.scope = $1 AND i.active AND NOT ($6::boolean AND i.first_seen >= $4)",
                 scope,
                 names,
                 weights,
-                now,
+                now or before,
                 window_days,
+                before is not None,
                 timeout=600,
             )
         return ItemStats(

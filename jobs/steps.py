@@ -376,8 +376,13 @@ class _Items:
         )
 
 
-async def _items(ctx: JobContext, scope: str, as_of: datetime) -> _Items:
-    stats = await ctx.pg.item_stats(scope, now=as_of)
+async def _items(ctx: JobContext, scope: str, as_of: datetime, *, before: bool = False) -> _Items:
+    """The scope's active items and their components as of ``as_of``; with ``before``, as
+    the scope stood just before it (evaluate's holdout cutoff: no later event counts)."""
+    if before:
+        stats = await ctx.pg.item_stats(scope, before=as_of)
+    else:
+        stats = await ctx.pg.item_stats(scope, now=as_of)
     order = np.argsort(stats.item_ids)
     n = len(order)
     popularity = np.log1p(stats.popularity[order].astype(np.float64))
@@ -449,23 +454,21 @@ async def _build_rules(ctx: JobContext, scope: str) -> str:
     return f"published {version}: RULES, {n} items, {dim - 1} categories, {len(user_ids)} users"
 
 
-async def build(ctx: JobContext, scope: str) -> str:
-    if _rules(ctx, scope):
-        return await _build_rules(ctx, scope)
-    model = _load_model(ctx.model_path(scope))
-    as_of = await _as_of(ctx, scope)
-    items = await _items(ctx, scope, as_of)
+def _learned_arrays(
+    model: _Factorized, items: _Items, profile: Profile, item_item: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """A learned model's snapshot arrays over ``items`` (all but the user features): the
+    model's vectors in item order (an item the model does not know gets zeros, one no longer
+    among the items is dropped), its users' seen items, the EASE matrix if given, and the
+    components with ``profile``'s bias (control's: the faiss index is built and tuned with
+    it)."""
     item_ids = items.ids
     n, dim = len(item_ids), model.item_vectors.shape[1]
-
-    # model items → snapshot positions (an item deactivated since training is dropped)
+    # model items → snapshot positions
     pos = np.minimum(np.searchsorted(item_ids, model.item_ids), max(n - 1, 0))
     known = item_ids[pos] == model.item_ids if n else np.zeros(len(model.item_ids), bool)
     item_vectors = np.zeros((n, dim), dtype=np.float32)
     item_vectors[pos[known]] = model.item_vectors[known]
-
-    # the control profile's serve-time bias: the faiss index is built and tuned with it
-    bias = items.bias(ctx.config.profile(scope))
 
     remap = np.where(known, pos, -1)
     seen = remap[model.seen_indices]
@@ -474,26 +477,38 @@ async def build(ctx: JobContext, scope: str) -> str:
     seen_indptr, seen_indices, _ = to_csr(
         seen_rows[keep], seen[keep], np.ones(int(keep.sum()), np.float32), len(model.user_ids)
     )
-
     arrays = {
         "item_ids": item_ids,
         "item_vectors": item_vectors,
-        "item_bias": bias,
+        "item_bias": items.bias(profile),
         **items.arrays,
         "user_ids": model.user_ids,
         "user_vectors": model.user_vectors,
-        "user_features": await _aligned_features(ctx, scope, model.user_ids),
         "seen_indptr": seen_indptr,
         "seen_indices": seen_indices,
     }
-    arrays["segment_items"], arrays["segment_scores"] = _segments(
-        await ctx.pg.segment_popularity(scope, now=as_of), item_ids
-    )
-    item_item = _load_item_item(ctx.model_path(scope))
     if item_item is not None:  # EASE serves: its matrix in snapshot item order
         arrays["item_item"] = np.zeros((n, n), dtype=np.float32)
         arrays["item_item"][np.ix_(pos[known], pos[known])] = item_item[np.ix_(known, known)]
-    kind = "ease" if item_item is not None else "als"
+    return arrays
+
+
+async def build(ctx: JobContext, scope: str) -> str:
+    if _rules(ctx, scope):
+        return await _build_rules(ctx, scope)
+    model = _load_model(ctx.model_path(scope))
+    as_of = await _as_of(ctx, scope)
+    items = await _items(ctx, scope, as_of)
+    profile = ctx.config.profile(scope)
+    arrays = _learned_arrays(model, items, profile, _load_item_item(ctx.model_path(scope)))
+    item_vectors, bias = arrays["item_vectors"], arrays["item_bias"]
+    seen_indptr, seen_indices = arrays["seen_indptr"], arrays["seen_indices"]
+    n = len(items.ids)
+    arrays["user_features"] = await _aligned_features(ctx, scope, model.user_ids)
+    arrays["segment_items"], arrays["segment_scores"] = _segments(
+        await ctx.pg.segment_popularity(scope, now=as_of), items.ids
+    )
+    kind = "ease" if "item_item" in arrays else "als"
     extra: dict[str, Any] = {"model": kind}
     index_writer = None
     if n > ctx.config.exact_search_max_items:
@@ -587,9 +602,16 @@ def top_k_for_users(
 
 
 async def evaluate(ctx: JobContext, scope: str) -> str:
-    """Temporal holdout: train on the first 80 % of the scope's time line, rank for users who
-    have held-out interactions, and score against those (items seen in training excluded).
-    The popularity baseline is scored on the same split."""
+    """Temporal holdout: the scope's time line is cut where its newest HOLDOUT_FRACTION of
+    interactions begins; users with held-out interactions are ranked from the part before
+    the cutoff and scored against those (items seen in training excluded).
+
+    Ranked as served: a model trained on the training part (the hyperparameters train chose,
+    EASE at its λ) in an unpublished snapshot whose item components (popularity, recency,
+    engagement, categories) are as of the cutoff, and each A/B variant scored over it with
+    its own profile by the serving code (``scoring_for``, ``top_k_batch``: relevance weight,
+    bias, boosts, model), then diversified by its MMR strength. The popularity baseline, the
+    non-personalized reference, is scored on the same split."""
     if _rules(ctx, scope):
         return "rule-based scope: no learned model to evaluate"
     cutoff = await ctx.pg.holdout_cutoff(scope, HOLDOUT_FRACTION)
@@ -598,10 +620,32 @@ async def evaluate(ctx: JobContext, scope: str) -> str:
     train_pairs = await ctx.pg.training_pairs(scope, before=cutoff)
     all_pairs = await ctx.pg.training_pairs(scope)
     model = _factorize(train_pairs, _trained_params(ctx, scope), f"evaluate {scope}")
+    chosen = _trained(ctx, scope)
+    ease_matrix = None
+    if chosen.get("model") == "ease":  # score what serves: EASE at the chosen λ
+        lam = float(chosen["ease_lambda"])  # type: ignore[arg-type]
+        ease_matrix = train_ease(_positive_gram(train_pairs, model), lam)
+    profile = ctx.config.profile(scope)
+    items = await _items(ctx, scope, cutoff, before=True)
+    arrays = _learned_arrays(model, items, profile, ease_matrix)
+    arrays["user_features"] = np.zeros((len(model.user_ids), 0), np.float32)
+    snap = snapshot.in_memory(scope, arrays, extra={"model": chosen.get("model", "als")})
+    return await _evaluate_split(ctx, snap, train_pairs, all_pairs, cutoff, profile)
 
+
+async def _evaluate_split(
+    ctx: JobContext,
+    snap: snapshot.Snapshot,
+    train_pairs: TrainingPairs,
+    all_pairs: TrainingPairs,
+    cutoff: datetime,
+    profile: Profile,
+) -> str:
+    """Score the rankings of ``snap`` (the training part, as of ``cutoff``) against the
+    pairs of ``all_pairs`` that are held out, and store the metrics per label."""
     train_keys = set(zip(train_pairs.user_ids.tolist(), train_pairs.item_ids.tolist(), strict=True))
-    item_pos = {item: i for i, item in enumerate(model.item_ids.tolist())}
-    user_pos = {user: u for u, user in enumerate(model.user_ids.tolist())}
+    item_pos = {item: i for i, item in enumerate(snap.item_ids.tolist())}
+    user_pos = {user: u for u, user in enumerate(snap.user_ids.tolist())}
     held_out: dict[int, set[int]] = {}
     for user, item, strength, last_at in zip(
         all_pairs.user_ids.tolist(),
@@ -621,68 +665,53 @@ async def evaluate(ctx: JobContext, scope: str) -> str:
         users = np.sort(np.random.default_rng(0).choice(users, EVAL_USERS, replace=False))
     relevant = [held_out[int(u)] for u in users]
     k = max(EVAL_KS)
-
-    indptr, indices = select_rows(model.seen_indptr, model.seen_indices, users)
-    n_items = len(model.item_ids)
-    counts_by_item = np.bincount(model.seen_indices, minlength=n_items).astype(np.float32)
-    share = counts_by_item / max(len(model.user_ids), 1)
-    norms = np.linalg.norm(model.item_vectors, axis=1, keepdims=True)
-    unit = np.divide(
-        model.item_vectors, norms, out=np.zeros_like(model.item_vectors), where=norms > 0
-    )
-    candidates = {
-        "privrank": (model.user_vectors[users], model.item_vectors, np.zeros(n_items, np.float32)),
-        "popularity": (
-            np.zeros((len(users), 1), np.float32),
-            np.zeros((n_items, 1), np.float32),
-            counts_by_item / max(float(counts_by_item.max()), 1.0),
-        ),
-    }
-    version = snapshot.current_version(ctx.config.snapshot_dir, scope) or "unpublished"
-    chosen = _trained(ctx, scope)
-    profile = ctx.config.profile(scope)
-    ease_matrix = None
-    if chosen.get("model") == "ease":  # score what serves: EASE at the chosen λ
-        lam = float(chosen["ease_lambda"])  # type: ignore[arg-type]
-        ease_matrix = train_ease(_positive_gram(train_pairs, model), lam)
+    counts_by_item = np.bincount(snap.seen_indices, minlength=snap.n_items).astype(np.float32)
+    share = counts_by_item / max(snap.n_users, 1)
+    served = _served_rankings(snap, profile, users, k)
+    served["popularity"] = _popularity_rankings(snap, users, counts_by_item, k)
+    version = snapshot.current_version(ctx.config.snapshot_dir, snap.scope) or "unpublished"
     summary = []
-    variants = {v: profile.for_variant(v) for v in profile.variant_names}
-    deepest = max([k, *(p.candidates for p in variants.values() if p.diversity > 0)])
-    for name, (queries, vectors, bias) in candidates.items():
-        depth = deepest if name == "privrank" else k
-        items, _, counts = kernels.topk_dense_batch(
-            np.ascontiguousarray(queries),
-            np.ascontiguousarray(vectors),
-            bias,
-            indptr,
-            indices,
-            depth,
+    for label, lists in served.items():
+        metrics = evaluate_rankings(
+            lists, relevant, snap.n_items, EVAL_KS, unit_vectors=snap.item_unit, item_share=share
         )
-        rankings = [items[r, : counts[r]].tolist() for r in range(len(users))]
-        if name != "privrank":
-            served = {name: rankings}
-        else:  # measured as served: per A/B variant, its model, diversified by its MMR strength
-            by_model = {"embeddings": rankings}
-            if ease_matrix is not None:
-                by_model["item_item"] = _rank_item_item(ease_matrix, model, users, depth)
-            served = {
-                _model_label(v): _diversified(by_model[_served_model(p, ease_matrix)], unit, k, p)
-                for v, p in variants.items()
-            }
-        for label, lists in served.items():
-            metrics = evaluate_rankings(
-                lists, relevant, n_items, EVAL_KS, unit_vectors=unit, item_share=share
-            )
-            await ctx.pg.save_evaluation(scope, version, label, metrics, len(users))
-            summary.append(f"{label} ndcg@10={metrics['ndcg@10']:.4f}")
+        await ctx.pg.save_evaluation(snap.scope, version, label, metrics, len(users))
+        summary.append(f"{label} ndcg@10={metrics['ndcg@10']:.4f}")
     return f"{len(users)} users: " + ", ".join(summary)
 
 
-def _served_model(profile: Profile, ease_matrix: np.ndarray | None) -> str:
-    """The model a profile serves: EASE where trained unless it asks for the embeddings."""
-    if ease_matrix is None or profile.model == "embeddings":
-        return "embeddings"
-    return "item_item"
+def _served_rankings(
+    snap: snapshot.Snapshot, profile: Profile, users: np.ndarray, k: int
+) -> dict[str, list[list[int]]]:
+    """Each A/B variant's top-k item positions for snapshot user positions ``users`` as
+    Recommend ranks them: scored by its own settings (``scoring_for``, ``top_k_batch``), seen
+    items excluded, diversified by its MMR strength. Labelled privrank, privrank/<variant>."""
+    indptr, indices = select_rows(snap.seen_indptr, snap.seen_indices, users)
+    served = {}
+    for name in profile.variant_names:
+        variant = profile.for_variant(name)
+        scoring = scoring_for(snap, variant, where=f"evaluate {snap.scope} {name}")
+        depth = max(k, variant.candidates) if variant.diversity > 0 else k
+        items, _, counts = top_k_batch(snap, scoring, users, indptr, indices, depth)
+        rankings = [items[r, : counts[r]].tolist() for r in range(len(users))]
+        served[_model_label(name)] = _diversified(rankings, snap.item_unit, k, variant)
+    return served
+
+
+def _popularity_rankings(
+    snap: snapshot.Snapshot, users: np.ndarray, counts_by_item: np.ndarray, k: int
+) -> list[list[int]]:
+    """The baseline: the items most users interacted with in training, seen ones excluded."""
+    indptr, indices = select_rows(snap.seen_indptr, snap.seen_indices, users)
+    items, _, counts = kernels.topk_dense_batch(
+        np.zeros((len(users), 1), np.float32),
+        np.zeros((snap.n_items, 1), np.float32),
+        counts_by_item / max(float(counts_by_item.max(initial=0.0)), 1.0),
+        indptr,
+        indices,
+        k,
+    )
+    return [items[r, : counts[r]].tolist() for r in range(len(users))]
 
 
 def _model_label(variant: str) -> str:

@@ -3,9 +3,9 @@ the additive item bias and the query the kernels score with.
 
 A snapshot stores only what does not depend on a profile, per item: normalised log
 popularity, recency, engagement rate and a category code (with the category names). ``item_bias``
-is the one function that weighs them; the build job (for the faiss index), precompute and
-serving all call it, and serving calls it once per scope and variant when a snapshot is
-installed, never per request.
+is the one function that weighs them; the build job (for the faiss index), precompute,
+evaluate and serving all call it, and serving calls it once per scope and variant when a
+snapshot is installed, never per request.
 
     learned scopes: score = relevance_weight × model score + bias
     rule scopes:    score = base[c] × (1 + engagement_weight × E[user, c]) + bias

@@ -215,6 +215,37 @@ def _check_arrays(arrays: dict[str, np.ndarray]) -> None:
         raise SnapshotError("segment_items / segment_scores do not fit the items")
 
 
+def _with_unit(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``arrays`` with ``item_unit`` made from the item vectors if it is not there."""
+    vectors = arrays.get("item_vectors")
+    if arrays.get("item_unit") is None and vectors is not None and vectors.ndim == 2:
+        return {**arrays, "item_unit": unit_rows(vectors)}
+    return arrays
+
+
+def _manifest(
+    scope: str,
+    version: str,
+    created: float,
+    arrays: dict[str, np.ndarray],
+    retrieval: str,
+    files: dict[str, str],
+    extra: dict[str, Any] | None,
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "scope": scope,
+        "version": version,
+        "created_at": created,
+        "items": len(arrays["item_ids"]),
+        "users": len(arrays["user_ids"]),
+        "dimensions": int(arrays["item_vectors"].shape[1]),
+        "retrieval": retrieval,
+        "files": files,
+        **(extra or {}),
+    }
+
+
 def publish(
     root: Path,
     scope: str,
@@ -229,9 +260,7 @@ def publish(
     pointer swap, readers keep the previous snapshot; a leftover temporary directory is
     harmless and removed by cleanup.
     """
-    vectors = arrays.get("item_vectors")
-    if arrays.get("item_unit") is None and vectors is not None and vectors.ndim == 2:
-        arrays = {**arrays, "item_unit": unit_rows(arrays["item_vectors"])}
+    arrays = _with_unit(arrays)
     _check_arrays(arrays)
     scope_dir = root / scope
     scope_dir.mkdir(parents=True, exist_ok=True)
@@ -249,18 +278,8 @@ def publish(
         content = hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()
         created = time.time()
         version = _version_name(created, content, current_version(root, scope))
-        manifest = {
-            "format": FORMAT_VERSION,
-            "scope": scope,
-            "version": version,
-            "created_at": created,
-            "items": len(arrays["item_ids"]),
-            "users": len(arrays["user_ids"]),
-            "dimensions": int(arrays["item_vectors"].shape[1]),
-            "retrieval": "faiss" if index_writer is not None else "exact",
-            "files": checksums,
-            **(extra or {}),
-        }
+        retrieval = "faiss" if index_writer is not None else "exact"
+        manifest = _manifest(scope, version, created, arrays, retrieval, checksums, extra)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         for path in staging.iterdir():
             _fsync(path)
@@ -336,6 +355,23 @@ def load(path: Path) -> Snapshot:
     except (OSError, ValueError) as exc:
         raise SnapshotError(f"{path}: unreadable array: {exc}") from exc
     _check_arrays(arrays)
+    return _assemble(path, manifest, arrays)
+
+
+def in_memory(
+    scope: str, arrays: dict[str, np.ndarray], *, extra: dict[str, Any] | None = None
+) -> Snapshot:
+    """A snapshot of ``arrays`` held in memory and never published (version ``unpublished``),
+    checked as ``publish`` checks them and derived as ``load`` derives a published one: what
+    evaluate ranks the training part of its holdout split with, through the serving code."""
+    arrays = _with_unit(arrays)
+    _check_arrays(arrays)
+    manifest = _manifest(scope, "unpublished", time.time(), arrays, "exact", {}, extra)
+    return _assemble(Path(), manifest, arrays)
+
+
+def _assemble(path: Path, manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> Snapshot:
+    """The Snapshot of checked ``arrays``, with what is derived once at load."""
     vectors = np.ascontiguousarray(arrays["item_vectors"], dtype=np.float32)
     stored_unit = arrays.get("item_unit")
     unit = unit_rows(vectors) if stored_unit is None else stored_unit

@@ -28,6 +28,7 @@ def _event(
     *,
     days_ago: float = 1.0,
     session: str = "s1",
+    at: datetime | None = None,
 ):
     return make_interaction(
         scope=scope,
@@ -35,7 +36,7 @@ def _event(
         item_id=item,
         event_type=kind,
         value=1.0,
-        occurred_at=datetime.now(UTC) - timedelta(days=days_ago),
+        occurred_at=at or datetime.now(UTC) - timedelta(days=days_ago),
         session_id=session,
         device_category="mobile",
         country="DE",
@@ -65,6 +66,34 @@ async def test_events_round_trip_into_training_pairs(pg: PgStore) -> None:
     # impressions are not interactions; a dismissal is "seen" with zero strength
     assert got == {("a", "x"): pytest.approx(5.0), ("b", "y"): 0.0}
     assert scope in await pg.scopes()
+
+
+async def test_item_stats_before_a_cutoff_leave_the_cutoff_and_later_out(pg: PgStore) -> None:
+    scope = _scope()
+    cutoff = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2)
+    await pg.insert_events(
+        [
+            _event(scope, "a", "old", "view", at=cutoff - timedelta(days=1)),
+            _event(scope, "b", "old", "impression", at=cutoff - timedelta(hours=1)),
+            _event(scope, "c", "old", "purchase", at=cutoff),  # held out: at the cutoff
+            _event(scope, "a", "edge", "click", at=cutoff),  # first seen at the cutoff
+            _event(scope, "a", "new", "view", at=cutoff + timedelta(hours=1)),
+        ]
+    )
+    before = await pg.item_stats(scope, before=cutoff)
+    assert before.item_ids.tolist() == ["old"]
+    # the view (weight 1) and the impression (0) count, the purchase at the cutoff does not
+    assert (float(before.popularity[0]), float(before.engagement[0])) == (1.0, 0.5)
+    assert float(before.first_seen[0]) == (cutoff - timedelta(days=1)).timestamp()
+    # as of a time, the window ends at it inclusively
+    at = await pg.item_stats(scope, now=cutoff)
+    assert dict(zip(at.item_ids.tolist(), at.popularity.tolist(), strict=True)) == {
+        "old": 5.0,
+        "edge": 1.0,
+        "new": 0.0,
+    }
+    with pytest.raises(ValueError, match="one of now= and before="):
+        await pg.item_stats(scope)
 
 
 async def test_a_failing_batch_keeps_nothing(pg: PgStore) -> None:
