@@ -416,16 +416,14 @@ async def _aligned_features(ctx: JobContext, scope: str, user_ids: np.ndarray) -
     return user_features
 
 
-async def _build_rules(ctx: JobContext, scope: str) -> str:
-    """A rule scope's snapshot: item vectors are one-hot category codes and user vectors the
-    share of each user's engagement per category (aggregates of training pairs, opted-out
-    users left out), so ``vector · query`` with ``query = weight × base ⊙ share`` is the
-    rule score's personal term (ranking/scoring.py)."""
-    as_of = await _as_of(ctx, scope)
-    items = await _items(ctx, scope, as_of)
+def _rule_arrays(items: _Items, pairs: TrainingPairs, profile: Profile) -> dict[str, np.ndarray]:
+    """A rule scope's snapshot arrays over ``items`` (all but the user features): item vectors
+    are one-hot category codes and user vectors the share of each user's engagement per
+    category over ``pairs`` (pairs of other items left out), so ``vector · query`` with
+    ``query = weight × base ⊙ share`` is the rule score's personal term (ranking/scoring.py);
+    a user's pairs are their seen items, and the bias is ``profile``'s rule bias."""
     codes = items.arrays["item_category"]
     n, dim = len(items.ids), len(items.arrays["categories"])
-    pairs = await ctx.pg.training_pairs(scope)
     pos = np.minimum(np.searchsorted(items.ids, pairs.item_ids), max(n - 1, 0))
     known = items.ids[pos] == pairs.item_ids if n else np.zeros(len(pos), bool)
     user_ids, users = np.unique(pairs.user_ids[known], return_inverse=True)
@@ -437,20 +435,29 @@ async def _build_rules(ctx: JobContext, scope: str) -> str:
     seen_indptr, seen_indices, _ = to_csr(
         users, items_of, np.ones(len(users), np.float32), len(user_ids)
     )
-    arrays = {
+    return {
         "item_ids": items.ids,
         "item_vectors": np.eye(dim, dtype=np.float32)[codes],
-        "item_bias": items.bias(ctx.config.profile(scope), rules=True),
+        "item_bias": items.bias(profile, rules=True),
         **items.arrays,
         "user_ids": user_ids.astype(str),
         "user_vectors": shares.astype(np.float32),
-        "user_features": await _aligned_features(ctx, scope, user_ids),
         "seen_indptr": seen_indptr,
         "seen_indices": seen_indices,
     }
+
+
+async def _build_rules(ctx: JobContext, scope: str) -> str:
+    """A rule scope's snapshot from its training pairs (opted-out users left out)."""
+    items = await _items(ctx, scope, await _as_of(ctx, scope))
+    pairs = await ctx.pg.training_pairs(scope)
+    arrays = _rule_arrays(items, pairs, ctx.config.profile(scope))
+    user_ids = arrays["user_ids"]
+    arrays["user_features"] = await _aligned_features(ctx, scope, user_ids)
     version = snapshot.publish(ctx.config.snapshot_dir, scope, arrays, extra={"model": RULES})
     published = snapshot.load(ctx.config.snapshot_dir / scope / version)
     await ctx.pg.record_model_version(scope, version, published.manifest)
+    n, dim = len(items.ids), len(items.arrays["categories"])
     return f"published {version}: RULES, {n} items, {dim - 1} categories, {len(user_ids)} users"
 
 
@@ -606,43 +613,64 @@ async def evaluate(ctx: JobContext, scope: str) -> str:
     interactions begins; users with held-out interactions are ranked from the part before
     the cutoff and scored against those (items seen in training excluded).
 
-    Ranked as served: a model trained on the training part (the hyperparameters train chose,
-    EASE at its λ) in an unpublished snapshot whose item components (popularity, recency,
-    engagement, categories) are as of the cutoff, and each A/B variant scored over it with
-    its own profile by the serving code (``scoring_for``, ``top_k_batch``: relevance weight,
-    bias, boosts, model), then diversified by its MMR strength. The popularity baseline, the
-    non-personalized reference, is scored on the same split."""
-    if _rules(ctx, scope):
-        return "rule-based scope: no learned model to evaluate"
+    Ranked as served, from an unpublished snapshot of the training part whose item
+    components (popularity, recency, engagement, categories) are as of the cutoff: a learned
+    scope's model trained on it (the hyperparameters train chose, EASE at its λ), a rule
+    scope's engagement shares aggregated from it as build aggregates them. Each A/B variant
+    is scored over it with its own profile by the serving code (``scoring_for``,
+    ``top_k_batch``: relevance weight, bias, boosts, base scores, model), then diversified by
+    its MMR strength. The popularity baseline, the non-personalized reference, is scored on
+    the same split. A rule scope with nothing to hold out yet reports so and fails nothing
+    (it serves with any number of events)."""
+    rules = _rules(ctx, scope)
     cutoff = await ctx.pg.holdout_cutoff(scope, HOLDOUT_FRACTION)
     if cutoff is None:
-        raise JobError("too few interactions to hold any out")
+        return _nothing_held_out(rules, "too few interactions to hold any out")
     train_pairs = await ctx.pg.training_pairs(scope, before=cutoff)
     all_pairs = await ctx.pg.training_pairs(scope)
+    profile = ctx.config.profile(scope)
+    items = await _items(ctx, scope, cutoff, before=True)
+    if rules:
+        arrays = _rule_arrays(items, train_pairs, profile)
+        extra = {"model": RULES}
+    else:
+        arrays, extra = _learned_holdout_arrays(ctx, scope, train_pairs, items, profile)
+    arrays["user_features"] = np.zeros((len(arrays["user_ids"]), 0), np.float32)
+    snap = snapshot.in_memory(scope, arrays, extra=extra)
+    held_out = _held_out(snap, train_pairs, all_pairs, cutoff)
+    if not held_out:
+        return _nothing_held_out(rules, "no held-out interactions of known users and items")
+    return await _score_split(ctx, snap, held_out, profile)
+
+
+def _nothing_held_out(rules: bool, reason: str) -> str:
+    """A rule scope serves with any number of events, so too few to measure is a summary
+    line; a learned scope with too few is a failure."""
+    if rules:
+        return f"rule-based scope: {reason}; nothing evaluated"
+    raise JobError(reason)
+
+
+def _learned_holdout_arrays(
+    ctx: JobContext, scope: str, train_pairs: TrainingPairs, items: _Items, profile: Profile
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A learned scope's snapshot arrays of the training part: the model train chose, trained
+    on it (and EASE at the chosen λ where EASE serves)."""
     model = _factorize(train_pairs, _trained_params(ctx, scope), f"evaluate {scope}")
     chosen = _trained(ctx, scope)
     ease_matrix = None
     if chosen.get("model") == "ease":  # score what serves: EASE at the chosen λ
         lam = float(chosen["ease_lambda"])  # type: ignore[arg-type]
         ease_matrix = train_ease(_positive_gram(train_pairs, model), lam)
-    profile = ctx.config.profile(scope)
-    items = await _items(ctx, scope, cutoff, before=True)
     arrays = _learned_arrays(model, items, profile, ease_matrix)
-    arrays["user_features"] = np.zeros((len(model.user_ids), 0), np.float32)
-    snap = snapshot.in_memory(scope, arrays, extra={"model": chosen.get("model", "als")})
-    return await _evaluate_split(ctx, snap, train_pairs, all_pairs, cutoff, profile)
+    return arrays, {"model": chosen.get("model", "als")}
 
 
-async def _evaluate_split(
-    ctx: JobContext,
-    snap: snapshot.Snapshot,
-    train_pairs: TrainingPairs,
-    all_pairs: TrainingPairs,
-    cutoff: datetime,
-    profile: Profile,
-) -> str:
-    """Score the rankings of ``snap`` (the training part, as of ``cutoff``) against the
-    pairs of ``all_pairs`` that are held out, and store the metrics per label."""
+def _held_out(
+    snap: snapshot.Snapshot, train_pairs: TrainingPairs, all_pairs: TrainingPairs, cutoff: datetime
+) -> dict[int, set[int]]:
+    """Snapshot user position → the item positions of their held-out positive pairs: the
+    pairs of ``all_pairs`` last seen at or after ``cutoff`` and not in ``train_pairs``."""
     train_keys = set(zip(train_pairs.user_ids.tolist(), train_pairs.item_ids.tolist(), strict=True))
     item_pos = {item: i for i, item in enumerate(snap.item_ids.tolist())}
     user_pos = {user: u for u, user in enumerate(snap.user_ids.tolist())}
@@ -658,8 +686,15 @@ async def _evaluate_split(
             u, i = user_pos.get(user), item_pos.get(item)
             if u is not None and i is not None:
                 held_out.setdefault(u, set()).add(i)
-    if not held_out:
-        raise JobError("no held-out interactions of known users and items")
+    return held_out
+
+
+async def _score_split(
+    ctx: JobContext, snap: snapshot.Snapshot, held_out: dict[int, set[int]], profile: Profile
+) -> str:
+    """Rank the held-out users from ``snap`` (the training part, as of the cutoff) as each
+    variant serves them and by popularity, score against ``held_out`` and store the metrics
+    per label."""
     users = np.array(sorted(held_out), dtype=np.int64)
     if len(users) > EVAL_USERS:
         users = np.sort(np.random.default_rng(0).choice(users, EVAL_USERS, replace=False))

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -29,7 +30,9 @@ from features.postgres import SERVICE_ROLE, PgStore
 from jobs.runner import run_job
 from jobs.steps import JobContext
 from jobs.synth import generate
+from ranking.profiles import load_profiles
 from server import embedded
+from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.app import App, create_server
 from server.auth import mint_token
@@ -174,6 +177,25 @@ def privrank(
             f"{result.stdout}\n{result.stderr}"
         )
     return result
+
+
+def with_profiles(config: Config, directory: Path, text: str) -> Config:
+    """``config`` with the profiles ``text`` (TOML), written to ``directory``/profiles.toml."""
+    path = directory / "profiles.toml"
+    path.write_text(text)
+    return dataclasses.replace(config, profiles_file=path, profiles=load_profiles(path))
+
+
+def assert_offline_as_stored(metrics: pb.Metrics, stored: list[dict[str, Any]]) -> None:
+    """``Admin.GetMetrics``' offline figures are exactly the evaluations evaluate stored (the
+    scope's newest first, as ``PgStore.evaluations`` returns them)."""
+    assert stored
+    assert [
+        (e.model_version, e.model, e.users_evaluated, dict(e.values)) for e in metrics.offline
+    ] == [
+        (s["model_version"], s["model"], s["users_evaluated"], pytest.approx(s["metrics"]))
+        for s in stored
+    ]
 
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -18,7 +18,7 @@ from server.api import privrank_pb2 as pb
 from server.app import App, create_server
 from server.auth import mint_token
 from server.config import Config
-from tests.conftest import NOT_SERVING, SEED_ITEMS, SERVING, Client
+from tests.conftest import NOT_SERVING, SEED_ITEMS, SERVING, Client, assert_offline_as_stored
 
 
 async def _code(call) -> grpc.StatusCode:
@@ -403,10 +403,7 @@ async def test_admin_metrics_model_info_and_job_history(client: Client, seeded: 
     models = {e.model for e in metrics.offline}
     assert {"privrank", "popularity"} <= models
     # the RPC reports exactly what evaluate stored
-    stored = await seeded.pg.evaluations("default")
-    assert [(e.model_version, e.model, dict(e.values)) for e in metrics.offline] == [
-        (s["model_version"], s["model"], pytest.approx(s["metrics"])) for s in stored
-    ]
+    assert_offline_as_stored(metrics, await seeded.pg.evaluations("default"))
     for evaluation in metrics.offline:
         for key in (
             "precision@10",

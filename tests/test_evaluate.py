@@ -23,10 +23,11 @@ from jobs.runner import run_job
 from jobs.steps import HOLDOUT_FRACTION, RECENCY_DAYS, JobContext, top_k_for_users
 from jobs.synth import generate
 from ranking import snapshot
-from ranking.profiles import CONTROL, Profile, load_profiles
+from ranking.profiles import CONTROL, Profile
 from ranking.scoring import item_bias, scoring_for
+from server.api import privrank_pb2 as pb
 from server.config import Config
-from tests.conftest import privrank
+from tests.conftest import Client, assert_offline_as_stored, privrank, with_profiles
 
 SCOPE = "asserved"
 PROFILES = f"""
@@ -69,28 +70,17 @@ class Evaluated:
 async def evaluated(
     config: Config, pg: PgStore, cache: RankCache, tmp_path_factory: pytest.TempPathFactory
 ) -> Evaluated:
-    path = tmp_path_factory.mktemp("profiles") / "profiles.toml"
-    path.write_text(PROFILES)
-    profiled = dataclasses.replace(config, profiles_file=path, profiles=load_profiles(path))
     batches = list(generate(users=120, items=150, events=4000, scope=SCOPE, seed=23, end=END))
     # items that first appear in the last days, well after the cutoff: not rankable in it
     batches.append(
         [
-            Interaction(
-                scope=SCOPE,
-                user_id=f"u{n}",
-                item_id=late,
-                event_type=kind,
-                value=1.0,
-                occurred_at=END - timedelta(hours=n + 1),
-            )
+            _event(SCOPE, f"u{n}", late, kind, END - timedelta(hours=n + 1))
             for late in LATE
             for n in range(8)
             for kind in ("view", "purchase")
         ]
     )
     events = [e for batch in batches for e in batch]
-    await pg.insert_event_batches(batches)
     # categories: the least popular of the items seen early are promo, others news/spam/none
     early = END - timedelta(days=40)
     weight: dict[str, float] = defaultdict(float)
@@ -102,12 +92,31 @@ async def evaluated(
     categories = {
         f"i{n}": "promo" if f"i{n}" in promo else kinds.get(n % 5, "") for n in range(150)
     } | dict.fromkeys(LATE, "promo")
-    items = path.with_name("items.csv")
-    items.write_text("item_id,category\n" + "".join(f"{i},{c}\n" for i, c in categories.items()))
-    privrank(profiled, "import", "items", str(items), "--scope", SCOPE)
+    profiled = with_profiles(config, tmp_path_factory.mktemp(SCOPE), PROFILES)
+    return await _evaluate(JobContext(profiled, pg, cache), SCOPE, events, categories, "train")
 
-    ctx = JobContext(profiled, pg, cache)
-    await run_job(ctx, "train", [SCOPE])
+
+def _event(scope: str, user: str, item: str, kind: str, at: datetime) -> Interaction:
+    return Interaction(
+        scope=scope, user_id=user, item_id=item, event_type=kind, value=1.0, occurred_at=at
+    )
+
+
+async def _evaluate(
+    ctx: JobContext,
+    scope: str,
+    events: list[Interaction],
+    categories: dict[str, str],
+    before: str,
+) -> Evaluated:
+    """Store ``events`` and the item ``categories`` of ``scope``, run the ``before`` step
+    (train, or build), then evaluate, keeping what evaluate ranked."""
+    await ctx.pg.insert_event_batches([events])
+    assert ctx.config.profiles_file is not None
+    items = ctx.config.profiles_file.with_name("items.csv")
+    items.write_text("item_id,category\n" + "".join(f"{i},{c}\n" for i, c in categories.items()))
+    privrank(ctx.config, "import", "items", str(items), "--scope", scope)
+    await run_job(ctx, before, [scope])
     captured: list[tuple[snapshot.Snapshot, np.ndarray, dict[str, list[list[int]]]]] = []
     served_rankings = steps._served_rankings
 
@@ -118,13 +127,13 @@ async def evaluated(
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(steps, "_served_rankings", spy)
-        await run_job(ctx, "evaluate", [SCOPE])
+        await run_job(ctx, "evaluate", [scope])
     ((snap, users, served),) = captured
-    rows = await pg.evaluations(SCOPE, limit=4)
-    cutoff = await pg.holdout_cutoff(SCOPE, HOLDOUT_FRACTION)
+    rows = await ctx.pg.evaluations(scope, limit=len(served) + 1)
+    cutoff = await ctx.pg.holdout_cutoff(scope, HOLDOUT_FRACTION)
     assert cutoff is not None
     return Evaluated(
-        profiled.profile(SCOPE),
+        ctx.config.profile(scope),
         events,
         categories,
         cutoff,
@@ -241,3 +250,152 @@ def test_a_strong_boost_moves_the_stored_metrics(evaluated: Evaluated) -> None:
     assert boosted["popularity_bias@10"] < control["popularity_bias@10"]
     assert boosted["novelty@10"] > control["novelty@10"]
     assert boosted["ndcg@10"] < control["ndcg@10"]
+
+
+# -- a rule-based scope -----------------------------------------------------------------------
+
+RULE_SCOPE = "ruleseval"
+RULE_PROFILES = f"""
+[{RULE_SCOPE}]
+model = "rules"
+base_scores = {{ alert = 1.0, promo = 0.6, digest = 0.3 }}
+engagement_weight = 4.0
+popularity_weight = 0.2
+recency_weight = 0.1
+boosts = {{ digest = 0.05 }}
+
+[{RULE_SCOPE}.variants.flat]
+share = 0.5
+engagement_weight = 0.0
+base_scores = {{ alert = 0.2, promo = 0.2, digest = 1.0 }}
+"""
+RULE_CATALOG = {
+    **{f"a{n}": "alert" for n in range(5)},
+    **{f"p{n}": "promo" for n in range(5)},
+    **{f"d{n}": "digest" for n in range(5)},
+    "x0": "",
+    "x1": "",
+}
+T0 = datetime(2025, 3, 1, tzinfo=UTC)
+HELD_OUT_AT = T0 + timedelta(days=20)  # every held-out click at one instant: the cutoff
+
+
+def _rule_clicks() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Per user: clicks before the cutoff, and the held-out ones (other items). r0-r5 click
+    alerts and a promo and will click a digest; r6-r11 click digests and will click alerts."""
+    train, held = {}, {}
+    for n in range(12):
+        if n < 6:
+            train[f"r{n}"] = [f"a{n % 5}", f"a{(n + 1) % 5}", f"p{n % 5}", f"a{(n + 2) % 5}"]
+            held[f"r{n}"] = [f"d{n % 5}", f"p{(n + 1) % 5}"]
+        else:
+            train[f"r{n}"] = [f"d{n % 5}", f"d{(n + 1) % 5}", f"d{(n + 2) % 5}", f"x{n % 2}"]
+            held[f"r{n}"] = [f"a{n % 5}", f"d{(n + 3) % 5}"]
+    return train, held
+
+
+@pytest.fixture(scope="module")
+async def rule_evaluated(
+    config: Config, pg: PgStore, cache: RankCache, tmp_path_factory: pytest.TempPathFactory
+) -> Evaluated:
+    train, held = _rule_clicks()
+    # one user sees every item first, 12 hours apart: all items exist before the cutoff
+    events = [
+        _event(RULE_SCOPE, "seed", item, "view", T0 + timedelta(hours=12 * n))
+        for n, item in enumerate(RULE_CATALOG)
+    ]
+    for n, (user, clicks) in enumerate(train.items()):
+        at = T0 + timedelta(days=9, hours=n)
+        events += [
+            _event(RULE_SCOPE, user, i, "click", at + timedelta(minutes=j))
+            for j, i in enumerate(clicks)
+        ]
+    events += [
+        _event(RULE_SCOPE, user, i, "click", HELD_OUT_AT) for user, ids in held.items() for i in ids
+    ]
+    profiled = with_profiles(config, tmp_path_factory.mktemp(RULE_SCOPE), RULE_PROFILES)
+    ctx = JobContext(profiled, pg, cache)
+    evaluated = await _evaluate(ctx, RULE_SCOPE, events, RULE_CATALOG, "build")
+    assert evaluated.cutoff == HELD_OUT_AT
+    return evaluated
+
+
+def _rule_reference(
+    ev: Evaluated, settings: Profile, shares_from: dict[str, list[str]]
+) -> dict[str, list[str]]:
+    """Per evaluated user, the unseen items by the rule score (README, "Rule-based scopes")
+    with engagement shares over ``shares_from``: base × (1 + weight × share) + popularity
+    and recency weights × the components as of the cutoff + boosts; ties by item ID."""
+    comps = _components(ev)
+    ids = comps["item_ids"].tolist()
+    base, boosts = dict(settings.base_scores), dict(settings.boosts)
+    train, _ = _rule_clicks()
+    out = {}
+    for user in ev.snap.user_ids[ev.users].tolist():
+        clicks = shares_from[user]
+        share = {c: sum(RULE_CATALOG[i] == c for i in clicks) / len(clicks) for c in base}
+        scores = []
+        for n, item in enumerate(ids):
+            if item in train[user]:
+                continue
+            category = RULE_CATALOG[item]
+            score = base.get(category, 0.0) * (
+                1 + settings.engagement_weight * share.get(category, 0.0)
+            )
+            score += settings.popularity_weight * float(comps["item_popularity"][n])
+            score += settings.recency_weight * float(comps["item_recency"][n])
+            scores.append((-(score + boosts.get(category, 0.0)), item))
+        out[user] = [item for _, item in sorted(scores)]
+    return out
+
+
+def test_a_rule_scope_is_evaluated_by_its_rules_from_the_training_part(
+    rule_evaluated: Evaluated,
+) -> None:
+    ev = rule_evaluated
+    assert set(ev.stored) == {"privrank", "privrank/flat", "popularity"}
+    assert ev.snap.manifest["model"] == "rules"
+    train, held = _rule_clicks()
+    evaluated = ev.snap.user_ids[ev.users].tolist()
+    assert evaluated == sorted(held)  # the seed user has nothing held out
+    everything = {u: train[u] + held[u] for u in held}
+    for name in ev.profile.variant_names:
+        settings = ev.profile.for_variant(name)
+        label = "privrank" if name == CONTROL else f"privrank/{name}"
+        got = {
+            user: ev.snap.item_ids[ranked].tolist()
+            for user, ranked in zip(evaluated, ev.served[label], strict=True)
+        }
+        assert got == _rule_reference(ev, settings, train), label
+        # the check has teeth: shares that saw the held-out clicks, or no weights, differ
+        if settings.engagement_weight:
+            assert got != _rule_reference(ev, settings, everything), label
+        plain = dataclasses.replace(settings, popularity_weight=0.0, recency_weight=0.0)
+        assert got != _rule_reference(ev, plain, train), label
+
+
+async def test_a_rule_scope_s_evaluation_is_reported(
+    rule_evaluated: Evaluated, client: Client, tmp_path: Path
+) -> None:
+    metrics = await client.admin.GetMetrics(
+        pb.GetMetricsRequest(scope=RULE_SCOPE), metadata=client.adm
+    )
+    assert_offline_as_stored(metrics, await client.app.pg.evaluations(RULE_SCOPE))
+    version = snapshot.current_version(client.config.snapshot_dir, RULE_SCOPE)
+    assert {e.model_version for e in metrics.offline} == {version}
+    out = tmp_path / "report.html"
+    privrank(
+        client.config,
+        "report",
+        "--out",
+        str(out),
+        "--scope",
+        RULE_SCOPE,
+        "--server",
+        "127.0.0.1:9",
+        "--metrics",
+        "127.0.0.1:9",
+    )
+    page = out.read_text()
+    assert f"Scope {RULE_SCOPE}" in page
+    assert all(f"<td>{label}</td>" in page for label in rule_evaluated.stored)
