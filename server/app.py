@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CORE_CALLS_PERIOD_S = 1.0  # how often privrank_grpc_calls catches up with gRPC core
+
 SERVICE_NAMES = tuple(
     pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Ranking", "Settings", "Admin")
 )
@@ -67,7 +69,7 @@ class App:
     health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
     link: WorkerLink | None = None  # to the sibling workers under ``serve --workers``
     warm_done: bool = False
-    _poller: asyncio.Task[None] | None = None
+    _background: list[asyncio.Task[None]] = field(default_factory=list)
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
@@ -123,7 +125,10 @@ class App:
         await asyncio.to_thread(kernels.warm_up)
         await self.optouts.start()
         await self.reload()
-        self._poller = asyncio.create_task(self._poll(), name="snapshot-poll")
+        self._background = [
+            asyncio.create_task(self._poll(), name="snapshot-poll"),
+            asyncio.create_task(self._follow_core_calls(), name="core-calls"),
+        ]
         self.warm_done = True
         await self.set_serving(True)
 
@@ -194,6 +199,14 @@ class App:
             except Exception:
                 log.exception("snapshot poll failed")
 
+    async def _follow_core_calls(self) -> None:
+        while True:
+            await asyncio.sleep(CORE_CALLS_PERIOD_S)
+            try:
+                self.metrics.follow_core_calls()
+            except Exception:
+                log.exception("reading gRPC core's call counts failed")
+
     async def remember_recent(self, events: Sequence[Interaction]) -> None:
         """Keep the items of fresh events for ranking users the model does not know yet; never
         for a user who opted out. Best effort: the events themselves are already stored."""
@@ -229,10 +242,10 @@ class App:
         return env
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
+        for task in self._background:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+                await task
         await self.optouts.close()
         await self.cache.close()
         await self.pg.close()
@@ -276,11 +289,11 @@ def create_server(
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             # The event loop takes one call per method per turn, so past capacity the backlog
             # waits in gRPC core, out of admission control's sight, until it expires there.
-            # Core bounds it instead (random early drop from a quarter of the cap, all at the
-            # cap): shedding costs core microseconds, where a refusal in Python would cost
-            # nearly what an answer does and at 3x load leave little time to answer.
-            ("grpc.server.max_pending_requests", config.max_pending_rpcs // 4),
-            ("grpc.server.max_pending_requests_hard_limit", config.max_pending_rpcs),
+            # Core bounds it instead (random early drop between the cap and twice the cap):
+            # shedding costs core microseconds, where a refusal in Python would cost nearly
+            # what an answer does and at 3x load leave little time to answer.
+            ("grpc.server.max_pending_requests", config.max_pending_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_rpcs),
         ],
         maximum_concurrent_rpcs=config.concurrent_rpc_cap,
     )

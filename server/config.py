@@ -56,8 +56,8 @@ class Config:
     # Redis (until its breaker opens) does not turn into refusals
     max_queue_wait_s: float = 0.5
     max_queued_rpcs: int = 256  # waiting for a slot; past this, RESOURCE_EXHAUSTED at once
-    # per method, calls gRPC core holds until the event loop takes them: past a quarter of
-    # this it sheds new ones at random, at this many all of them (the caller sees CANCELLED)
+    # per method, calls gRPC core may hold for the event loop without shedding any; past that
+    # it sheds new ones at random, past twice that all of them (the caller sees CANCELLED)
     max_pending_rpcs: int = 256
     kernel_threads: int = 2  # threads scoring large requests off the event loop (numba nogil)
     offload_min_work: int = 1_000_000  # multiply-adds above which scoring leaves the loop

@@ -10,6 +10,7 @@ buckets, as Prometheus' ``histogram_quantile`` does.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from grpc._cython import cygrpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -65,6 +67,14 @@ class ServiceMetrics:
             ["scope"],
             registry=self.registry,
         )
+        self._core_calls = Counter(
+            "privrank_grpc_calls",
+            "calls gRPC core started, succeeded, failed (channelz); started - succeeded - "
+            "failed: in flight, or shed or expired in core before any handler saw them",
+            ["result"],
+            registry=self.registry,
+        )
+        self._core_seen: dict[str, int] = {}
         self._lock = threading.Lock()
         self._recent: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -90,6 +100,14 @@ class ServiceMetrics:
         self._served.labels(scope, source, variant).inc()
         if blocked:
             self._blocked.labels(scope).inc()
+
+    def follow_core_calls(self) -> None:
+        """Bring ``privrank_grpc_calls`` up to gRPC core's own counts (called periodically)."""
+        for result, total in core_call_counts().items():
+            delta = total - self._core_seen.get(result, 0)
+            if delta > 0:
+                self._core_calls.labels(result).inc(delta)
+            self._core_seen[result] = total
 
     def _series(self) -> CollectorRegistry:
         """This process's series, or every worker's under ``serve --workers``."""
@@ -141,6 +159,24 @@ class ServiceMetrics:
     def serve_http(self, address: str) -> int:
         """Expose ``/metrics`` on ``address`` (HOST:PORT, port 0 picks one); returns the port."""
         return _serve_http(address, self.registry)
+
+
+def core_call_counts() -> dict[str, int]:
+    """Calls gRPC core has started, and finished OK / not OK, summed over this process's
+    servers (one, outside tests), from channelz. A call that core shed under overload
+    (``Config.max_pending_rpcs``) or that expired there counts as started, and neither
+    succeeded nor failed."""
+    counts = dict.fromkeys(("started", "succeeded", "failed"), 0)
+    start = 0
+    while True:
+        page = json.loads(cygrpc.channelz_get_servers(start))
+        for server in page.get("server", ()):
+            data = server.get("data", {})
+            for result in counts:
+                counts[result] += int(data.get("calls" + result.capitalize(), 0))
+            start = int(server["ref"]["serverId"]) + 1
+        if page.get("end", True) or not page.get("server"):
+            return counts
 
 
 def bucket_quantiles(buckets: Mapping[float, float], quantiles: Sequence[float]) -> list[float]:

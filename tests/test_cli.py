@@ -197,7 +197,8 @@ async def test_serve_drains_in_flight_calls_on_sigterm(
     env = cli_env(config) | {
         "PRIVRANK_LISTEN": f"127.0.0.1:{port}",
         "PRIVRANK_SHUTDOWN_DELAY_S": "1",
-        "PRIVRANK_MAX_QUEUED_RPCS": "1000",
+        "PRIVRANK_MAX_QUEUED_RPCS": "1000",  # the 300 calls below arrive at once:
+        "PRIVRANK_MAX_PENDING_RPCS": "1000",  # neither admission nor gRPC core sheds them
         "PRIVRANK_SHUTDOWN_GRACE_S": "20",
     }
     process = start_serve(env, log_path)

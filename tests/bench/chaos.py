@@ -458,6 +458,15 @@ class Server:
                     buckets[float(labels["le"])] = float(line.split()[-1])
         return buckets
 
+    def core_calls(self) -> dict[str, float]:
+        """privrank_grpc_calls_total by result (started, succeeded, failed): gRPC core's own
+        counts, which include the calls it shed before any handler saw them."""
+        counts: dict[str, float] = {}
+        for line in self._metrics().splitlines():
+            if line.startswith("privrank_grpc_calls_total{"):
+                counts[re.findall(r'result="(\w+)"', line)[0]] = float(line.split()[-1])
+        return counts
+
     def scrape(self) -> dict[tuple[str, str], float]:
         """privrank_requests_total by (method, code) from the server's /metrics."""
         text = self._metrics()
@@ -1670,7 +1679,7 @@ async def overload(b: Bench) -> None:
         f"{b.p.overload_s:.0f} s each"
     )
     server = await b.start_server("overload")
-    levels: list[tuple[float, Run, dict[str, float], Point, Point]] = []
+    levels: list[tuple[float, Run, dict[str, float], float, Point, Point]] = []
     try:
         async with b.clients(server) as clients:
             # the machine is shared: measure C again, the same way, right before the levels
@@ -1683,9 +1692,11 @@ async def overload(b: Bench) -> None:
                 f"  C measured again just now (closed loop, concurrency {CAPACITY_CONCURRENCY}):"
                 f" {capacity:.0f}/s (scenario 1: {b.capacity:.0f}/s); the levels use it"
             )
+            await asyncio.sleep(1.5)  # the server follows gRPC core's counts once a second
             timeline = Timeline(b, server)
             for multiple in OVERLOAD_LEVELS:
                 before = await asyncio.to_thread(server.scrape)
+                core_before = await asyncio.to_thread(server.core_calls)
                 await timeline.mark(f"{multiple:g}x")
                 run = await open_loop(
                     clients, b.pick_pool, multiple * capacity, b.p.overload_s, b.rng
@@ -1697,9 +1708,13 @@ async def overload(b: Bench) -> None:
                     for method, code in after
                     if method == "Recommend"
                 }
-                levels.append((multiple, run, seen, *timeline.points[-2:]))
                 dump(b, f"overload-{multiple:g}x", run)
                 await asyncio.sleep(b.p.overload_pause_s)  # let any backlog drain
+                core = await asyncio.to_thread(server.core_calls)  # followed once a second
+                delta = {k: v - core_before.get(k, 0.0) for k, v in core.items()}
+                dropped = delta.get("started", 0.0) - delta.get("succeeded", 0.0)
+                dropped -= delta.get("failed", 0.0)
+                levels.append((multiple, run, seen, dropped, *timeline.points[-2:]))
             probe = await open_loop(clients, b.pick_pool, 0.5 * capacity, 3.0, b.rng)
     finally:
         await server.stop()
@@ -1711,7 +1726,7 @@ async def overload(b: Bench) -> None:
     )
     at_3x: tuple[Stats, list[Call], Run] | None = None
     server_view = ""
-    for multiple, run, seen, start, end in levels:
+    for multiple, run, seen, dropped, start, end in levels:
         st = stats(run.calls, run.window)
         rejected = [c for c in run.calls if c.code == grpc.StatusCode.RESOURCE_EXHAUSTED]
         re_p50 = float(np.median([c.ms for c in rejected])) if rejected else float("nan")
@@ -1733,11 +1748,12 @@ async def overload(b: Bench) -> None:
         say(
             f"         server: its p99 {_server_p99(start.hist, end.hist)[1]}, CPU "
             f"{(end.server_cpu - start.server_cpu) / wall:.0%} of its core; other processes "
-            f"{others:.0%} of the cores"
+            f"{others:.0%} of the cores; by its privrank_grpc_calls, {dropped:.0f} calls shed "
+            "or expired in gRPC core"
         )
         if never > 0 or late > 0:
             say(
-                f"         {never:.0f} calls never reached the server's handler (they expired "
+                f"         {never:.0f} calls never reached the server's handler (shed or expired "
                 f"before it); {max(late, 0):.0f} answers were computed after the caller gave up"
             )
         if run.achieved_rate() < GENERATOR_SHORTFALL * run.rate:
@@ -1749,7 +1765,8 @@ async def overload(b: Bench) -> None:
             at_3x = (st, rejected, run)
             server_view = (
                 f"server handler saw {sum(seen.values()):.0f} of {st.sent} calls "
-                f"({never:.0f} expired before reaching it), its p99 "
+                f"({never:.0f} did not reach it; gRPC core's counts: {dropped:.0f} shed or "
+                "expired there), its p99 "
                 f"{_server_p99(start.hist, end.hist)[1]}; {max(late, 0):.0f} answers computed "
                 "after the caller gave up"
             )
@@ -1759,6 +1776,8 @@ async def overload(b: Bench) -> None:
     st, rejected, run = at_3x
     re_p50 = float(np.median([c.ms for c in rejected])) if rejected else float("nan")
     slow_failures = st.failures - len(rejected)
+    others = [c.ms for c in run.calls if c.code not in (OK, grpc.StatusCode.RESOURCE_EXHAUSTED)]
+    others_p50 = float(np.median(others)) if others else float("nan")
     top = OVERLOAD_LEVELS[-1]
     reached = run.achieved_rate() >= GENERATOR_SHORTFALL * run.rate
     b.row(
@@ -1773,7 +1792,7 @@ async def overload(b: Bench) -> None:
         f"6 overload {top:g}x rejections",
         f"failures are RESOURCE_EXHAUSTED, median <= {REJECTION_FAST_MS:g} ms",
         f"{len(rejected)} RESOURCE_EXHAUSTED (median {ms(re_p50)}), "
-        f"{slow_failures} other failures ({dict(st.failed)})",
+        f"{slow_failures} other failures ({dict(st.failed)}, median {ms(others_p50)})",
         bool(rejected) and slow_failures == 0 and re_p50 <= REJECTION_FAST_MS,
     )
     b.row(f"6 overload {top:g}x server view", "report", server_view, None)
