@@ -727,9 +727,8 @@ def _served_rankings(
         variant = profile.for_variant(name)
         scoring = scoring_for(snap, variant, where=f"evaluate {snap.scope} {name}")
         depth = max(k, variant.candidates) if variant.diversity > 0 else k
-        items, _, counts = top_k_batch(snap, scoring, users, indptr, indices, depth)
-        rankings = [items[r, : counts[r]].tolist() for r in range(len(users))]
-        served[_model_label(name)] = _diversified(rankings, snap.item_unit, k, variant)
+        items, scores, counts = top_k_batch(snap, scoring, users, indptr, indices, depth)
+        served[_model_label(name)] = _diversified(items, scores, counts, snap.item_unit, k, variant)
     return served
 
 
@@ -754,25 +753,23 @@ def _model_label(variant: str) -> str:
 
 
 def _diversified(
-    rankings: list[list[int]], unit: np.ndarray, k: int, profile: Profile
+    items: np.ndarray,
+    scores: np.ndarray,
+    counts: np.ndarray,
+    unit: np.ndarray,
+    k: int,
+    profile: Profile,
 ) -> list[list[int]]:
-    """Each best-first list cut to k, re-ranked by MMR at the profile's strength."""
-    if profile.diversity <= 0:
-        return [r[:k] for r in rankings]
-    relevance = np.arange(max((len(r) for r in rankings), default=0), 0, -1, dtype=np.float64)
-    return [
-        [
-            r[i]
-            for i in mmr(
-                np.array(r[: profile.candidates], np.int64),
-                relevance[: min(len(r), profile.candidates)],
-                unit,
-                k,
-                profile.diversity,
-            )
-        ]
-        for r in rankings
-    ]
+    """Best-first rows (items int64[b, depth], their scores float32[b, depth], counts
+    int64[b]; depth: the profile's candidates when it diversifies) cut to k, re-ranked first
+    by MMR at its strength over the row's scores, as serving re-ranks (ranking/pipeline.py)."""
+    lists = []
+    for row, row_scores, count in zip(items, scores, counts, strict=True):
+        row, row_scores = row[:count], row_scores[:count]
+        if profile.diversity > 0:
+            row = row[mmr(row, row_scores, unit, k, profile.diversity)]
+        lists.append(row[:k].tolist())
+    return lists
 
 
 async def cleanup(ctx: JobContext, scope: str) -> str:

@@ -23,6 +23,7 @@ from jobs.runner import run_job
 from jobs.steps import HOLDOUT_FRACTION, RECENCY_DAYS, JobContext, top_k_for_users
 from jobs.synth import generate
 from ranking import snapshot
+from ranking.diversity import mmr
 from ranking.profiles import CONTROL, Profile
 from ranking.scoring import item_bias, scoring_for
 from server.api import privrank_pb2 as pb
@@ -47,6 +48,11 @@ recency_weight = 0.4
 [{SCOPE}.variants.promo]
 share = 0.3
 boosts = {{ promo = 20.0 }}
+
+[{SCOPE}.variants.diverse]
+share = 0.2
+diversity = 0.7
+candidates = 40
 """
 END = datetime(2025, 6, 1, tzinfo=UTC)  # the synthetic log's last day: fixed, not now
 WINDOW_DAYS = 30  # item_stats' popularity and engagement window
@@ -218,11 +224,22 @@ def test_each_variant_is_ranked_as_serving_ranks_it(evaluated: Evaluated, tmp_pa
     published = snapshot.load(tmp_path / SCOPE / snapshot.publish(tmp_path, SCOPE, arrays))
     k = max(steps.EVAL_KS)
 
-    def serve(settings: Profile) -> list[list[int]]:
-        items, _, counts = top_k_for_users(published, ev.users, k, scoring_for(published, settings))
-        return [items[r, : counts[r]].tolist() for r in range(len(ev.users))]
+    def serve(settings: Profile, by_rank: bool = False) -> list[list[int]]:
+        # as ranking/pipeline.py answers: the candidates, then MMR over their scores
+        depth = max(k, settings.candidates) if settings.diversity > 0 else k
+        scoring = scoring_for(published, settings)
+        items, scores, counts = top_k_for_users(published, ev.users, depth, scoring)
+        lists = []
+        for r in range(len(ev.users)):
+            row, row_scores = items[r, : counts[r]], scores[r, : counts[r]]
+            if by_rank:
+                row_scores = np.arange(len(row), 0, -1, dtype=np.float32)
+            if settings.diversity > 0:
+                row = row[mmr(row, row_scores, published.item_unit, k, settings.diversity)]
+            lists.append(row[:k].tolist())
+        return lists
 
-    assert set(ev.served) == {"privrank", "privrank/emb", "privrank/promo"}
+    assert set(ev.served) == {"privrank", "privrank/emb", "privrank/promo", "privrank/diverse"}
     for name in profile.variant_names:
         variant = profile.for_variant(name)
         label = "privrank" if name == CONTROL else f"privrank/{name}"
@@ -232,13 +249,19 @@ def test_each_variant_is_ranked_as_serving_ranks_it(evaluated: Evaluated, tmp_pa
         assert ev.served[label] != serve(unbiased), label
         if variant.relevance_weight != 1.0:
             assert ev.served[label] != serve(dataclasses.replace(variant, relevance_weight=1.0))
+    # MMR re-ranks by the candidates' scores, not their ranks
+    diverse = profile.for_variant("diverse")
+    assert ev.served["privrank/diverse"] != serve(dataclasses.replace(diverse, diversity=0.0))
+    assert ev.served["privrank/diverse"] != serve(diverse, by_rank=True)
     # control and promo rank with EASE, emb with the embeddings: the models differ too
     assert ev.served["privrank/emb"] != serve(dataclasses.replace(profile, model="auto"))
 
 
 def test_a_strong_boost_moves_the_stored_metrics(evaluated: Evaluated) -> None:
     ev = evaluated
-    assert set(ev.stored) == {"privrank", "privrank/emb", "privrank/promo", "popularity"}
+    assert set(ev.stored) == {"popularity"} | {
+        f"privrank{v}" for v in ("", "/emb", "/promo", "/diverse")
+    }
     codes, names = ev.snap.item_category, ev.snap.categories
     assert codes is not None
     assert names is not None
