@@ -162,6 +162,11 @@ class PgStore:
         )
         return cls(pool, dsn, timeout_s, settings, breaker)
 
+    def pool_size(self) -> tuple[int, int, int]:
+        """(open, idle, maximum) connections of the pool."""
+        pool = self._pool
+        return pool.get_size(), pool.get_idle_size(), pool.get_max_size()
+
     async def close(self) -> None:
         await self._pool.close()
 

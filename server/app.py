@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CORE_CALLS_PERIOD_S = 1.0  # how often privrank_grpc_calls catches up with gRPC core
+GAUGES_PERIOD_S = 1.0  # how often privrank_grpc_calls and the pool gauge are brought up to date
 
 SERVICE_NAMES = tuple(
     pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Ranking", "Settings", "Admin")
@@ -127,7 +127,7 @@ class App:
         await self.reload()
         self._background = [
             asyncio.create_task(self._poll(), name="snapshot-poll"),
-            asyncio.create_task(self._follow_core_calls(), name="core-calls"),
+            asyncio.create_task(self._follow_gauges(), name="gauges"),
         ]
         self.warm_done = True
         await self.set_serving(True)
@@ -199,13 +199,15 @@ class App:
             except Exception:
                 log.exception("snapshot poll failed")
 
-    async def _follow_core_calls(self) -> None:
+    async def _follow_gauges(self) -> None:
+        """gRPC core's call counts and the PostgreSQL pool's size into the metrics."""
         while True:
-            await asyncio.sleep(CORE_CALLS_PERIOD_S)
+            await asyncio.sleep(GAUGES_PERIOD_S)
             try:
                 self.metrics.follow_core_calls()
+                self.metrics.observe_pool(*self.pg.pool_size())
             except Exception:
-                log.exception("reading gRPC core's call counts failed")
+                log.exception("reading gRPC core's call counts or the pool size failed")
 
     async def remember_recent(self, events: Sequence[Interaction]) -> None:
         """Keep the items of fresh events for ranking users the model does not know yet; never
@@ -274,6 +276,17 @@ def create_server(
     ``reuse_port`` lets several processes bind the same port (``serve --workers``); otherwise
     binding a port in use fails rather than silently sharing it."""
     config = app.config
+    backlog = []
+    if config.max_pending_rpcs:
+        # The event loop takes one call per method per turn, so past capacity the backlog
+        # waits in gRPC core, out of admission control's sight, until it expires there. Core
+        # bounds it instead (random early drop between the cap and twice the cap): shedding
+        # costs core microseconds, where a refusal in Python would cost nearly what an
+        # answer does and at 3x load leave little time to answer.
+        backlog = [
+            ("grpc.server.max_pending_requests", config.max_pending_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_rpcs),
+        ]
     server = aio.server(
         interceptors=[
             ServingInterceptor(
@@ -287,13 +300,7 @@ def create_server(
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
-            # The event loop takes one call per method per turn, so past capacity the backlog
-            # waits in gRPC core, out of admission control's sight, until it expires there.
-            # Core bounds it instead (random early drop between the cap and twice the cap):
-            # shedding costs core microseconds, where a refusal in Python would cost nearly
-            # what an answer does and at 3x load leave little time to answer.
-            ("grpc.server.max_pending_requests", config.max_pending_rpcs),
-            ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_rpcs),
+            *backlog,
         ],
         maximum_concurrent_rpcs=config.concurrent_rpc_cap,
     )

@@ -57,7 +57,8 @@ class Config:
     max_queue_wait_s: float = 0.5
     max_queued_rpcs: int = 256  # waiting for a slot; past this, RESOURCE_EXHAUSTED at once
     # per method, calls gRPC core may hold for the event loop without shedding any; past that
-    # it sheds new ones at random, past twice that all of them (the caller sees CANCELLED)
+    # it sheds new ones at random, past twice that all of them (the caller sees CANCELLED);
+    # 0 leaves gRPC core's own limits (1,000 and 3,000)
     max_pending_rpcs: int = 256
     kernel_threads: int = 2  # threads scoring large requests off the event loop (numba nogil)
     offload_min_work: int = 1_000_000  # multiply-adds above which scoring leaves the loop
@@ -115,7 +116,6 @@ class Config:
             "MAX_ACTIVE_RPCS": self.max_active_rpcs,
             "MAX_QUEUED_RPCS": self.max_queued_rpcs,
             "MAX_QUEUE_WAIT_S": self.max_queue_wait_s,
-            "MAX_PENDING_RPCS": self.max_pending_rpcs,
             "KERNEL_THREADS": self.kernel_threads,
             "BREAKER_FAILURES": self.breaker_failures,
             "BREAKER_COOLDOWN_S": self.breaker_cooldown_s,
@@ -130,6 +130,8 @@ class Config:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{PREFIX}{name}: must be positive, got {value}")
+        if self.max_pending_rpcs < 0:
+            raise ConfigError(f"{PREFIX}MAX_PENDING_RPCS: must be >= 0 (0: gRPC core's own)")
         if self.max_concurrent_rpcs < 0:
             raise ConfigError(f"{PREFIX}MAX_CONCURRENT_RPCS: must be >= 0 (0: automatic)")
         if 0 < self.max_concurrent_rpcs <= self.max_active_rpcs + self.max_queued_rpcs:

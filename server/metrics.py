@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from grpc._cython import cygrpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_WINDOW = 10_000
@@ -75,6 +75,13 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self._core_seen: dict[str, int] = {}
+        self._pool = Gauge(
+            "privrank_pg_pool_connections",
+            "PostgreSQL pool connections: open, idle, and the configured maximum",
+            ["state"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self._lock = threading.Lock()
         self._recent: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -108,6 +115,10 @@ class ServiceMetrics:
             if delta > 0:
                 self._core_calls.labels(result).inc(delta)
             self._core_seen[result] = total
+
+    def observe_pool(self, open_: int, idle: int, maximum: int) -> None:
+        for state, value in (("open", open_), ("idle", idle), ("max", maximum)):
+            self._pool.labels(state).set(value)
 
     def _series(self) -> CollectorRegistry:
         """This process's series, or every worker's under ``serve --workers``."""

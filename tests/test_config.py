@@ -23,7 +23,7 @@ def test_defaults_are_valid() -> None:
         ({"PRIVRANK_WORKERS": "two"}, "PRIVRANK_WORKERS"),
         ({"PRIVRANK_LISTEN": "nowhere"}, "PRIVRANK_LISTEN"),
         ({"PRIVRANK_MAX_CONCURRENT_RPCS": "-1"}, "PRIVRANK_MAX_CONCURRENT_RPCS"),
-        ({"PRIVRANK_MAX_PENDING_RPCS": "0"}, "PRIVRANK_MAX_PENDING_RPCS"),
+        ({"PRIVRANK_MAX_PENDING_RPCS": "-1"}, "PRIVRANK_MAX_PENDING_RPCS"),
         (
             {"PRIVRANK_MAX_CONCURRENT_RPCS": "100", "PRIVRANK_MAX_QUEUED_RPCS": "92"},
             "must exceed",

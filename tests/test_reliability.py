@@ -388,3 +388,26 @@ async def test_a_job_killed_at_random_points_reruns_to_the_clean_result(
         await asyncio.to_thread(privrank, config, "jobs", "nightly", "--scope", scope)
         assert _content_hash(config.snapshot_dir, scope) == clean_hash, f"attempt {attempt}"
         assert await _ranks(pg_url, scope) == clean_ranks, f"attempt {attempt}"
+
+
+async def test_the_pool_is_reported(
+    config: Config, pg_url: str, redis_url: str, seeded: object
+) -> None:
+    async with serving(config, pg_url, redis_url) as running:
+        settings = rpc.SettingsStub(running.channel)
+        await settings.GetSettings(pb.GetSettingsRequest(user_id="u3"), metadata=running.service)
+        registry = running.app.metrics.registry
+
+        def pool(state: str) -> float | None:
+            return registry.get_sample_value("privrank_pg_pool_connections", {"state": state})
+
+        for _ in range(50):  # reported once a second
+            if pool("max") is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert pool("max") == 8
+        opened, idle = pool("open"), pool("idle")
+        assert opened is not None
+        assert idle is not None
+        assert 1 <= opened <= 8
+        assert 0 <= idle <= opened
