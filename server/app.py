@@ -202,12 +202,12 @@ class App:
     async def _follow_gauges(self) -> None:
         """gRPC core's call counts and the PostgreSQL pool's size into the metrics."""
         while True:
-            await asyncio.sleep(GAUGES_PERIOD_S)
             try:
                 self.metrics.follow_core_calls()
                 self.metrics.observe_pool(*self.pg.pool_size())
             except Exception:
                 log.exception("reading gRPC core's call counts or the pool size failed")
+            await asyncio.sleep(GAUGES_PERIOD_S)
 
     async def remember_recent(self, events: Sequence[Interaction]) -> None:
         """Keep the items of fresh events for ranking users the model does not know yet; never
@@ -276,7 +276,7 @@ def create_server(
     ``reuse_port`` lets several processes bind the same port (``serve --workers``); otherwise
     binding a port in use fails rather than silently sharing it."""
     config = app.config
-    backlog = []
+    backlog: list[tuple[str, int]] = []
     if config.max_pending_rpcs:
         # The event loop takes one call per method per turn, so past capacity the backlog
         # waits in gRPC core, out of admission control's sight, until it expires there. Core
