@@ -26,6 +26,9 @@ RECENT_PREFIX = "privrank:recent:"  # privrank:recent:{scope}:{user_id} → newe
 RECENT_ITEMS = 20
 RECENT_TTL_S = 7 * 24 * 3600
 RANKING_DTYPE = np.dtype([("item", "<i4"), ("score", "<f4")])
+# privrank:warm:{scope}:{model_version}: every precomputed ranking of that version is in Redis
+WARM_PREFIX = "privrank:warm:"
+REFILL_PREFIX = "privrank:refill:"  # privrank:refill:{scope}:{model_version}: one refills it
 
 
 def rank_key(scope: str, model_version: str, user_id: str) -> str:
@@ -125,6 +128,23 @@ class RankCache:
                     await pipe.execute()
             await pipe.execute()
         return written
+
+    async def is_warm(self, scope: str, model_version: str) -> bool:
+        """Whether every precomputed ranking of the version is here (``mark_warm``); a
+        restarted Redis has lost the mark with the rankings."""
+        async with self._redis() as client:
+            return bool(await client.exists(f"{WARM_PREFIX}{scope}:{model_version}"))
+
+    async def mark_warm(self, scope: str, model_version: str, ttl_s: int | None = None) -> None:
+        async with self._redis() as client:
+            await client.set(f"{WARM_PREFIX}{scope}:{model_version}", b"1", ex=ttl_s or self._ttl)
+
+    async def claim_refill(self, scope: str, model_version: str, hold_s: int) -> bool:
+        """True for the one process (of all sharing this Redis) that may refill the version's
+        rankings in the next ``hold_s`` seconds."""
+        async with self._redis() as client:
+            key = f"{REFILL_PREFIX}{scope}:{model_version}"
+            return bool(await client.set(key, b"1", nx=True, ex=hold_s))
 
     async def push_recent(self, events: Iterable[tuple[str, str, str]]) -> None:
         """Remember (scope, user_id, item_id) interactions as each user's most recent items,

@@ -689,6 +689,23 @@ class PgStore:
             )
         return sorted(r["user_id"] for r in rows)
 
+    async def ranks_page(
+        self, scope: str, model_version: str, *, after: str, limit: int
+    ) -> list[tuple[str, list[str], list[float], datetime]]:
+        """Up to ``limit`` stored rankings of ``model_version`` in user order, of users after
+        ``after``: (user_id, item_ids best first, scores, computed_at)."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT user_id, item_ids, scores, computed_at FROM ranks"
+                " WHERE scope = $1 AND user_id > $2 AND model_version = $3"
+                " ORDER BY user_id LIMIT $4",
+                scope,
+                after,
+                model_version,
+                limit,
+            )
+        return [(r["user_id"], r["item_ids"], r["scores"], r["computed_at"]) for r in rows]
+
     async def replace_ranks(
         self,
         scope: str,

@@ -581,6 +581,7 @@ async def precompute(ctx: JobContext, scope: str) -> str:
                 (user_id, snap.item_ids[its].tolist(), scs.tolist()) for user_id, its, scs in batch
             )
             bar.update(len(chunk))
+    await ctx.cache.mark_warm(scope, snap.version, ttl_s=profile.cache_ttl_s)
     await ctx.pg.replace_ranks(scope, snap.version, rows)
     return f"{written} rankings of top {k} cached for {snap.version}"
 

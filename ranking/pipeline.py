@@ -166,8 +166,10 @@ class Ranker:
         """How many loaded snapshots hold a vector of the user."""
         return sum(ls.snapshot.user_position(user_id) is not None for ls in self._scopes.values())
 
-    def _personal(self, user_id: str, snap: Snapshot) -> bool:
-        # an erased user's vector stays masked until a snapshot built after the erasure serves
+    def personal(self, user_id: str, snap: Snapshot) -> bool:
+        """Whether the user may be ranked personally from ``snap``: personalization on, the
+        user's opt-out confirmed off, and ``snap`` built after any erasure of the user (until
+        then the user's vector in it stays masked)."""
         erased_at = self._optouts.erased_at(user_id)
         if erased_at is not None and snap.created_at <= erased_at:
             return False
@@ -322,7 +324,7 @@ class Ranker:
         caller_excluded = snap.item_positions([*exclude_ids, *profile.exclude_items])
         if scoring.kind == RULES:
             segment = None  # a rule scope's non-personalized ranking is its base scores
-        if not self._personal(user_id, snap):
+        if not self.personal(user_id, snap):
             return self.popular(
                 snap, caller_excluded, limit, blocked=True, segment=segment, scoring=scoring
             )
@@ -382,7 +384,7 @@ class Ranker:
         excluded = snap.item_positions(list(profile.exclude_items))
         candidates = candidates[~np.isin(candidates, excluded)]
         limit = limit or len(candidates)
-        personal = self._personal(user_id, snap)
+        personal = self.personal(user_id, snap)
         user = snap.user_position(user_id) if personal else None
         work = len(candidates) * snap.dim
         if user is None:

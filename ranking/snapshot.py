@@ -125,13 +125,16 @@ class Snapshot:
 
     def item_positions(self, item_ids: list[str]) -> np.ndarray:
         """Positions (int64, sorted, unique) of the known IDs among ``item_ids``."""
+        found = self.lookup_items(item_ids)
+        return np.unique(found[found >= 0])
+
+    def lookup_items(self, item_ids: list[str]) -> np.ndarray:
+        """The position of each of ``item_ids`` in order (int64[len]), -1 where unknown."""
         if not item_ids or self.n_items == 0:
-            return np.empty(0, dtype=np.int64)
+            return np.full(len(item_ids), -1, dtype=np.int64)
         wanted = np.asarray(item_ids, dtype=self.item_ids.dtype)
-        pos = np.searchsorted(self.item_ids, wanted)
-        pos = np.minimum(pos, self.n_items - 1)
-        hit = self.item_ids[pos] == wanted
-        return np.unique(pos[hit]).astype(np.int64)
+        pos = np.minimum(np.searchsorted(self.item_ids, wanted), self.n_items - 1)
+        return np.where(self.item_ids[pos] == wanted, pos, -1).astype(np.int64)
 
     def seen(self, user_pos: int) -> np.ndarray:
         return self.seen_indices[self.seen_indptr[user_pos] : self.seen_indptr[user_pos + 1]]

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,6 +47,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+REFILL_CHECK_S = 1.0  # how often each process checks that Redis holds the cached rankings
+REFILL_PAGE = 200  # rankings read from PostgreSQL and written to Redis at a time
+REFILL_SHARE = 0.2  # of the event loop's time, at most, while serving goes on
+REFILL_HOLD_S = 600  # how long one process's claim to refill a scope's cache holds
 GAUGES_PERIOD_S = 1.0  # how often privrank_grpc_calls and the pool gauge are brought up to date
 
 SERVICE_NAMES = tuple(
@@ -128,6 +133,7 @@ class App:
         self._background = [
             asyncio.create_task(self._poll(), name="snapshot-poll"),
             asyncio.create_task(self._follow_gauges(), name="gauges"),
+            asyncio.create_task(self._keep_cache_filled(), name="cache-refill"),
         ]
         self.warm_done = True
         await self.set_serving(True)
@@ -198,6 +204,63 @@ class App:
                 await self.reload()
             except Exception:
                 log.exception("snapshot poll failed")
+
+    async def _keep_cache_filled(self) -> None:
+        while True:
+            try:
+                await self.refill_cache()
+            except Exception:
+                log.exception("refilling the cached rankings failed")
+            await asyncio.sleep(REFILL_CHECK_S)
+
+    async def refill_cache(self) -> int:
+        """Copy each serving scope's precomputed rankings from PostgreSQL's ranks table (their
+        system of record) into Redis when Redis does not hold them all, as after a Redis
+        restart (checked every REFILL_CHECK_S); returns how many were written. One process of
+        those sharing the Redis does it; users not to be ranked personally (opted out,
+        erased) are left out, and each ranking keeps what is left of its TTL. While either
+        store is unreachable it writes nothing and the next check tries again."""
+        if not (self.ranker.personalization_enabled and self.optouts.fresh):
+            return 0  # no one is ranked personally now: refill once they are again
+        written = 0
+        for scope, loaded in self.ranker.loaded().items():
+            version = loaded.snapshot.version
+            try:
+                if await self.cache.is_warm(scope, version) or not await self.cache.claim_refill(
+                    scope, version, REFILL_HOLD_S
+                ):
+                    continue
+                written += await self._refill(scope, loaded.snapshot)
+            except StoreUnavailable as exc:  # tried again in REFILL_CHECK_S
+                log.debug("refilling the cached rankings of %s deferred: %s", scope, exc)
+        return written
+
+    async def _refill(self, scope: str, snap: snapshot.Snapshot) -> int:
+        ttl_s = self.config.profile(scope).cache_ttl_s or self.config.cache_ttl_s
+        written, after = 0, ""
+        while True:
+            started = time.monotonic()
+            page = await self.pg.ranks_page(scope, snap.version, after=after, limit=REFILL_PAGE)
+            if not page:
+                break
+            after, now = page[-1][0], time.time()
+            batch, shortest = [], ttl_s
+            for user_id, item_ids, scores, computed_at in page:
+                left = int(computed_at.timestamp() + ttl_s - now)
+                if left <= 0 or not self.ranker.personal(user_id, snap):
+                    continue  # expired, or not to be ranked personally: opted out, erased
+                positions = snap.lookup_items(item_ids)
+                known = positions >= 0
+                batch.append((user_id, positions[known], np.asarray(scores, np.float32)[known]))
+                shortest = min(shortest, left)
+            if batch:
+                written += await self.cache.put_many(scope, snap.version, batch, ttl_s=shortest)
+            # the refill shares the event loop with serving: it takes at most REFILL_SHARE of it
+            await asyncio.sleep((time.monotonic() - started) * (1 / REFILL_SHARE - 1))
+        if after:  # the version's stored rankings are all in Redis now
+            await self.cache.mark_warm(scope, snap.version, ttl_s)
+            log.info("refilled %d cached rankings of %s/%s", written, scope, snap.version)
+        return written
 
     async def _follow_gauges(self) -> None:
         """gRPC core's call counts and the PostgreSQL pool's size into the metrics."""

@@ -22,10 +22,13 @@ import asyncpg
 import grpc
 import numpy as np
 import pytest
+import redis
 from grpc import aio
 
 from features.breaker import CircuitBreaker
 from features.errors import StoreUnavailable
+from jobs.runner import run_job
+from jobs.steps import JobContext
 from ranking import snapshot
 from server import embedded
 from server.api import privrank_pb2 as pb
@@ -411,3 +414,45 @@ async def test_the_pool_is_reported(
         assert idle is not None
         assert 1 <= opened <= 8
         assert 0 <= idle <= opened
+
+
+async def _until_warm(app: App, scope: str, version: str) -> None:
+    for _ in range(100):
+        if await app.cache.is_warm(scope, version):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the cache of {scope}/{version} was never refilled")
+
+
+async def test_an_emptied_redis_is_refilled_from_postgresql(
+    config: Config, pg_url: str, seeded: JobContext, tmp_path: Path
+) -> None:
+    await run_job(seeded, "precompute", ["default"])  # the serving version's ranks are stored
+    with _own_redis(tmp_path) as (redis_url, _):  # empty, as a restarted Redis is
+        async with _serving(config, pg_url, redis_url) as (app, stub, metadata):
+            version = app.ranker.scope("default").snapshot.version
+            conn = await asyncpg.connect(pg_url)
+            try:
+                stored = {
+                    r["user_id"]: list(r["item_ids"])
+                    for r in await conn.fetch(
+                        "SELECT user_id, item_ids FROM ranks WHERE scope = 'default'"
+                        " AND model_version = $1 ORDER BY user_id LIMIT 40",
+                        version,
+                    )
+                }
+            finally:
+                await conn.close()
+            assert stored
+            for round_ in ("at start-up", "after a flush"):
+                await _until_warm(app, "default", version)
+                assert await app.refill_cache() == 0, round_  # warm: nothing to do
+                for user, items in stored.items():
+                    answer = await stub.Recommend(
+                        pb.RecommendRequest(user_id=user), metadata=metadata
+                    )
+                    assert answer.source == pb.SOURCE_CACHED, (round_, user)
+                    assert [i.item_id for i in answer.items] == items[: len(answer.items)]
+                client = redis.Redis.from_url(redis_url)
+                client.flushdb()  # the rankings and the mark are gone, as in a restart
+                client.close()

@@ -207,6 +207,14 @@ async def test_ranks_round_trip_whatever_the_ids_hold(pg: PgStore, pg_url: str) 
     finally:
         await conn.close()
     assert stored == {user: (items, scores) for user, items, scores in rows}
+    # read back a page at a time in user order, as the cache refill reads them
+    paged, after = [], ""
+    while page := await pg.ranks_page(scope, "v1", after=after, limit=3):
+        paged += page
+        after = page[-1][0]
+    assert [user for user, *_ in paged] == sorted(stored)
+    assert {user: (items, scores) for user, items, scores, _ in paged} == stored
+    assert await pg.ranks_page(scope, "v0", after="", limit=10) == []  # another version
 
 
 async def test_job_lock_admits_one_holder(pg: PgStore, pg_url: str) -> None:
@@ -260,6 +268,17 @@ async def test_cache_round_trip_ttl_and_user_deletion(cache: RankCache, redis_ur
     assert await cache.delete_user(user) == 2
     assert await cache.get(scope, "v1", user) is None
     assert await cache.get(scope, "v1", other) is not None
+
+
+async def test_cache_warm_mark_and_one_refill_claim(cache: RankCache) -> None:
+    scope = _scope()
+    assert not await cache.is_warm(scope, "v1")
+    await cache.mark_warm(scope, "v1")
+    assert await cache.is_warm(scope, "v1")
+    assert not await cache.is_warm(scope, "v2")  # per model version
+    assert await cache.claim_refill(scope, "v2", hold_s=30)
+    assert not await cache.claim_refill(scope, "v2", hold_s=30)  # one claimant at a time
+    assert await cache.claim_refill(scope, "v3", hold_s=30)
 
 
 async def test_unreachable_redis_is_store_unavailable() -> None:
