@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -75,6 +75,7 @@ class App:
     link: WorkerLink | None = None  # to the sibling workers under ``serve --workers``
     warm_done: bool = False
     _background: list[asyncio.Task[None]] = field(default_factory=list)
+    _closing: bool = False
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
@@ -131,9 +132,12 @@ class App:
         await self.optouts.start()
         await self.reload()
         self._background = [
-            asyncio.create_task(self._poll(), name="snapshot-poll"),
-            asyncio.create_task(self._follow_gauges(), name="gauges"),
-            asyncio.create_task(self._keep_cache_filled(), name="cache-refill"),
+            asyncio.create_task(self._every(name, period, step), name=name)
+            for name, period, step in (
+                ("snapshot poll", self.config.snapshot_poll_s, self.reload),
+                ("gauges", GAUGES_PERIOD_S, self._follow_gauges),
+                ("cache refill", REFILL_CHECK_S, self.refill_cache),
+            )
         ]
         self.warm_done = True
         await self.set_serving(True)
@@ -197,21 +201,18 @@ class App:
         loop.add_signal_handler(signal.SIGHUP, reload)
         loop.add_signal_handler(signal.SIGUSR1, flags)
 
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.snapshot_poll_s)
+    async def _every(
+        self, name: str, period_s: float, step: Callable[[], Awaitable[object]]
+    ) -> None:
+        """Run ``step`` now and every ``period_s`` until ``close``, logging its failures. The
+        flag, not only the cancellation, ends it: on Python 3.11 a store call's own timeout
+        expiring as the task is cancelled can turn the cancellation into a timeout error."""
+        while not self._closing:
             try:
-                await self.reload()
+                await step()
             except Exception:
-                log.exception("snapshot poll failed")
-
-    async def _keep_cache_filled(self) -> None:
-        while True:
-            try:
-                await self.refill_cache()
-            except Exception:
-                log.exception("refilling the cached rankings failed")
-            await asyncio.sleep(REFILL_CHECK_S)
+                log.exception("%s failed", name)
+            await asyncio.sleep(period_s)
 
     async def refill_cache(self) -> int:
         """Copy each serving scope's precomputed rankings from PostgreSQL's ranks table (their
@@ -264,13 +265,8 @@ class App:
 
     async def _follow_gauges(self) -> None:
         """gRPC core's call counts and the PostgreSQL pool's size into the metrics."""
-        while True:
-            try:
-                self.metrics.follow_core_calls()
-                self.metrics.observe_pool(*self.pg.pool_size())
-            except Exception:
-                log.exception("reading gRPC core's call counts or the pool size failed")
-            await asyncio.sleep(GAUGES_PERIOD_S)
+        self.metrics.follow_core_calls()
+        self.metrics.observe_pool(*self.pg.pool_size())
 
     async def remember_recent(self, events: Sequence[Interaction]) -> None:
         """Keep the items of fresh events for ranking users the model does not know yet; never
@@ -307,6 +303,7 @@ class App:
         return env
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

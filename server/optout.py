@@ -35,6 +35,7 @@ class OptOutRegistry:
         self._confirmed_at = float("-inf")
         self._stop_listening: Callable[[], Awaitable[None]] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     # -- the view the ranker reads ------------------------------------------------------
 
@@ -101,7 +102,9 @@ class OptOutRegistry:
         self._task = asyncio.create_task(self._run(), name="optout-refresh")
 
     async def _run(self) -> None:
-        while True:
+        # ended by the flag as well as the cancellation, which a timing-out store call on
+        # Python 3.11 can turn into StoreUnavailable (see App._every)
+        while not self._closing:
             await asyncio.sleep(self._refresh_s)
             try:
                 await self._listen()
@@ -115,6 +118,7 @@ class OptOutRegistry:
                 log.log(level, "opt-out refresh failed (fresh=%s): %s", self.fresh, exc)
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
