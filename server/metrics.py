@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_WINDOW = 10_000
+CORE_RESULTS = ("started", "succeeded", "failed")  # privrank_grpc_calls' result label
 RANKING_METHODS = ("Recommend", "RankCandidates", "SimilarItems")
 
 
@@ -75,6 +76,8 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self._core_seen: dict[str, int] = {}
+        for result in CORE_RESULTS:  # every series from the start, at 0
+            self._core_calls.labels(result)
         self._pool = Gauge(
             "privrank_pg_pool_connections",
             "PostgreSQL pool connections: open, idle, and the configured maximum",
@@ -177,7 +180,7 @@ def core_call_counts() -> dict[str, int]:
     servers (one, outside tests), from channelz. A call that core shed under overload
     (``Config.max_pending_rpcs``) or that expired there counts as started, and neither
     succeeded nor failed."""
-    counts = dict.fromkeys(("started", "succeeded", "failed"), 0)
+    counts = dict.fromkeys(CORE_RESULTS, 0)
     start = 0
     while True:
         page = json.loads(cygrpc.channelz_get_servers(start))
