@@ -11,7 +11,7 @@ Every call carries the configured socket timeout and passes a circuit breaker; e
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 
 import numpy as np
@@ -128,6 +128,14 @@ class RankCache:
                     await pipe.execute()
             await pipe.execute()
         return written
+
+    async def delete_rankings(self, scope: str, model_version: str, user_ids: Sequence[str]) -> int:
+        """Delete the users' cached rankings of one model version; how many there were."""
+        if not user_ids:
+            return 0
+        async with self._redis() as client:
+            keys = [rank_key(scope, model_version, u) for u in user_ids]
+            return int(await client.delete(*keys))
 
     async def is_warm(self, scope: str, model_version: str) -> bool:
         """Whether every precomputed ranking of the version is here (``mark_warm``); a

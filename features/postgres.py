@@ -577,6 +577,34 @@ class PgStore:
             )
         return {r["variant"]: (r["impressions"], r["clicks"], r["accepted"]) for r in rows}
 
+    async def not_personal(self, user_ids: Sequence[str], *, erased_since: datetime) -> set[str]:
+        """Those of ``user_ids`` who opted out of personalization, or were erased at or after
+        ``erased_since``."""
+        digests = {user_digest(u): u for u in user_ids}
+        async with self._conn() as conn:
+            opted_out = await conn.fetch(
+                "SELECT user_id FROM user_settings"
+                " WHERE user_id = ANY($1::text[]) AND NOT personalization_enabled",
+                list(user_ids),
+            )
+            erased = await conn.fetch(
+                "SELECT DISTINCT user_hash FROM erasures"
+                " WHERE user_hash = ANY($1::text[]) AND erased_at >= $2",
+                list(digests),
+                erased_since,
+            )
+        return {r["user_id"] for r in opted_out} | {digests[r["user_hash"]] for r in erased}
+
+    async def drop_ranks(self, scope: str, user_ids: Sequence[str]) -> int:
+        """Delete the stored rankings of ``user_ids`` in ``scope``; how many there were."""
+        async with self._conn() as conn:
+            status = await conn.execute(
+                "DELETE FROM ranks WHERE scope = $1 AND user_id = ANY($2::text[])",
+                scope,
+                list(user_ids),
+            )
+        return int(status.split()[-1])
+
     async def erasures(self, *, since: datetime) -> dict[str, float]:
         """Erasures recorded since ``since``: user hash → erasure time (unix seconds)."""
         async with self._conn() as conn:

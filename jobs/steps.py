@@ -22,6 +22,7 @@ from tqdm import tqdm
 from features.cache import RankCache
 from features.errors import JobError
 from features.postgres import PgStore, TrainingPairs
+from features.privacy import retract_not_personal
 from features.schema import DEVICE_CATEGORIES, context_segment
 from jobs.als import AlsParams, to_csr, train_als
 from jobs.ease import gram, train_ease
@@ -548,7 +549,8 @@ async def build(ctx: JobContext, scope: str) -> str:
 
 async def precompute(ctx: JobContext, scope: str) -> str:
     """Control's rankings of the scope's active users, scored as serving scores them; users
-    of an A/B variant that scores otherwise are skipped (serving ranks them live)."""
+    of an A/B variant that scores otherwise are skipped (serving ranks them live). Those who
+    opt out or are erased while it runs have theirs deleted again at the end."""
     snap = snapshot.load_current(ctx.config.snapshot_dir, scope)
     profile = ctx.config.profile(scope)
     # the retriever serving uses: faiss above the exact-search threshold, batched here
@@ -581,9 +583,19 @@ async def precompute(ctx: JobContext, scope: str) -> str:
                 (user_id, snap.item_ids[its].tolist(), scs.tolist()) for user_id, its, scs in batch
             )
             bar.update(len(chunk))
-    await ctx.cache.mark_warm(scope, snap.version, ttl_s=profile.cache_ttl_s)
     await ctx.pg.replace_ranks(scope, snap.version, rows)
-    return f"{written} rankings of top {k} cached for {snap.version}"
+    retracted = await retract_not_personal(
+        ctx.pg,
+        ctx.cache,
+        scope,
+        snap.version,
+        [user_id for user_id, _ in positions],
+        built_at=snap.created_at,
+        stored=True,
+    )
+    await ctx.cache.mark_warm(scope, snap.version, ttl_s=profile.cache_ttl_s)
+    gone = f"; {len(retracted)} retracted (opted out or erased meanwhile)" if retracted else ""
+    return f"{written - len(retracted)} rankings of top {k} cached for {snap.version}{gone}"
 
 
 def select_rows(

@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from features.cache import RankCache
 from features.errors import NotReady, SnapshotError, StoreUnavailable
 from features.postgres import PgStore
+from features.privacy import retract_not_personal
 from features.schema import ENGAGED_EVENTS, Interaction
 from ranking import kernels, snapshot
 from ranking.pipeline import EMPTY, LoadedScope, Ranker
@@ -256,6 +257,16 @@ class App:
                 shortest = min(shortest, left)
             if batch:
                 written += await self.cache.put_many(scope, snap.version, batch, ttl_s=shortest)
+                retracted = await retract_not_personal(
+                    self.pg,
+                    self.cache,
+                    scope,
+                    snap.version,
+                    [user_id for user_id, _, _ in batch],
+                    built_at=snap.created_at,
+                    stored=False,
+                )
+                written -= len(retracted)
             # the refill shares the event loop with serving: it takes at most REFILL_SHARE of it
             await asyncio.sleep((time.monotonic() - started) * (1 / REFILL_SHARE - 1))
         if after:  # the version's stored rankings are all in Redis now

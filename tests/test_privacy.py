@@ -466,3 +466,52 @@ def snapshot_version(ctx: JobContext) -> str | None:
     from ranking import snapshot
 
     return snapshot.current_version(ctx.config.snapshot_dir, "default")
+
+
+async def test_a_precompute_racing_an_opt_out_and_an_erasure_leaves_no_ranking_of_either(
+    client: Client, seeded: JobContext, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An opt-out and an erasure that land after precompute chose its users, before it wrote
+    their rankings: neither user has a cached or a stored ranking once it is done."""
+    quitter, erased = "u65", "u64"
+    version = snapshot_version(seeded)
+    assert version is not None
+    for user in (quitter, erased):
+        assert await seeded.cache.get("default", version, user) is not None
+    write, raced = seeded.cache.put_many, []
+
+    async def racing_write(scope: str, model_version: str, batch: list, **kw: object) -> int:
+        if not raced:
+            raced.append(True)
+            await client.settings.UpdateSettings(
+                pb.UpdateSettingsRequest(user_id=quitter, personalization_enabled=False),
+                metadata=client.svc,
+            )
+            await client.settings.DeleteUserData(
+                pb.DeleteUserDataRequest(user_id=erased), metadata=client.svc
+            )
+            for user in (quitter, erased):  # the two requests deleted what was there
+                assert await seeded.cache.get(scope, model_version, user) is None
+        return await write(scope, model_version, batch, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(seeded.cache, "put_many", racing_write)
+    try:
+        await run_job(seeded, "precompute", ["default"])
+        assert raced
+        conn = await asyncpg.connect(pg_url)
+        try:
+            for user in (quitter, erased):
+                assert await seeded.cache.get("default", version, user) is None, user
+                stored = await conn.fetchval("SELECT count(*) FROM ranks WHERE user_id = $1", user)
+                assert stored == 0, user
+            kept = "SELECT count(*) FROM ranks WHERE user_id = 'u66' AND scope = 'default'"
+            assert await conn.fetchval(kept) == 1
+        finally:
+            await conn.close()
+        assert await seeded.cache.get("default", version, "u66") is not None
+    finally:
+        monkeypatch.undo()
+        await client.settings.UpdateSettings(
+            pb.UpdateSettingsRequest(user_id=quitter, personalization_enabled=True),
+            metadata=client.svc,
+        )

@@ -455,3 +455,45 @@ async def test_an_emptied_redis_is_refilled_from_postgresql(
                 client = redis.Redis.from_url(redis_url)
                 client.flushdb()  # the rankings and the mark are gone, as in a restart
                 client.close()
+
+
+async def test_a_refill_racing_an_opt_out_leaves_no_ranking_of_the_user(
+    config: Config, pg_url: str, seeded: JobContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An opt-out that lands after the refill checked its page, before it wrote it, is undone
+    by the refill itself: the user's ranking does not come back into Redis."""
+    quitter = "u66"
+    await run_job(seeded, "precompute", ["default"])
+    with _own_redis(tmp_path) as (redis_url, _):
+        async with serving(config, pg_url, redis_url) as running:
+            app, settings = running.app, rpc.SettingsStub(running.channel)
+            version = app.ranker.scope("default").snapshot.version
+            await _until_warm(app, "default", version)
+            assert await app.cache.get("default", version, quitter) is not None
+            write, raced = app.cache.put_many, []
+
+            async def racing_write(
+                scope: str, model_version: str, batch: list, **kw: object
+            ) -> int:
+                if not raced and any(user == quitter for user, _, _ in batch):
+                    raced.append(quitter)  # checked already; the opt-out lands before the write
+                    await settings.UpdateSettings(
+                        pb.UpdateSettingsRequest(user_id=quitter, personalization_enabled=False),
+                        metadata=running.service,
+                    )
+                return await write(scope, model_version, batch, **kw)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(app.cache, "put_many", racing_write)
+            try:
+                client = redis.Redis.from_url(redis_url)
+                client.flushdb()  # a restart: the refill runs again, through racing_write
+                client.close()
+                await _until_warm(app, "default", version)
+                assert raced == [quitter]
+                assert await app.cache.get("default", version, quitter) is None
+                assert await app.cache.get("default", version, "u67") is not None
+            finally:
+                await settings.UpdateSettings(
+                    pb.UpdateSettingsRequest(user_id=quitter, personalization_enabled=True),
+                    metadata=running.service,
+                )

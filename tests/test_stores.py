@@ -217,6 +217,24 @@ async def test_ranks_round_trip_whatever_the_ids_hold(pg: PgStore, pg_url: str) 
     assert await pg.ranks_page(scope, "v0", after="", limit=10) == []  # another version
 
 
+async def test_users_not_to_rank_personally_and_dropping_their_ranks(pg: PgStore) -> None:
+    scope, tag = _scope(), uuid.uuid4().hex[:8]
+    kept, quitter, erased, erased_long_ago = (f"{n}-{tag}" for n in ("kept", "quit", "gone", "old"))
+    users = [kept, quitter, erased, erased_long_ago]
+    await pg.delete_user(erased_long_ago)
+    await asyncio.sleep(0.05)
+    since = datetime.now(UTC)
+    await pg.update_settings(quitter, personalization_enabled=False, data_sharing_consent=None)
+    await pg.delete_user(erased)
+    assert await pg.not_personal(users, erased_since=since) == {quitter, erased}
+    assert await pg.not_personal([kept], erased_since=since) == set()
+    assert await pg.not_personal([], erased_since=since) == set()
+    await pg.replace_ranks(scope, "v1", [(u, ["i1"], [1.0]) for u in users])
+    assert await pg.drop_ranks(scope, [erased, erased_long_ago]) == 2
+    assert await pg.drop_ranks(_scope(), [kept]) == 0  # another scope's ranks are not touched
+    assert [user for user, *_ in await pg.ranks_page(scope, "v1", after="", limit=10)] == [kept]
+
+
 async def test_job_lock_admits_one_holder(pg: PgStore, pg_url: str) -> None:
     other = await PgStore.connect(pg_url, timeout_s=5)
     try:
@@ -265,6 +283,10 @@ async def test_cache_round_trip_ttl_and_user_deletion(cache: RankCache, redis_ur
     assert 0 < client.ttl(rank_key(scope, "v1", user)) <= 3600
     client.close()
     assert await cache.count_user(user) == 2
+    assert await cache.delete_rankings(scope, "v2", [user, "nobody"]) == 1  # that version only
+    assert await cache.get(scope, "v1", user) is not None
+    assert await cache.delete_rankings(scope, "v2", []) == 0
+    assert await cache.put_many(scope, "v2", rankings[:1]) == 1
     assert await cache.delete_user(user) == 2
     assert await cache.get(scope, "v1", user) is None
     assert await cache.get(scope, "v1", other) is not None
