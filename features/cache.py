@@ -166,6 +166,14 @@ class RankCache:
                 pipe.expire(key, RECENT_TTL_S)
             await pipe.execute()
 
+    async def delete_recent(self, pairs: Iterable[tuple[str, str]]) -> int:
+        """Delete the recent items of (scope, user_id) pairs; how many lists there were."""
+        keys = [f"{RECENT_PREFIX}{scope}:{user_id}" for scope, user_id in pairs]
+        if not keys:
+            return 0
+        async with self._redis() as client:
+            return int(await client.delete(*keys))
+
     async def recent(self, scope: str, user_id: str) -> list[str]:
         """The user's most recent item IDs in the scope, newest first (possibly repeated)."""
         async with self._redis() as client:

@@ -577,21 +577,27 @@ class PgStore:
             )
         return {r["variant"]: (r["impressions"], r["clicks"], r["accepted"]) for r in rows}
 
-    async def not_personal(self, user_ids: Sequence[str], *, erased_since: datetime) -> set[str]:
-        """Those of ``user_ids`` who opted out of personalization, or were erased at or after
-        ``erased_since``."""
-        digests = {user_digest(u): u for u in user_ids}
+    async def not_personal(
+        self, user_ids: Sequence[str], *, erased_since: datetime | None
+    ) -> set[str]:
+        """Those of ``user_ids`` who opted out of personalization, or (unless ``erased_since``
+        is None) were erased at or after ``erased_since``."""
+        digests = {user_digest(u): u for u in user_ids} if erased_since is not None else {}
         async with self._conn() as conn:
             opted_out = await conn.fetch(
                 "SELECT user_id FROM user_settings"
                 " WHERE user_id = ANY($1::text[]) AND NOT personalization_enabled",
                 list(user_ids),
             )
-            erased = await conn.fetch(
-                "SELECT DISTINCT user_hash FROM erasures"
-                " WHERE user_hash = ANY($1::text[]) AND erased_at >= $2",
-                list(digests),
-                erased_since,
+            erased = (
+                await conn.fetch(
+                    "SELECT DISTINCT user_hash FROM erasures"
+                    " WHERE user_hash = ANY($1::text[]) AND erased_at >= $2",
+                    list(digests),
+                    erased_since,
+                )
+                if digests
+                else []
             )
         return {r["user_id"] for r in opted_out} | {digests[r["user_hash"]] for r in erased}
 

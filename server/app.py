@@ -281,7 +281,11 @@ class App:
 
     async def remember_recent(self, events: Sequence[Interaction]) -> None:
         """Keep the items of fresh events for ranking users the model does not know yet; never
-        for a user who opted out. Best effort: the events themselves are already stored."""
+        for a user who opted out. Best effort: the events themselves are already stored.
+
+        The opt-out set in memory may not have heard of an opt-out made a moment ago (on
+        another process, or while this was writing), so the users are checked again in
+        PostgreSQL after the write, as ``retract_not_personal`` explains."""
         allowed = [
             (e.scope, e.user_id, e.item_id)
             for e in events
@@ -293,6 +297,11 @@ class App:
             return
         try:
             await self.cache.push_recent(allowed)
+            gone = await self.pg.not_personal(
+                sorted({user for _, user, _ in allowed}), erased_since=None
+            )
+            if gone:
+                await self.cache.delete_recent({(s, u) for s, u, _ in allowed if u in gone})
         except StoreUnavailable as exc:
             log.warning("could not remember recent items: %s", exc)
 

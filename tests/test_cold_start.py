@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import numpy as np
+import pytest
 
 from features.schema import DEVICE_CATEGORIES
 from server.api import privrank_pb2 as pb
@@ -96,6 +97,35 @@ async def test_a_few_fresh_events_give_item_neighbours(client: Client) -> None:
         pb.DeleteUserDataRequest(user_id="newcomer-1"), metadata=client.svc
     )
     assert await client.app.cache.recent("default", "newcomer-1") == []
+
+
+async def test_an_opt_out_this_process_has_not_heard_of_leaves_no_recent_items(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process took the opt-out a moment ago: this one's opt-out set still lets the
+    user's events through, and the recent items written for them are deleted again."""
+    user = "newcomer-3"
+    await client.app.pg.update_settings(
+        user, personalization_enabled=False, data_sharing_consent=None
+    )
+    monkeypatch.setattr(client.app.optouts, "personalization_allowed", lambda _user: True)
+    await client.ranking.RecordEvents(
+        pb.RecordEventsRequest(events=[pb.Event(user_id=user, item_id="i3", event_type=pb.CLICK)]),
+        metadata=client.svc,
+    )
+    assert await client.app.cache.recent("default", user) == []
+    monkeypatch.undo()
+    await client.settings.UpdateSettings(
+        pb.UpdateSettingsRequest(user_id=user, personalization_enabled=True), metadata=client.svc
+    )
+    await client.ranking.RecordEvents(  # allowed again: remembered
+        pb.RecordEventsRequest(events=[pb.Event(user_id=user, item_id="i3", event_type=pb.CLICK)]),
+        metadata=client.svc,
+    )
+    assert await client.app.cache.recent("default", user) == ["i3"]
+    await client.settings.DeleteUserData(  # leave no active user behind for other tests
+        pb.DeleteUserDataRequest(user_id=user), metadata=client.svc
+    )
 
 
 async def test_an_opted_out_newcomer_leaves_no_recent_items(client: Client) -> None:
