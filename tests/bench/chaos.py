@@ -82,6 +82,8 @@ GOODPUT_AT_3X = 0.9  # x C
 REJECTION_FAST_MS = 10.0  # median latency of a RESOURCE_EXHAUSTED answer
 HIT_RATE_BACK = 0.9  # x the hit rate before the Redis failure
 OVERLOAD_LEVELS = (1.0, 2.0, 3.0)
+GRPC_THREADS = ("event_engine", "grpc_")  # the names gRPC core gives its threads
+THREAD_NAMES = {"loop": "event loop", "grpc": "gRPC core's threads", "other": "other threads"}
 GENERATOR_SHORTFALL = 0.95  # below this share of the offered rate, the generator fell short
 
 CLI = "import sys; from server.cli import main; sys.exit(main())"
@@ -700,7 +702,37 @@ class Point:
     t: float
     cpu: CpuSample
     server_cpu: float  # CPU seconds of the server process
+    server_threads: dict[str, float]  # the same, by thread kind (thread_kinds)
     hist: dict[float, float]  # the server's Recommend latency histogram: le (s) -> count
+
+
+def thread_kinds(pid: int) -> dict[str, float]:
+    """CPU seconds of a server process's threads by kind: "loop" (the main thread: the event
+    loop), "grpc" (gRPC core's own threads: its transport, HTTP/2 and shedding) and "other"
+    (the kernel pool, grpc.aio's poller, ...). Read from /proc; empty where there is none."""
+    tick = os.sysconf("SC_CLK_TCK")
+    kinds: dict[str, float] = {"loop": 0.0, "grpc": 0.0, "other": 0.0}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        kind = "loop" if tid == str(pid) else "grpc" if name.startswith(GRPC_THREADS) else "other"
+        kinds[kind] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return kinds
+
+
+def thread_split(a: Point, b: Point, wall: float) -> str:
+    """What each kind of the server's threads took of its core between two points."""
+    if not a.server_threads or not b.server_threads:
+        return ""
+    share = {k: (b.server_threads[k] - a.server_threads.get(k, 0.0)) / wall for k in THREAD_NAMES}
+    return " (" + ", ".join(f"{name} {share[k]:.0%}" for k, name in THREAD_NAMES.items()) + ")"
 
 
 class Timeline:
@@ -723,7 +755,8 @@ class Timeline:
             hist = self._server.histogram()
         except OSError:
             hist = {}
-        return Point(name, t, cpu_sample(self._bench), server_cpu, hist)
+        threads = thread_kinds(self._server.proc.pid)
+        return Point(name, t, cpu_sample(self._bench), server_cpu, threads, hist)
 
     async def mark(self, name: str) -> float:
         t = time.monotonic()
@@ -1749,6 +1782,7 @@ async def overload(b: Bench) -> None:
     )
     at_3x: tuple[Stats, list[Call], Run] | None = None
     server_view = ""
+    core_cost: list[str] = []  # CPU of gRPC core's threads per call offered, by level
     for multiple, run, seen, dropped, start, end in levels:
         st = stats(run.calls, run.window)
         rejected = [c for c in run.calls if c.code == grpc.StatusCode.RESOURCE_EXHAUSTED]
@@ -1768,9 +1802,13 @@ async def overload(b: Bench) -> None:
         )
         wall = max(end.t - start.t, 1e-9)
         others = sum(other_cpu(start.cpu, end.cpu).values()) / (wall * (os.cpu_count() or 1))
+        split = thread_split(start, end, wall)
+        if split:
+            core_s = end.server_threads["grpc"] - start.server_threads["grpc"]
+            core_cost.append(f"{core_s / max(st.sent, 1) * 1e6:.0f} us at {multiple:g}x")
         say(
             f"         server: its p99 {_server_p99(start.hist, end.hist)[1]}, CPU "
-            f"{(end.server_cpu - start.server_cpu) / wall:.0%} of its core; other processes "
+            f"{(end.server_cpu - start.server_cpu) / wall:.0%} of its core{split}; other processes "
             f"{others:.0%} of the cores; by its privrank_grpc_calls, {dropped:.0f} calls shed "
             "or expired in gRPC core"
         )
@@ -1791,8 +1829,13 @@ async def overload(b: Bench) -> None:
                 f"({never:.0f} did not reach it; gRPC core's counts: {dropped:.0f} shed or "
                 "expired there), its p99 "
                 f"{_server_p99(start.hist, end.hist)[1]}; {max(late, 0):.0f} answers computed "
-                "after the caller gave up"
+                "after the caller gave up" + (f"; its CPU{split}" if split else "")
             )
+    if core_cost:
+        say(
+            "  gRPC core's threads took, per call offered (served or shed): " + ", ".join(core_cost)
+        )
+        server_view += "; gRPC core's threads per call offered: " + ", ".join(core_cost)
     pst = stats(probe.calls, probe.window)
     say(f"  {'0.5x C just after':<22} {describe(pst)}")
     bst = stats(base_run.calls, base_run.window)
