@@ -6,6 +6,7 @@ returns a one-line summary; failures raise from the error tree.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -716,7 +717,9 @@ async def _score_split(
     counts_by_item = np.bincount(snap.seen_indices, minlength=snap.n_items).astype(np.float32)
     share = counts_by_item / max(snap.n_users, 1)
     served = _served_rankings(snap, profile, users, k)
-    served["popularity"] = _popularity_rankings(snap, users, counts_by_item, k)
+    served["popularity"] = _popularity_rankings(
+        snap, users, counts_by_item, k, snap.item_positions(list(profile.exclude_items))
+    )
     version = snapshot.current_version(ctx.config.snapshot_dir, snap.scope) or "unpublished"
     summary = []
     for label, lists in served.items():
@@ -733,23 +736,42 @@ def _served_rankings(
 ) -> dict[str, list[list[int]]]:
     """Each A/B variant's top-k item positions for snapshot user positions ``users`` as
     Recommend ranks them: scored by its own settings (``scoring_for``, ``top_k_batch``), seen
-    items excluded, diversified by its MMR strength. Labelled privrank, privrank/<variant>."""
-    indptr, indices = select_rows(snap.seen_indptr, snap.seen_indices, users)
+    items and its ``exclude_items`` excluded, diversified by its MMR strength. Labelled
+    privrank, privrank/<variant>."""
+    seen = select_rows(snap.seen_indptr, snap.seen_indices, users)
     served = {}
     for name in profile.variant_names:
         variant = profile.for_variant(name)
         scoring = scoring_for(snap, variant, where=f"evaluate {snap.scope} {name}")
         depth = max(k, variant.candidates) if variant.diversity > 0 else k
+        indptr, indices = _excluding(*seen, snap.item_positions(list(variant.exclude_items)))
         items, scores, counts = top_k_batch(snap, scoring, users, indptr, indices, depth)
         served[_model_label(name)] = _diversified(items, scores, counts, snap.item_unit, k, variant)
     return served
 
 
+def _excluding(
+    indptr: np.ndarray, indices: np.ndarray, items: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """CSR rows (indptr int64[b + 1], indices int64[nnz]) with item positions ``items`` (int64,
+    sorted) added to every row, each row sorted and without repeats."""
+    if len(items) == 0 or len(indptr) < 2:
+        return indptr, indices
+    rows = [np.union1d(indices[a:b], items) for a, b in itertools.pairwise(indptr)]
+    merged_indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    return merged_indptr, np.concatenate(rows).astype(np.int64)
+
+
 def _popularity_rankings(
-    snap: snapshot.Snapshot, users: np.ndarray, counts_by_item: np.ndarray, k: int
+    snap: snapshot.Snapshot,
+    users: np.ndarray,
+    counts_by_item: np.ndarray,
+    k: int,
+    excluded: np.ndarray,
 ) -> list[list[int]]:
-    """The baseline: the items most users interacted with in training, seen ones excluded."""
-    indptr, indices = select_rows(snap.seen_indptr, snap.seen_indices, users)
+    """The baseline: the items most users interacted with in training, seen ones and
+    ``excluded`` (item positions: the scope's ``exclude_items``) left out, as privrank's."""
+    indptr, indices = _excluding(*select_rows(snap.seen_indptr, snap.seen_indices, users), excluded)
     items, _, counts = kernels.topk_dense_batch(
         np.zeros((len(users), 1), np.float32),
         np.zeros((snap.n_items, 1), np.float32),

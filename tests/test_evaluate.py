@@ -44,6 +44,7 @@ share = 0.3
 model = "embeddings"
 relevance_weight = 0.8
 recency_weight = 0.4
+exclude_items = [{", ".join(f'"i{n}"' for n in range(0, 150, 6))}]
 
 [{SCOPE}.variants.promo]
 share = 0.3
@@ -228,10 +229,13 @@ def test_each_variant_is_ranked_as_serving_ranks_it(evaluated: Evaluated, tmp_pa
         # as ranking/pipeline.py answers: the candidates, then MMR over their scores
         depth = max(k, settings.candidates) if settings.diversity > 0 else k
         scoring = scoring_for(published, settings)
-        items, scores, counts = top_k_for_users(published, ev.users, depth, scoring)
+        excluded = published.item_positions(list(settings.exclude_items))
+        items, scores, counts = top_k_for_users(published, ev.users, depth + len(excluded), scoring)
         lists = []
         for r in range(len(ev.users)):
             row, row_scores = items[r, : counts[r]], scores[r, : counts[r]]
+            kept = ~np.isin(row, excluded)  # the top depth of the others: those served
+            row, row_scores = row[kept][:depth], row_scores[kept][:depth]
             if by_rank:
                 row_scores = np.arange(len(row), 0, -1, dtype=np.float32)
             if settings.diversity > 0:
@@ -253,6 +257,13 @@ def test_each_variant_is_ranked_as_serving_ranks_it(evaluated: Evaluated, tmp_pa
     diverse = profile.for_variant("diverse")
     assert ev.served["privrank/diverse"] != serve(dataclasses.replace(diverse, diversity=0.0))
     assert ev.served["privrank/diverse"] != serve(diverse, by_rank=True)
+    # emb's excluded items are never ranked, and they would be
+    emb = profile.for_variant("emb")
+    assert emb.exclude_items
+    assert ev.served["privrank/emb"] != serve(dataclasses.replace(emb, exclude_items=()))
+    gone = set(ev.snap.item_positions(list(emb.exclude_items)).tolist())
+    assert not gone & {i for row in ev.served["privrank/emb"] for i in row}
+    assert gone & {i for row in ev.served["privrank"] for i in row}, "control ranks them"
     # control and promo rank with EASE, emb with the embeddings: the models differ too
     assert ev.served["privrank/emb"] != serve(dataclasses.replace(profile, model="auto"))
 
