@@ -42,6 +42,7 @@ from server.interceptors import Admission, ServingInterceptor
 from server.metrics import ServiceMetrics
 from server.optout import OptOutRegistry
 from server.services import AdminService, RankingService, SettingsService
+from server.threads import lower_grpc_threads
 
 if TYPE_CHECKING:
     from server.workers import WorkerLink
@@ -53,6 +54,7 @@ REFILL_PAGE = 200  # rankings read from PostgreSQL and written to Redis at a tim
 REFILL_SHARE = 0.2  # of the event loop's time, at most, while serving goes on
 REFILL_HOLD_S = 600  # how long one process's claim to refill a scope's cache holds
 GAUGES_PERIOD_S = 1.0  # how often privrank_grpc_calls and the pool gauge are brought up to date
+GRPC_THREADS_CHECK_S = 1.0  # how often new gRPC threads get PRIVRANK_GRPC_THREADS_NICE
 
 SERVICE_NAMES = tuple(
     pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Ranking", "Settings", "Admin")
@@ -138,6 +140,7 @@ class App:
                 ("snapshot poll", self.config.snapshot_poll_s, self.reload),
                 ("gauges", GAUGES_PERIOD_S, self._follow_gauges),
                 ("cache refill", REFILL_CHECK_S, self.refill_cache),
+                ("gRPC threads' priority", GRPC_THREADS_CHECK_S, self._lower_grpc_threads),
             )
         ]
         self.warm_done = True
@@ -273,6 +276,10 @@ class App:
             await self.cache.mark_warm(scope, snap.version, ttl_s)
             log.info("refilled %d cached rankings of %s/%s", written, scope, snap.version)
         return written
+
+    async def _lower_grpc_threads(self) -> None:
+        if self.config.grpc_threads_nice:
+            lower_grpc_threads(self.config.grpc_threads_nice)
 
     async def _follow_gauges(self) -> None:
         """gRPC core's call counts and the PostgreSQL pool's size into the metrics."""

@@ -60,6 +60,8 @@ class Config:
     # it sheds new ones at random, past twice that all of them (the caller sees CANCELLED);
     # 0 leaves gRPC core's own limits (1,000 and 3,000)
     max_pending_rpcs: int = 256
+    # niceness of gRPC core's own threads, below the event loop's (server/threads.py); 0: as is
+    grpc_threads_nice: int = 10
     kernel_threads: int = 2  # threads scoring large requests off the event loop (numba nogil)
     offload_min_work: int = 1_000_000  # multiply-adds above which scoring leaves the loop
     breaker_failures: int = 5  # consecutive store failures that open its circuit
@@ -132,6 +134,8 @@ class Config:
                 raise ConfigError(f"{PREFIX}{name}: must be positive, got {value}")
         if self.max_pending_rpcs < 0:
             raise ConfigError(f"{PREFIX}MAX_PENDING_RPCS: must be >= 0 (0: gRPC core's own)")
+        if not 0 <= self.grpc_threads_nice <= 19:
+            raise ConfigError(f"{PREFIX}GRPC_THREADS_NICE: must be 0-19 (0: unchanged)")
         if self.max_concurrent_rpcs < 0:
             raise ConfigError(f"{PREFIX}MAX_CONCURRENT_RPCS: must be >= 0 (0: automatic)")
         if 0 < self.max_concurrent_rpcs <= self.max_active_rpcs + self.max_queued_rpcs:

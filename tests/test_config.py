@@ -24,6 +24,8 @@ def test_defaults_are_valid() -> None:
         ({"PRIVRANK_LISTEN": "nowhere"}, "PRIVRANK_LISTEN"),
         ({"PRIVRANK_MAX_CONCURRENT_RPCS": "-1"}, "PRIVRANK_MAX_CONCURRENT_RPCS"),
         ({"PRIVRANK_MAX_PENDING_RPCS": "-1"}, "PRIVRANK_MAX_PENDING_RPCS"),
+        ({"PRIVRANK_GRPC_THREADS_NICE": "20"}, "PRIVRANK_GRPC_THREADS_NICE"),
+        ({"PRIVRANK_GRPC_THREADS_NICE": "-1"}, "PRIVRANK_GRPC_THREADS_NICE"),
         (
             {"PRIVRANK_MAX_CONCURRENT_RPCS": "100", "PRIVRANK_MAX_QUEUED_RPCS": "92"},
             "must exceed",

@@ -35,6 +35,7 @@ from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.app import App
 from server.config import Config
+from server.threads import GRPC_THREAD_PREFIXES
 from tests.conftest import ROOT, cli_env, privrank
 from tests.serving import Running, serving
 
@@ -414,6 +415,35 @@ async def test_the_pool_is_reported(
         assert idle is not None
         assert 1 <= opened <= 8
         assert 0 <= idle <= opened
+
+
+def _grpc_threads_niceness() -> list[int]:
+    """The niceness of each of this process's gRPC core threads."""
+    found = []
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+            if name.startswith(GRPC_THREAD_PREFIXES):
+                found.append(os.getpriority(os.PRIO_PROCESS, int(tid)))
+    return found
+
+
+async def test_grpc_core_threads_run_below_the_event_loop(
+    config: Config, pg_url: str, redis_url: str, seeded: object
+) -> None:
+    nice = 12  # above the default, so only this server can have set it
+    async with serving(dataclasses.replace(config, grpc_threads_nice=nice), pg_url, redis_url) as r:
+        stub = rpc.RankingStub(r.channel)
+        await stub.Recommend(pb.RecommendRequest(user_id="u3"), metadata=r.service)
+        for _ in range(30):  # checked once a second
+            niceness = _grpc_threads_niceness()
+            if niceness and min(niceness) >= nice:
+                break
+            await asyncio.sleep(0.1)
+        assert niceness, "no gRPC core thread found"
+        assert min(niceness) >= nice
+        # the event loop's own thread keeps its priority
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0
 
 
 async def _until_warm(app: App, scope: str, version: str) -> None:

@@ -1718,6 +1718,26 @@ async def sigterm(b: Bench) -> None:
 
 
 # -- 6. overload -----------------------------------------------------------------------------------
+async def _overload_variant(
+    b: Bench, name: str, env: dict[str, str], rate: float
+) -> tuple[Run, Run]:
+    """A server configured otherwise by ``env``, in the same run: ``rate`` (the top level's)
+    for a level's time, then after the pause 0.5 C (``rate`` / top / 2) for 3 s. Returns the
+    two runs."""
+    server = await b.start_server(name, env)
+    try:
+        async with b.clients(server) as clients:
+            await closed_loop(clients, b.pick_pool, CAPACITY_CONCURRENCY, 1.0, b.rng)
+            loaded = await open_loop(clients, b.pick_pool, rate, b.p.overload_s, b.rng)
+            await asyncio.sleep(b.p.overload_pause_s)
+            probe = await open_loop(
+                clients, b.pick_pool, rate / OVERLOAD_LEVELS[-1] / 2, 3.0, b.rng
+            )
+    finally:
+        await server.stop()
+    return loaded, probe
+
+
 async def overload(b: Bench) -> None:
     header(
         f"6. overload: open loop at {', '.join(f'{m:g}x' for m in OVERLOAD_LEVELS)} C, "
@@ -1767,13 +1787,15 @@ async def overload(b: Bench) -> None:
     # backlog (shedding from 1,000 calls per method, all at 3,000), as privrank did before it
     # set one
     top = OVERLOAD_LEVELS[-1]
-    baseline = await b.start_server("overload-baseline", {"PRIVRANK_MAX_PENDING_RPCS": "0"})
-    try:
-        async with b.clients(baseline) as clients:
-            await closed_loop(clients, b.pick_pool, CAPACITY_CONCURRENCY, 1.0, b.rng)
-            base_run = await open_loop(clients, b.pick_pool, top * capacity, b.p.overload_s, b.rng)
-    finally:
-        await baseline.stop()
+    base_run, _ = await _overload_variant(
+        b, "overload-baseline", {"PRIVRANK_MAX_PENDING_RPCS": "0"}, top * capacity
+    )
+    # and one whose gRPC threads keep the event loop's priority, as before they were lowered
+    # (PRIVRANK_GRPC_THREADS_NICE): at 3x, and at 0.5 C for what the lower priority costs
+    # an answer when the server is not overloaded
+    level_run, level_probe = await _overload_variant(
+        b, "overload-level-priority", {"PRIVRANK_GRPC_THREADS_NICE": "0"}, top * capacity
+    )
 
     say(
         f"  {'level':<6} {'offered':>8} {'achieved':>9} {'lag p99':>9} {'sent':>6} {'OK':>6} "
@@ -1870,6 +1892,21 @@ async def overload(b: Bench) -> None:
         f"goodput {bst.goodput:.0f}/s = {bst.goodput / capacity:.2f} x C, failures "
         f"{dict(bst.failed)}; privrank's bound gives {st.goodput / max(bst.goodput, 1e-9):.2f}x "
         "its goodput",
+        None,
+    )
+    lst, lpr = (
+        stats(level_run.calls, level_run.window),
+        stats(level_probe.calls, level_probe.window),
+    )
+    say(f"  {f'{top:g}x, level priority':<22} {describe(lst)}")
+    say(f"  {'0.5x, level priority':<22} {describe(lpr)}")
+    b.row(
+        f"6 overload {top:g}x level priority",
+        "report",
+        "gRPC core's threads at the event loop's priority (PRIVRANK_GRPC_THREADS_NICE=0): "
+        f"goodput {lst.goodput:.0f}/s = {lst.goodput / capacity:.2f} x C; the lower priority "
+        f"gives {st.goodput / max(lst.goodput, 1e-9):.2f}x its goodput; at 0.5 C its p50 / p99 "
+        f"{ms(lpr.p50)} / {ms(lpr.p99)}, privrank's {ms(pst.p50)} / {ms(pst.p99)}",
         None,
     )
     b.row(
