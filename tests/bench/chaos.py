@@ -67,6 +67,7 @@ from server import embedded
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.config import Config
+from server.threads import GRPC_THREAD_PREFIXES
 
 # -- targets and fixed choices (no measured figure lives here) ---------------------------------
 DEADLINE_S = 1.0  # every Recommend carries this deadline
@@ -82,7 +83,7 @@ GOODPUT_AT_3X = 0.9  # x C
 REJECTION_FAST_MS = 10.0  # median latency of a RESOURCE_EXHAUSTED answer
 HIT_RATE_BACK = 0.9  # x the hit rate before the Redis failure
 OVERLOAD_LEVELS = (1.0, 2.0, 3.0)
-GRPC_THREADS = ("event_engine", "grpc_")  # the names gRPC core gives its threads
+CALM_S = 5.0  # 0.5 C before the overload levels: the latency of a server at ease
 THREAD_NAMES = {"loop": "event loop", "grpc": "gRPC core's threads", "other": "other threads"}
 GENERATOR_SHORTFALL = 0.95  # below this share of the offered rate, the generator fell short
 
@@ -722,7 +723,13 @@ def thread_kinds(pid: int) -> dict[str, float]:
             fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # the thread ended meanwhile
-        kind = "loop" if tid == str(pid) else "grpc" if name.startswith(GRPC_THREADS) else "other"
+        kind = (
+            "loop"
+            if tid == str(pid)
+            else "grpc"
+            if name.startswith(GRPC_THREAD_PREFIXES)
+            else "other"
+        )
         kinds[kind] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
     return kinds
 
@@ -1719,23 +1726,20 @@ async def sigterm(b: Bench) -> None:
 
 # -- 6. overload -----------------------------------------------------------------------------------
 async def _overload_variant(
-    b: Bench, name: str, env: dict[str, str], rate: float
+    b: Bench, name: str, env: dict[str, str], capacity: float
 ) -> tuple[Run, Run]:
-    """A server configured otherwise by ``env``, in the same run: ``rate`` (the top level's)
-    for a level's time, then after the pause 0.5 C (``rate`` / top / 2) for 3 s. Returns the
-    two runs."""
+    """A server configured otherwise by ``env``, in the same run: 0.5 C for CALM_S, then the
+    top level for a level's time. Returns the two runs."""
     server = await b.start_server(name, env)
     try:
         async with b.clients(server) as clients:
             await closed_loop(clients, b.pick_pool, CAPACITY_CONCURRENCY, 1.0, b.rng)
-            loaded = await open_loop(clients, b.pick_pool, rate, b.p.overload_s, b.rng)
-            await asyncio.sleep(b.p.overload_pause_s)
-            probe = await open_loop(
-                clients, b.pick_pool, rate / OVERLOAD_LEVELS[-1] / 2, 3.0, b.rng
-            )
+            calm = await open_loop(clients, b.pick_pool, 0.5 * capacity, CALM_S, b.rng)
+            top = OVERLOAD_LEVELS[-1] * capacity
+            loaded = await open_loop(clients, b.pick_pool, top, b.p.overload_s, b.rng)
     finally:
         await server.stop()
-    return loaded, probe
+    return calm, loaded
 
 
 async def overload(b: Bench) -> None:
@@ -1757,6 +1761,7 @@ async def overload(b: Bench) -> None:
                 f"  C measured again just now (closed loop, concurrency {CAPACITY_CONCURRENCY}):"
                 f" {capacity:.0f}/s (scenario 1: {b.capacity:.0f}/s); the levels use it"
             )
+            calm = await open_loop(clients, b.pick_pool, 0.5 * capacity, CALM_S, b.rng)
             await asyncio.sleep(1.5)  # the server follows gRPC core's counts once a second
             timeline = Timeline(b, server)
             for multiple in OVERLOAD_LEVELS:
@@ -1787,14 +1792,14 @@ async def overload(b: Bench) -> None:
     # backlog (shedding from 1,000 calls per method, all at 3,000), as privrank did before it
     # set one
     top = OVERLOAD_LEVELS[-1]
-    base_run, _ = await _overload_variant(
-        b, "overload-baseline", {"PRIVRANK_MAX_PENDING_RPCS": "0"}, top * capacity
+    _, base_run = await _overload_variant(
+        b, "overload-baseline", {"PRIVRANK_MAX_PENDING_RPCS": "0"}, capacity
     )
     # and one whose gRPC threads keep the event loop's priority, as before they were lowered
-    # (PRIVRANK_GRPC_THREADS_NICE): at 3x, and at 0.5 C for what the lower priority costs
-    # an answer when the server is not overloaded
-    level_run, level_probe = await _overload_variant(
-        b, "overload-level-priority", {"PRIVRANK_GRPC_THREADS_NICE": "0"}, top * capacity
+    # (PRIVRANK_GRPC_THREADS_NICE): at 3x, and at 0.5 C first, for what the lower priority
+    # costs an answer when the server is not overloaded
+    level_calm, level_run = await _overload_variant(
+        b, "overload-level-priority", {"PRIVRANK_GRPC_THREADS_NICE": "0"}, capacity
     )
 
     say(
@@ -1894,19 +1899,19 @@ async def overload(b: Bench) -> None:
         "its goodput",
         None,
     )
-    lst, lpr = (
-        stats(level_run.calls, level_run.window),
-        stats(level_probe.calls, level_probe.window),
-    )
-    say(f"  {f'{top:g}x, level priority':<22} {describe(lst)}")
+    lst, lpr = stats(level_run.calls, level_run.window), stats(level_calm.calls, level_calm.window)
+    cst = stats(calm.calls, calm.window)
+    say(f"  {'0.5x before, privrank':<22} {describe(cst)}")
     say(f"  {'0.5x, level priority':<22} {describe(lpr)}")
+    say(f"  {f'{top:g}x, level priority':<22} {describe(lst)}")
     b.row(
         f"6 overload {top:g}x level priority",
         "report",
         "gRPC core's threads at the event loop's priority (PRIVRANK_GRPC_THREADS_NICE=0): "
         f"goodput {lst.goodput:.0f}/s = {lst.goodput / capacity:.2f} x C; the lower priority "
-        f"gives {st.goodput / max(lst.goodput, 1e-9):.2f}x its goodput; at 0.5 C its p50 / p99 "
-        f"{ms(lpr.p50)} / {ms(lpr.p99)}, privrank's {ms(pst.p50)} / {ms(pst.p99)}",
+        f"gives {st.goodput / max(lst.goodput, 1e-9):.2f}x its goodput; at 0.5 C before any "
+        f"overload its p50 / p99 {ms(lpr.p50)} / {ms(lpr.p99)}, privrank's "
+        f"{ms(cst.p50)} / {ms(cst.p99)}",
         None,
     )
     b.row(
