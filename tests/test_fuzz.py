@@ -879,9 +879,12 @@ def fuzz_undecodable(
     strict: bool = True,
     counts: Counter[Code] | None = None,
     failures: list[str] | None = None,
+    max_bytes: int | None = None,
 ) -> Counter[Code]:
     """Payloads that may not parse: those that do not must end in INVALID_ARGUMENT (the
-    request is malformed); those that happen to parse in any accepted status."""
+    request is malformed); those that happen to parse in any accepted status. One longer
+    than the server's ``max_bytes`` may be RESOURCE_EXHAUSTED instead: gRPC checks the size
+    before anything decodes it."""
     counts = Counter() if counts is None else counts
     admin = sender.metadata(rpc, Role.ADMIN, None, False)
 
@@ -894,6 +897,8 @@ def fuzz_undecodable(
             allowed = ACCEPTED
         except DecodeError:
             allowed = frozenset({Code.INVALID_ARGUMENT})
+            if max_bytes is not None and len(payload) > max_bytes:
+                allowed |= {Code.RESOURCE_EXHAUSTED}
         outcome = sender.send(rpc, payload, admin)
         counts[outcome.code] += 1
         problem = check_outcome(rpc, outcome, allowed)
@@ -1041,7 +1046,13 @@ async def test_undecodable_requests_are_invalid_argument(fuzz: Fuzz, rpc: Rpc) -
     """Random bytes, invalid UTF-8 in a string field, truncated or corrupt requests: the request
     is malformed, so INVALID_ARGUMENT -- not grpcio's UNKNOWN "Unexpected <class
     'google.protobuf.message.DecodeError'>: ..." (which also leaks the exception)."""
-    counts = await asyncio.to_thread(fuzz_undecodable, fuzz.sender, rpc, UNDECODABLE_PER_RPC)
+    counts = await asyncio.to_thread(
+        fuzz_undecodable,
+        fuzz.sender,
+        rpc,
+        UNDECODABLE_PER_RPC,
+        max_bytes=fuzz.client.config.max_message_bytes,
+    )
     assert sum(counts.values()) >= UNDECODABLE_PER_RPC
     assert await asyncio.to_thread(recommend_works, fuzz.sender)
 

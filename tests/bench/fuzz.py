@@ -288,6 +288,7 @@ def undecodable(sender: Sender, rpc: Rpc, n: int, seed: int, max_bytes: int) -> 
             strict=False,
             counts=row.counts,
             failures=row.failures,
+            max_bytes=max_bytes,
         )
         run += 1
         if row.sent == before:
