@@ -131,11 +131,7 @@ class RankCache:
 
     async def delete_rankings(self, scope: str, model_version: str, user_ids: Sequence[str]) -> int:
         """Delete the users' cached rankings of one model version; how many there were."""
-        if not user_ids:
-            return 0
-        async with self._redis() as client:
-            keys = [rank_key(scope, model_version, u) for u in user_ids]
-            return int(await client.delete(*keys))
+        return await self._delete([rank_key(scope, model_version, u) for u in user_ids])
 
     async def is_warm(self, scope: str, model_version: str) -> bool:
         """Whether every precomputed ranking of the version is here (``mark_warm``); a
@@ -168,7 +164,9 @@ class RankCache:
 
     async def delete_recent(self, pairs: Iterable[tuple[str, str]]) -> int:
         """Delete the recent items of (scope, user_id) pairs; how many lists there were."""
-        keys = [f"{RECENT_PREFIX}{scope}:{user_id}" for scope, user_id in pairs]
+        return await self._delete([f"{RECENT_PREFIX}{scope}:{user_id}" for scope, user_id in pairs])
+
+    async def _delete(self, keys: list[str]) -> int:
         if not keys:
             return 0
         async with self._redis() as client:
