@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 # the names gRPC core gives its threads: the event engine's pool, timers, executors
 GRPC_THREAD_PREFIXES = ("event_engine", "grpc_")
+
+
+def threads(pid: int | None = None) -> Iterator[tuple[int, str]]:
+    """(thread id, name) of each thread of process ``pid`` (default: this one), from /proc;
+    nothing where there is no /proc. Threads that end meanwhile are left out."""
+    task = Path(f"/proc/{'self' if pid is None else pid}/task")
+    try:
+        tids = os.listdir(task)
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            yield int(tid), (task / tid / "comm").read_text().strip()
+        except OSError:
+            continue
 
 
 def lower_grpc_threads(nice: int) -> int:
@@ -19,18 +35,12 @@ def lower_grpc_threads(nice: int) -> int:
     took a quarter of the core. At a lower priority they wait for the loop's time slice to
     end and then read, parse and shed the calls that arrived meanwhile in one go."""
     changed = 0
-    try:
-        tids = os.listdir("/proc/self/task")
-    except OSError:
-        return 0
-    for tid in tids:
+    for tid, name in threads():
+        if not name.startswith(GRPC_THREAD_PREFIXES):
+            continue
         try:
-            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
-            if (
-                name.startswith(GRPC_THREAD_PREFIXES)
-                and os.getpriority(os.PRIO_PROCESS, int(tid)) < nice
-            ):
-                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
                 changed += 1
         except OSError:  # the thread ended meanwhile
             continue

@@ -35,7 +35,7 @@ from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.app import App
 from server.config import Config
-from server.threads import GRPC_THREAD_PREFIXES
+from server.threads import GRPC_THREAD_PREFIXES, threads
 from tests.conftest import ROOT, cli_env, privrank
 from tests.serving import Running, serving
 
@@ -420,11 +420,10 @@ async def test_the_pool_is_reported(
 def _grpc_threads_niceness() -> list[int]:
     """The niceness of each of this process's gRPC core threads."""
     found = []
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError):
-            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
-            if name.startswith(GRPC_THREAD_PREFIXES):
-                found.append(os.getpriority(os.PRIO_PROCESS, int(tid)))
+    for tid, name in threads():
+        if name.startswith(GRPC_THREAD_PREFIXES):
+            with contextlib.suppress(OSError):
+                found.append(os.getpriority(os.PRIO_PROCESS, tid))
     return found
 
 

@@ -67,7 +67,7 @@ from server import embedded
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.config import Config
-from server.threads import GRPC_THREAD_PREFIXES
+from server.threads import GRPC_THREAD_PREFIXES, threads
 
 # -- targets and fixed choices (no measured figure lives here) ---------------------------------
 DEADLINE_S = 1.0  # every Recommend carries this deadline
@@ -713,25 +713,18 @@ def thread_kinds(pid: int) -> dict[str, float]:
     (the kernel pool, grpc.aio's poller, ...). Read from /proc; empty where there is none."""
     tick = os.sysconf("SC_CLK_TCK")
     kinds: dict[str, float] = {"loop": 0.0, "grpc": 0.0, "other": 0.0}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return {}
-    for tid in tids:
+    seen = False
+    for tid, name in threads(pid):
+        seen = True
         try:
-            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
             fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # the thread ended meanwhile
         kind = (
-            "loop"
-            if tid == str(pid)
-            else "grpc"
-            if name.startswith(GRPC_THREAD_PREFIXES)
-            else "other"
+            "loop" if tid == pid else "grpc" if name.startswith(GRPC_THREAD_PREFIXES) else "other"
         )
         kinds[kind] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-    return kinds
+    return kinds if seen else {}
 
 
 def thread_split(a: Point, b: Point, wall: float) -> str:
