@@ -37,8 +37,8 @@ from ranking.pipeline import EMPTY, LoadedScope, Ranker
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.auth import Authorizer
-from server.config import Config
-from server.interceptors import Admission, ServingInterceptor
+from server.config import Config, grpc_transport_in_effect
+from server.interceptors import Admission, InFlight, ServingInterceptor
 from server.metrics import ServiceMetrics
 from server.optout import OptOutRegistry
 from server.services import AdminService, RankingService, SettingsService
@@ -54,6 +54,8 @@ REFILL_PAGE = 200  # rankings read from PostgreSQL and written to Redis at a tim
 REFILL_SHARE = 0.2  # of the event loop's time, at most, while serving goes on
 REFILL_HOLD_S = 600  # how long one process's claim to refill a scope's cache holds
 GAUGES_PERIOD_S = 1.0  # how often privrank_grpc_calls and the pool gauge are brought up to date
+SHUTDOWN_QUIET_S = 0.1  # ph2 shutdown: stop once no call has been refused for this long
+LOOP_LAG_SAMPLE_S = 0.1  # privrank_event_loop_lag_seconds: one sample per this, at most
 GRPC_THREADS_CHECK_S = 1.0  # how often new gRPC threads get PRIVRANK_GRPC_THREADS_NICE
 
 SERVICE_NAMES = tuple(
@@ -75,6 +77,7 @@ class App:
     kernels_pool: ThreadPoolExecutor
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
+    in_flight: InFlight = field(default_factory=InFlight)  # refused and drained on shutdown
     link: WorkerLink | None = None  # to the sibling workers under ``serve --workers``
     warm_done: bool = False
     _background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -141,6 +144,7 @@ class App:
                 ("gauges", GAUGES_PERIOD_S, self._follow_gauges),
                 ("cache refill", REFILL_CHECK_S, self.refill_cache),
                 ("gRPC threads' priority", GRPC_THREADS_CHECK_S, self._lower_grpc_threads),
+                ("event loop lag", 0.0, self._sample_loop_lag),
             )
         ]
         self.warm_done = True
@@ -282,9 +286,17 @@ class App:
             lower_grpc_threads(self.config.grpc_threads_nice)
 
     async def _follow_gauges(self) -> None:
-        """gRPC core's call counts and the PostgreSQL pool's size into the metrics."""
-        self.metrics.follow_core_calls()
+        """gRPC core's call counts (where it keeps them) and the PostgreSQL pool's size into
+        the metrics."""
+        if self.config.grpc_transport == "chttp2":
+            self.metrics.follow_core_calls()
         self.metrics.observe_pool(*self.pg.pool_size())
+
+    async def _sample_loop_lag(self) -> None:
+        """Sleep LOOP_LAG_SAMPLE_S and record how much later than that the loop woke up."""
+        started = time.monotonic()
+        await asyncio.sleep(LOOP_LAG_SAMPLE_S)
+        self.metrics.observe_loop_lag(time.monotonic() - started - LOOP_LAG_SAMPLE_S)
 
     async def remember_recent(self, events: Sequence[Interaction]) -> None:
         """Keep the items of fresh events for ranking users the model does not know yet; never
@@ -363,6 +375,12 @@ def create_server(
     ``reuse_port`` lets several processes bind the same port (``serve --workers``); otherwise
     binding a port in use fails rather than silently sharing it."""
     config = app.config
+    if not grpc_transport_in_effect(config.grpc_transport):
+        log.warning(
+            "gRPC's HTTP/2 server transport is not %s (PRIVRANK_GRPC_TRANSPORT): GRPC_EXPERIMENTS "
+            "says otherwise, or grpc was imported before privrank's server package",
+            config.grpc_transport,
+        )
     backlog: list[tuple[str, int]] = []
     if config.max_pending_rpcs:
         # The event loop takes one call per method per turn, so past capacity the backlog
@@ -381,6 +399,7 @@ def create_server(
                 config.default_deadline_s,
                 Admission(config.max_active_rpcs, config.max_queued_rpcs, config.max_queue_wait_s),
                 Authorizer(config.signing_keys(), config.token_issuer),
+                app.in_flight,
             )
         ],
         options=[
@@ -453,7 +472,19 @@ async def serve(
         # gRPC core drops calls it has queued but not yet handed to us when stop() begins;
         # keep answering while clients and balancers see NOT_SERVING and move away
         await asyncio.sleep(config.shutdown_delay_s)
-        await server.stop(config.shutdown_grace_s)
+        stopping = time.monotonic()
+        if config.grpc_transport == "ph2":
+            # its stop() drops every connection with its calls at once: first refuse new calls
+            # and let those in flight finish, until callers go quiet (InFlight); chttp2's
+            # stop() drains gracefully itself
+            left = await app.in_flight.close(config.shutdown_grace_s, SHUTDOWN_QUIET_S)
+            log.info(
+                "drained in %.2fs: %d calls refused meanwhile (UNAVAILABLE), %d still running",
+                time.monotonic() - stopping,
+                app.in_flight.refused,
+                left,
+            )
+        await server.stop(max(config.shutdown_grace_s - (time.monotonic() - stopping), 0.0))
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)

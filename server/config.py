@@ -1,14 +1,16 @@
 """The one typed configuration object, read once at start-up from a mapping (the environment).
 
-Nothing else in privrank reads ``os.environ``. Every key is validated here and a bad value fails
-fast with the key's name. Secrets are masked in ``repr``.
+Nothing else in privrank reads ``os.environ`` (``choose_grpc_transport`` sets gRPC's own key in
+it before gRPC starts). Every key is validated here and a bad value fails fast with the key's
+name. Secrets are masked in ``repr``.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -16,6 +18,10 @@ from features.errors import ConfigError
 from ranking.profiles import DEFAULT_PROFILE, Profile, load_profiles
 
 PREFIX = "PRIVRANK_"
+# gRPC core's HTTP/2 server transports, by PRIVRANK_GRPC_TRANSPORT's values: the promise-based
+# one is the gRPC experiment of this name
+GRPC_TRANSPORTS = ("chttp2", "ph2")
+PH2_SERVER_EXPERIMENT = "ph2_server"
 
 
 def _parse_bool(key: str, raw: str) -> bool:
@@ -60,6 +66,11 @@ class Config:
     # it sheds new ones at random, past twice that all of them (the caller sees CANCELLED);
     # 0 leaves gRPC core's own limits (1,000 and 3,000)
     max_pending_rpcs: int = 256
+    # gRPC core's HTTP/2 server transport (choose_grpc_transport): "chttp2", the classic one,
+    # answers the calls it sheds CANCELLED; "ph2", the promise-based one (a gRPC experiment),
+    # RESOURCE_EXHAUSTED, but its error answers lack HTTP/2's :status, which only gRPC core's
+    # own clients accept (README, Operations)
+    grpc_transport: str = "chttp2"
     # niceness of gRPC core's own threads, below the event loop's (server/threads.py); 0: as is
     grpc_threads_nice: int = 10
     kernel_threads: int = 2  # threads scoring large requests off the event loop (numba nogil)
@@ -134,6 +145,11 @@ class Config:
                 raise ConfigError(f"{PREFIX}{name}: must be positive, got {value}")
         if self.max_pending_rpcs < 0:
             raise ConfigError(f"{PREFIX}MAX_PENDING_RPCS: must be >= 0 (0: gRPC core's own)")
+        if self.grpc_transport not in GRPC_TRANSPORTS:
+            raise ConfigError(
+                f"{PREFIX}GRPC_TRANSPORT: expected one of {', '.join(GRPC_TRANSPORTS)}, "
+                f"got {self.grpc_transport!r}"
+            )
         if not 0 <= self.grpc_threads_nice <= 19:
             raise ConfigError(f"{PREFIX}GRPC_THREADS_NICE: must be 0-19 (0: unchanged)")
         if self.max_concurrent_rpcs < 0:
@@ -169,6 +185,37 @@ class Config:
         """Keys that verify tokens: the current one first, then the one being rotated out."""
         current = self.auth_secret or load_or_create_secret(self.data_dir)
         return [current] + ([self.previous_auth_secret] if self.previous_auth_secret else [])
+
+
+def grpc_experiments(experiments: str, transport: str) -> str | None:
+    """``GRPC_EXPERIMENTS`` (``experiments``) with the choice of ``transport`` added, or None to
+    leave it as it is: when it already names the experiment (gRPC's own setting wins) or the
+    transport is invalid (``Config.validate`` reports that)."""
+    named = {name.strip().lstrip("-") for name in experiments.split(",")}
+    if transport not in GRPC_TRANSPORTS or PH2_SERVER_EXPERIMENT in named:
+        return None
+    choice = PH2_SERVER_EXPERIMENT if transport == "ph2" else "-" + PH2_SERVER_EXPERIMENT
+    return f"{experiments},{choice}" if experiments.strip() else choice
+
+
+def choose_grpc_transport(env: MutableMapping[str, str]) -> None:
+    """Set ``GRPC_EXPERIMENTS`` in ``env`` for PRIVRANK_GRPC_TRANSPORT.
+
+    gRPC core reads its experiments once, when ``grpc`` is imported, so this must run before
+    that (``server/__init__.py`` calls it); after, it changes nothing, and
+    ``grpc_transport_in_effect`` says so."""
+    transport = env.get(PREFIX + "GRPC_TRANSPORT") or Config.grpc_transport
+    experiments = grpc_experiments(env.get("GRPC_EXPERIMENTS", ""), transport)
+    if experiments is not None and "grpc" not in sys.modules:
+        env["GRPC_EXPERIMENTS"] = experiments
+
+
+def grpc_transport_in_effect(transport: str) -> bool:
+    """Whether gRPC in this process runs ``transport``: False where grpc was imported before
+    privrank's server package chose it (or ``GRPC_EXPERIMENTS`` says otherwise)."""
+    experiments = os.environ.get("GRPC_EXPERIMENTS", "")
+    ph2 = PH2_SERVER_EXPERIMENT in {name.strip() for name in experiments.split(",")}
+    return ph2 == (transport == "ph2")  # off unless named, in the grpcio this pins
 
 
 def _convert(key: str, type_name: object, raw: str) -> object:

@@ -1,8 +1,8 @@
 """One interceptor around every call, in this order:
 
-    request id and deadline budget → undecodable request refused → admission control →
-    bearer token → Principal, checked against auth.POLICY → the handler;
-    the error tree → gRPC status, and metrics, whatever happened
+    refused while the server stops → request id and deadline budget → undecodable request
+    refused → admission control → bearer token → Principal, checked against auth.POLICY →
+    the handler; the error tree → gRPC status, and metrics, whatever happened
 
 Unary handlers are wrapped; streaming methods are only the public health and reflection ones.
 An unexpected exception becomes INTERNAL with a generic message and the request id; its details
@@ -97,6 +97,49 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 
 OVERLOADED = "server at capacity; retry with backoff"
+STOPPING = "server shutting down; retry on another"
+
+
+class InFlight:
+    """The calls being handled, and the switch that refuses new ones while the server stops.
+
+    gRPC core's promise-based transport drops every connection, with its calls, as soon as the
+    server stops (grpcio 1.85 has no graceful drain there: a call caught in it fails INTERNAL),
+    so the server first refuses new calls (UNAVAILABLE, which clients retry on another server)
+    and waits for these to finish, then for callers to go quiet. Health and reflection calls
+    are neither counted nor refused."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.closing = False
+        self.refused = 0  # calls refused while closing
+        self.last_refused = -math.inf  # time.monotonic() of the last one
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if not self.count:
+            self._idle.set()
+
+    async def close(self, timeout_s: float, quiet_s: float = 0.0) -> int:
+        """Refuse new calls from now on; wait up to ``timeout_s`` in all for the ones in flight,
+        then until no call has been refused for ``quiet_s``. Returns how many still run."""
+        self.closing = True
+        self.last_refused = time.monotonic()  # what core holds reaches the refusal meanwhile
+        deadline = self.last_refused + timeout_s
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        while True:
+            now = time.monotonic()
+            wait = min(quiet_s - (now - self.last_refused), deadline - now)
+            if wait <= 0:
+                return self.count
+            await asyncio.sleep(wait)
 
 
 class Admission:
@@ -165,13 +208,16 @@ class ServingInterceptor(aio.ServerInterceptor):
         default_deadline_s: float,
         admission: Admission | None,
         authorizer: Authorizer,
+        in_flight: InFlight | None = None,
     ) -> None:
         self._metrics = metrics
         self._default_deadline_s = default_deadline_s
         self._admission = admission
         self._authorizer = authorizer
-        # per method: its wrapped handler, and the one that refuses it when admission is full
-        self._handlers: dict[str, tuple[Any, Any]] = {}
+        self._in_flight = in_flight or InFlight()
+        # per method: its wrapped handler, and the ones that refuse it when admission is full
+        # and while the server stops (None for the public ones, which are never refused)
+        self._handlers: dict[str, tuple[Any, Any, Any]] = {}
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
@@ -182,25 +228,36 @@ class ServingInterceptor(aio.ServerInterceptor):
             handler = await continuation(details)
             if handler is None:  # unknown method: not remembered, so no caller can grow the map
                 return None
+            refusable = method not in PUBLIC_METHODS and handler.unary_unary is not None
             handlers = self._handlers[method] = (
                 self._wrap(method, handler),
-                None
-                if method in PUBLIC_METHODS or handler.unary_unary is None
-                else self._refusal(method),
+                self._refusal(method, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED)
+                if refusable
+                else None,
+                self._refusal(method, grpc.StatusCode.UNAVAILABLE, STOPPING, self._in_flight)
+                if refusable
+                else None,
             )
-        wrapped, refusal = handlers
-        if refusal is not None and self._admission is not None and self._admission.full:
-            return refusal
+        wrapped, overloaded, stopping = handlers
+        if stopping is not None and self._in_flight.closing:
+            return stopping
+        if overloaded is not None and self._admission is not None and self._admission.full:
+            return overloaded
         return wrapped
 
-    def _refusal(self, method: str) -> Any:
+    def _refusal(
+        self, method: str, code: grpc.StatusCode, message: str, noted: InFlight | None = None
+    ) -> Any:
         """A handler refusing ``method`` before its request is even parsed: under overload a
-        refusal must cost far less than an answer."""
+        refusal must cost far less than an answer. Each refusal is noted in ``noted``."""
         metrics = self._metrics
 
         async def refuse(request: bytes, context: aio.ServicerContext) -> None:
-            metrics.observe_rpc(method, grpc.StatusCode.RESOURCE_EXHAUSTED.name, 0.0)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED)
+            if noted is not None:
+                noted.refused += 1
+                noted.last_refused = time.monotonic()
+            metrics.observe_rpc(method, code.name, 0.0)
+            await context.abort(code, message)
 
         return grpc.unary_unary_rpc_method_handler(refuse)
 
@@ -211,6 +268,7 @@ class ServingInterceptor(aio.ServerInterceptor):
             return handler if public else None
         inner: Behavior = handler.unary_unary
         admission = None if public else self._admission
+        in_flight = None if public else self._in_flight
         authorizer, metrics, default_budget = (
             self._authorizer,
             self._metrics,
@@ -236,6 +294,8 @@ class ServingInterceptor(aio.ServerInterceptor):
             scope = RequestScope(secrets.token_hex(8), started + budget)
             token = _CURRENT.set(scope)
             code = grpc.StatusCode.OK
+            if in_flight is not None:
+                in_flight.enter()
             try:
                 if request is UNDECODABLE:
                     raise errors.InvalidInput(
@@ -265,6 +325,8 @@ class ServingInterceptor(aio.ServerInterceptor):
             finally:
                 _CURRENT.reset(token)
                 metrics.observe_rpc(method, code.name, time.monotonic() - started)
+                if in_flight is not None:
+                    in_flight.leave()
 
         return grpc.unary_unary_rpc_method_handler(
             behavior,

@@ -22,7 +22,14 @@ from typing import Any
 
 import numpy as np
 from grpc._cython import cygrpc  # channelz in-process, as grpcio-channelz reads it
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_WINDOW = 10_000
@@ -46,6 +53,9 @@ class OnlineFigures:
 class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # process_cpu_seconds_total & co.: a serving process near its CPU allowance is where
+        # gRPC core starts shedding calls, which no handler sees
+        ProcessCollector(registry=self.registry)
         self._requests = Counter(
             "privrank_requests", "RPCs handled", ["method", "code"], registry=self.registry
         )
@@ -70,14 +80,20 @@ class ServiceMetrics:
         )
         self._core_calls = Counter(
             "privrank_grpc_calls",
-            "calls gRPC core started, succeeded, failed (channelz); started - succeeded - "
-            "failed: in flight, or shed or expired in core before any handler saw them",
+            "calls gRPC core started, succeeded, failed (channelz; chttp2 transport only); "
+            "started - succeeded - failed: in flight, or shed or expired in core before any "
+            "handler saw them",
             ["result"],
             registry=self.registry,
         )
         self._core_seen: dict[str, int] = {}
-        for result in CORE_RESULTS:  # every series from the start, at 0
-            self._core_calls.labels(result)
+        self._loop_lag = Histogram(
+            "privrank_event_loop_lag_seconds",
+            "how late a timer on the serving event loop fires: stalls of the loop (code "
+            "blocking it), which hold up every call in flight",
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        )
         self._pool = Gauge(
             "privrank_pg_pool_connections",
             "PostgreSQL pool connections: open, idle, and the configured maximum",
@@ -112,12 +128,19 @@ class ServiceMetrics:
             self._blocked.labels(scope).inc()
 
     def follow_core_calls(self) -> None:
-        """Bring ``privrank_grpc_calls`` up to gRPC core's own counts (called periodically)."""
+        """Bring ``privrank_grpc_calls`` up to gRPC core's own counts (called periodically).
+
+        Only where core counts them: its promise-based transport (``ph2``) does not count a
+        server's calls in channelz, and a series of zeros would say nothing was shed."""
         for result, total in core_call_counts().items():
             delta = total - self._core_seen.get(result, 0)
+            series = self._core_calls.labels(result)  # every series from the first call, at 0
             if delta > 0:
-                self._core_calls.labels(result).inc(delta)
+                series.inc(delta)
             self._core_seen[result] = total
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        self._loop_lag.observe(max(seconds, 0.0))
 
     def observe_pool(self, open_: int, idle: int, maximum: int) -> None:
         for state, value in (("open", open_), ("idle", idle), ("max", maximum)):

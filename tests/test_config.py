@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from features.errors import ConfigError
-from server.config import Config
+from server.config import Config, grpc_experiments
 
 
 def test_defaults_are_valid() -> None:
@@ -24,6 +28,7 @@ def test_defaults_are_valid() -> None:
         ({"PRIVRANK_LISTEN": "nowhere"}, "PRIVRANK_LISTEN"),
         ({"PRIVRANK_MAX_CONCURRENT_RPCS": "-1"}, "PRIVRANK_MAX_CONCURRENT_RPCS"),
         ({"PRIVRANK_MAX_PENDING_RPCS": "-1"}, "PRIVRANK_MAX_PENDING_RPCS"),
+        ({"PRIVRANK_GRPC_TRANSPORT": "h3"}, "PRIVRANK_GRPC_TRANSPORT"),
         ({"PRIVRANK_GRPC_THREADS_NICE": "20"}, "PRIVRANK_GRPC_THREADS_NICE"),
         ({"PRIVRANK_GRPC_THREADS_NICE": "-1"}, "PRIVRANK_GRPC_THREADS_NICE"),
         (
@@ -35,3 +40,52 @@ def test_defaults_are_valid() -> None:
 def test_bad_values_fail_fast_naming_the_key(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Config.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("experiments", "transport", "chosen"),
+    [
+        ("", "ph2", "ph2_server"),
+        ("", "chttp2", "-ph2_server"),
+        ("-event_engine_listener", "ph2", "-event_engine_listener,ph2_server"),
+        (" ", "ph2", "ph2_server"),
+        # gRPC's own setting of the experiment wins, either way
+        ("a, -ph2_server", "ph2", None),
+        ("ph2_server", "chttp2", None),
+        # left for Config.validate to refuse
+        ("", "h3", None),
+    ],
+)
+def test_the_grpc_transport_becomes_a_grpc_experiment(
+    experiments: str, transport: str, chosen: str | None
+) -> None:
+    assert grpc_experiments(experiments, transport) == chosen
+
+
+def _experiments_after(code: str, **env: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter; what it prints, then GRPC_EXPERIMENTS as it stands."""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "GRPC_EXPERIMENTS" and not k.startswith("PRIVRANK_")
+    }
+    script = f"{code}; import os; print(os.environ.get('GRPC_EXPERIMENTS'))"
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        env=clean | env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+
+
+IN_EFFECT = "from server.config import grpc_transport_in_effect as e; print(e('ph2'), e('chttp2'))"
+
+
+def test_importing_the_server_package_chooses_the_transport_before_grpc_starts() -> None:
+    assert _experiments_after(f"import server; {IN_EFFECT}") == ["False", "True", "-ph2_server"]
+    ph2 = _experiments_after(f"import server.app; {IN_EFFECT}", PRIVRANK_GRPC_TRANSPORT="ph2")
+    assert ph2 == ["True", "False", "ph2_server"]
+    # too late once grpc is imported (gRPC has read its experiments): left alone, and said
+    assert _experiments_after(f"import grpc, server; {IN_EFFECT}") == ["False", "True", "None"]

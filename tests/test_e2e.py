@@ -4,7 +4,9 @@ synthetic interactions → nightly jobs → every RPC."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
@@ -14,10 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobs.runner import run_job
 from jobs.steps import JobContext
 from jobs.synth import generate
+from server import auth
 from server.api import privrank_pb2 as pb
 from server.app import App, create_server
 from server.auth import mint_token
 from server.config import Config
+from server.interceptors import InFlight, ServingInterceptor
+from server.metrics import ServiceMetrics
 from tests.conftest import NOT_SERVING, SEED_ITEMS, SERVING, Client, assert_offline_as_stored
 
 
@@ -433,46 +438,85 @@ async def test_admin_metrics_model_info_and_job_history(client: Client, seeded: 
     )
 
 
+@contextlib.asynccontextmanager
+async def _test_service(
+    config: Config,
+    monkeypatch: pytest.MonkeyPatch,
+    handlers: dict[str, Callable[[bytes, aio.ServicerContext], Awaitable[bytes]]],
+    in_flight: InFlight | None = None,
+) -> AsyncIterator[Callable[[str], Awaitable[bytes]]]:
+    """A server with privrank's interceptor around ``handlers`` (methods of service test.T,
+    callable by the service role). Yields call(method) -> the reply, with a service token."""
+    authorizer = auth.Authorizer(config.signing_keys(), config.token_issuer)
+    for name in handlers:
+        monkeypatch.setitem(auth.POLICY, f"/test.T/{name}", frozenset({auth.Role.SERVICE}))
+    server = aio.server(
+        interceptors=[ServingInterceptor(ServiceMetrics(), 1.0, None, authorizer, in_flight)]
+    )
+    generic = {name: grpc.unary_unary_rpc_method_handler(h) for name, h in handlers.items()}
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.T", generic)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    token = auth.mint_token(
+        config.signing_keys()[0], role="service", subject="t", ttl_s=60, issuer=config.token_issuer
+    )
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+
+            async def call(name: str) -> bytes:
+                reply: bytes = await channel.unary_unary(f"/test.T/{name}")(
+                    b"", metadata=[("authorization", f"Bearer {token}")]
+                )
+                return reply
+
+            yield call
+    finally:
+        await server.stop(0)
+
+
 async def test_unexpected_errors_become_internal_without_details(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from server import auth
-    from server.interceptors import ServingInterceptor
-    from server.metrics import ServiceMetrics
-
     async def explode(request: bytes, context: aio.ServicerContext) -> bytes:
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setitem(auth.POLICY, "/test.Boom/Explode", frozenset({auth.Role.SERVICE}))
-    authorizer = auth.Authorizer(config.signing_keys(), config.token_issuer)
-    server = aio.server(interceptors=[ServingInterceptor(ServiceMetrics(), 1.0, None, authorizer)])
-    server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "test.Boom", {"Explode": grpc.unary_unary_rpc_method_handler(explode)}
-            )
-        ]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            token = auth.mint_token(
-                config.signing_keys()[0],
-                role="service",
-                subject="t",
-                ttl_s=60,
-                issuer=config.token_issuer,
-            )
-            with pytest.raises(aio.AioRpcError) as err:
-                await channel.unary_unary("/test.Boom/Explode")(
-                    b"", metadata=[("authorization", f"Bearer {token}")]
-                )
-        assert err.value.code() == grpc.StatusCode.INTERNAL
-        assert "secret" not in err.value.details()
-        assert "request id" in err.value.details()
-    finally:
-        await server.stop(0)
+    async with _test_service(config, monkeypatch, {"Explode": explode}) as call:
+        with pytest.raises(aio.AioRpcError) as err:
+            await call("Explode")
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in err.value.details()
+    assert "request id" in err.value.details()
+
+
+async def test_a_stopping_server_refuses_new_calls_and_waits_for_those_in_flight(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: bytes, context: aio.ServicerContext) -> bytes:
+        entered.set()
+        await release.wait()
+        return b"done"
+
+    in_flight = InFlight()
+    async with _test_service(config, monkeypatch, {"Slow": slow}, in_flight) as call:
+        running = asyncio.create_task(call("Slow"))
+        await entered.wait()
+        assert in_flight.count == 1
+        closing = asyncio.create_task(in_flight.close(timeout_s=5.0, quiet_s=0.3))
+        await asyncio.sleep(0.05)
+        # a new call is refused at once, retryable elsewhere
+        with pytest.raises(aio.AioRpcError) as err:
+            await call("Slow")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in err.value.details()
+        assert not closing.done()  # the call in flight is still running
+        release.set()
+        assert await running == b"done"
+        # and close waits for callers to go quiet (quiet_s after the last refusal)
+        assert await closing == 0
+        assert time.monotonic() - in_flight.last_refused >= 0.3
+        assert in_flight.refused == 1
 
 
 async def test_oversized_messages_are_refused_and_the_server_keeps_serving(

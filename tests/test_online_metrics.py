@@ -49,3 +49,9 @@ def test_figures_count_what_was_observed() -> None:
     assert figures.cache_hit_rate == pytest.approx(0.5)
     assert figures.fallback_rate == pytest.approx(1 / 3)
     assert figures.opt_out_rate == pytest.approx(1 / 3)
+
+
+def test_the_process_own_figures_are_exported() -> None:
+    cpu = ServiceMetrics().registry.get_sample_value("process_cpu_seconds_total")
+    assert cpu is not None
+    assert cpu > 0

@@ -34,7 +34,7 @@ from server import embedded
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.app import App
-from server.config import Config
+from server.config import Config, grpc_transport_in_effect
 from server.threads import GRPC_THREAD_PREFIXES, threads
 from tests.conftest import ROOT, cli_env, privrank
 from tests.serving import Running, serving
@@ -265,6 +265,15 @@ def _never_finished(app: App) -> float:
     return started - succeeded - failed
 
 
+def _loop_lag_samples(app: App, over_s: float) -> tuple[float, float]:
+    """privrank_event_loop_lag_seconds: (samples, samples later than ``over_s``)."""
+    registry = app.metrics.registry
+    name = "privrank_event_loop_lag_seconds"
+    total = registry.get_sample_value(f"{name}_count") or 0.0
+    within = registry.get_sample_value(f"{name}_bucket", {"le": str(over_s)}) or 0.0
+    return total, total - within
+
+
 async def _backlog_while_loop_blocked(
     running: Running, calls: int
 ) -> tuple[list[grpc.StatusCode | None], list[grpc.StatusCode]]:
@@ -305,24 +314,38 @@ async def test_a_backlog_in_grpc_core_is_shed_there_and_the_rest_answered(
         dataclasses.replace(config, max_pending_rpcs=cap), pg_url, redis_url
     ) as running:
         answered_before = sum(running.app.metrics.figures().served_by_source.values())
+        await asyncio.sleep(0.3)  # the loop's lag sampler is now waiting on its timer
+        _, late_before = _loop_lag_samples(running.app, 1.0)
         dropped_before = _never_finished(running.app)
         while_blocked, final = await _backlog_while_loop_blocked(running, calls)
-        # past the cap, gRPC core refused the calls at once, without the server's Python
+        # past the cap, gRPC core refused the calls at once, without the server's Python: as
+        # CANCELLED, or on its promise-based transport (PRIVRANK_GRPC_TRANSPORT=ph2, which this
+        # test runs on where that is set) RESOURCE_EXHAUSTED
+        ph2 = grpc_transport_in_effect("ph2")
         shed = [c for c in while_blocked if c is not None]
-        assert set(shed) == {grpc.StatusCode.CANCELLED}
+        assert set(shed) == {
+            grpc.StatusCode.RESOURCE_EXHAUSTED if ph2 else grpc.StatusCode.CANCELLED
+        }
         assert len(shed) >= calls - 2 * cap - 1  # one handed to the loop, < 2 x cap waiting
         # the ones it kept were answered once the loop was free, and only they did work
         kept = [f for w, f in zip(while_blocked, final, strict=True) if w is None]
         assert set(kept) == {grpc.StatusCode.OK}
         answered = sum(running.app.metrics.figures().served_by_source.values()) - answered_before
         assert answered == len(kept)
-        # the shed calls show in privrank_grpc_calls (gRPC core's own counts, followed each
-        # second): started, but neither succeeded nor failed
+        # the cause shows on the server: its loop's timer woke up over a second late
         for _ in range(50):
-            if _never_finished(running.app) - dropped_before == len(shed):
+            if _loop_lag_samples(running.app, 1.0)[1] > late_before:
                 break
             await asyncio.sleep(0.1)
-        assert _never_finished(running.app) - dropped_before == len(shed)
+        assert _loop_lag_samples(running.app, 1.0)[1] == late_before + 1
+        # and the shed calls show in privrank_grpc_calls (gRPC core's own counts, followed each
+        # second): started, but neither succeeded nor failed; ph2 keeps no counts
+        if not ph2:
+            for _ in range(50):
+                if _never_finished(running.app) - dropped_before == len(shed):
+                    break
+                await asyncio.sleep(0.1)
+            assert _never_finished(running.app) - dropped_before == len(shed)
 
     # the default cap holds this backlog: nothing is shed
     async with serving(config, pg_url, redis_url) as running:

@@ -451,11 +451,14 @@ class Server:
         with urllib.request.urlopen(url, timeout=5) as reply:
             return str(reply.read().decode())
 
-    def histogram(self, method: str = "Recommend") -> dict[float, float]:
-        """The server's own latency histogram of ``method``: bucket upper bound (s) -> count."""
+    def histogram(
+        self, name: str = "privrank_request_seconds", method: str | None = "Recommend"
+    ) -> dict[float, float]:
+        """One of the server's own histograms (by default its latency of ``method``; None for
+        one without labels): bucket upper bound (s) -> count."""
         buckets: dict[float, float] = {}
         for line in self._metrics().splitlines():
-            if line.startswith("privrank_request_seconds_bucket{"):
+            if line.startswith(name + "_bucket{"):
                 labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
                 if labels.get("method") == method:
                     buckets[float(labels["le"])] = float(line.split()[-1])
@@ -463,7 +466,8 @@ class Server:
 
     def core_calls(self) -> dict[str, float]:
         """privrank_grpc_calls_total by result (started, succeeded, failed): gRPC core's own
-        counts, which include the calls it shed before any handler saw them."""
+        counts, which include the calls it shed before any handler saw them. Empty where core
+        does not keep them (its promise-based transport)."""
         counts: dict[str, float] = {}
         for line in self._metrics().splitlines():
             if line.startswith("privrank_grpc_calls_total{"):
@@ -705,6 +709,7 @@ class Point:
     server_cpu: float  # CPU seconds of the server process
     server_threads: dict[str, float]  # the same, by thread kind (thread_kinds)
     hist: dict[float, float]  # the server's Recommend latency histogram: le (s) -> count
+    lag: dict[float, float]  # its event loop's lag histogram (privrank_event_loop_lag_seconds)
 
 
 def thread_kinds(pid: int) -> dict[str, float]:
@@ -753,10 +758,11 @@ class Timeline:
             server_cpu = float("nan")
         try:
             hist = self._server.histogram()
+            lag = self._server.histogram("privrank_event_loop_lag_seconds", None)
         except OSError:
-            hist = {}
+            hist, lag = {}, {}
         threads = thread_kinds(self._server.proc.pid)
-        return Point(name, t, cpu_sample(self._bench), server_cpu, threads, hist)
+        return Point(name, t, cpu_sample(self._bench), server_cpu, threads, hist, lag)
 
     async def mark(self, name: str) -> float:
         t = time.monotonic()
@@ -768,7 +774,8 @@ class Timeline:
 
 
 def _server_p99(before: dict[float, float], after: dict[float, float]) -> tuple[int, str]:
-    """(Recommend calls the server finished, its p99 bound from the histogram buckets)."""
+    """(Samples between two scrapes of a histogram, e.g. Recommend calls the server finished;
+    their p99 bound from the buckets)."""
     edges = sorted(after)
     counts = [after[e] - before.get(e, 0.0) for e in edges]  # cumulative per bucket
     total = counts[-1] if counts else 0.0
@@ -1720,19 +1727,24 @@ async def sigterm(b: Bench) -> None:
 # -- 6. overload -----------------------------------------------------------------------------------
 async def _overload_variant(
     b: Bench, name: str, env: dict[str, str], capacity: float
-) -> tuple[Run, Run]:
-    """A server configured otherwise by ``env``, in the same run: 0.5 C for CALM_S, then the
-    top level for a level's time. Returns the two runs."""
+) -> tuple[float, Run, Run]:
+    """A server configured otherwise by ``env``, in the same run: its own C (closed loop, as
+    privrank's was measured just before), 0.5 C for CALM_S, then the top level for a level's
+    time (C and the levels are privrank's, so both servers get the same load). Returns (its C,
+    the two runs)."""
     server = await b.start_server(name, env)
     try:
         async with b.clients(server) as clients:
             await closed_loop(clients, b.pick_pool, CAPACITY_CONCURRENCY, 1.0, b.rng)
+            own = await closed_loop(
+                clients, b.pick_pool, CAPACITY_CONCURRENCY, b.p.capacity_s, b.rng
+            )
             calm = await open_loop(clients, b.pick_pool, 0.5 * capacity, CALM_S, b.rng)
             top = OVERLOAD_LEVELS[-1] * capacity
             loaded = await open_loop(clients, b.pick_pool, top, b.p.overload_s, b.rng)
     finally:
         await server.stop()
-    return calm, loaded
+    return stats(own.calls, own.window).goodput, calm, loaded
 
 
 async def overload(b: Bench) -> None:
@@ -1741,7 +1753,7 @@ async def overload(b: Bench) -> None:
         f"{b.p.overload_s:.0f} s each"
     )
     server = await b.start_server("overload")
-    levels: list[tuple[float, Run, dict[str, float], float, Point, Point]] = []
+    levels: list[tuple[float, Run, dict[str, float], float | None, Point, Point]] = []
     try:
         async with b.clients(server) as clients:
             # the machine is shared: measure C again, the same way, right before the levels
@@ -1775,8 +1787,10 @@ async def overload(b: Bench) -> None:
                 await asyncio.sleep(b.p.overload_pause_s)  # let any backlog drain
                 core = await asyncio.to_thread(server.core_calls)  # followed once a second
                 delta = {k: v - core_before.get(k, 0.0) for k, v in core.items()}
-                dropped = delta.get("started", 0.0) - delta.get("succeeded", 0.0)
-                dropped -= delta.get("failed", 0.0)
+                dropped: float | None = None  # where core counts them (chttp2 transport)
+                if "started" in delta:
+                    dropped = delta["started"] - delta.get("succeeded", 0.0)
+                    dropped -= delta.get("failed", 0.0)
                 levels.append((multiple, run, seen, dropped, *timeline.points[-2:]))
             probe = await open_loop(clients, b.pick_pool, 0.5 * capacity, 3.0, b.rng)
     finally:
@@ -1785,14 +1799,18 @@ async def overload(b: Bench) -> None:
     # backlog (shedding from 1,000 calls per method, all at 3,000), as privrank did before it
     # set one
     top = OVERLOAD_LEVELS[-1]
-    _, base_run = await _overload_variant(
+    _, _, base_run = await _overload_variant(
         b, "overload-baseline", {"PRIVRANK_MAX_PENDING_RPCS": "0"}, capacity
     )
     # and one whose gRPC threads keep the event loop's priority, as before they were lowered
     # (PRIVRANK_GRPC_THREADS_NICE): at 3x, and at 0.5 C first, for what the lower priority
     # costs an answer when the server is not overloaded
-    level_calm, level_run = await _overload_variant(
+    _, level_calm, level_run = await _overload_variant(
         b, "overload-level-priority", {"PRIVRANK_GRPC_THREADS_NICE": "0"}, capacity
+    )
+    # and one on gRPC core's classic HTTP/2 transport, which sheds calls as CANCELLED
+    classic_c, classic_calm, classic_run = await _overload_variant(
+        b, "overload-chttp2", {"PRIVRANK_GRPC_TRANSPORT": "chttp2"}, capacity
     )
 
     say(
@@ -1826,11 +1844,16 @@ async def overload(b: Bench) -> None:
         if split:
             core_s = end.server_threads["grpc"] - start.server_threads["grpc"]
             core_cost.append(f"{core_s / max(st.sent, 1) * 1e6:.0f} us at {multiple:g}x")
+        core_view = (
+            "gRPC core does not count its calls (promise-based transport)"
+            if dropped is None
+            else f"by its privrank_grpc_calls, {dropped:.0f} calls shed or expired in gRPC core"
+        )
+        lag = _server_p99(start.lag, end.lag)[1]
         say(
-            f"         server: its p99 {_server_p99(start.hist, end.hist)[1]}, CPU "
-            f"{(end.server_cpu - start.server_cpu) / wall:.0%} of its core{split}; other processes "
-            f"{others:.0%} of the cores; by its privrank_grpc_calls, {dropped:.0f} calls shed "
-            "or expired in gRPC core"
+            f"         server: its p99 {_server_p99(start.hist, end.hist)[1]}, its loop lag p99 "
+            f"{lag}, CPU {(end.server_cpu - start.server_cpu) / wall:.0%} of its core{split}; "
+            f"other processes {others:.0%} of the cores; {core_view}"
         )
         if never > 0 or late > 0:
             say(
@@ -1846,9 +1869,9 @@ async def overload(b: Bench) -> None:
             at_3x = (st, rejected, run)
             server_view = (
                 f"server handler saw {sum(seen.values()):.0f} of {st.sent} calls "
-                f"({never:.0f} did not reach it; gRPC core's counts: {dropped:.0f} shed or "
-                "expired there), its p99 "
-                f"{_server_p99(start.hist, end.hist)[1]}; {max(late, 0):.0f} answers computed "
+                f"({never:.0f} did not reach it; {core_view}), its p99 "
+                f"{_server_p99(start.hist, end.hist)[1]}, its loop lag p99 {lag}; "
+                f"{max(late, 0):.0f} answers computed "
                 "after the caller gave up" + (f"; its CPU{split}" if split else "")
             )
     if core_cost:
@@ -1904,6 +1927,23 @@ async def overload(b: Bench) -> None:
         f"goodput {lst.goodput:.0f}/s = {lst.goodput / capacity:.2f} x C; the lower priority "
         f"gives {st.goodput / max(lst.goodput, 1e-9):.2f}x its goodput; at 0.5 C before any "
         f"overload its p50 / p99 {ms(lpr.p50)} / {ms(lpr.p99)}, privrank's "
+        f"{ms(cst.p50)} / {ms(cst.p99)}",
+        None,
+    )
+    kst, kcalm = (
+        stats(classic_run.calls, classic_run.window),
+        stats(classic_calm.calls, classic_calm.window),
+    )
+    say(f"  {'0.5x, chttp2':<22} {describe(kcalm)}")
+    say(f"  {f'{top:g}x, chttp2':<22} {describe(kst)}")
+    b.row(
+        f"6 overload {top:g}x chttp2 transport",
+        "report",
+        "gRPC core's classic HTTP/2 transport (PRIVRANK_GRPC_TRANSPORT=chttp2): its own C "
+        f"{classic_c:.0f}/s (privrank's, measured just before, {capacity:.0f}/s: "
+        f"{capacity / max(classic_c, 1e-9):.2f}x); at {top:g}x privrank's C goodput "
+        f"{kst.goodput:.0f}/s = {kst.goodput / capacity:.2f} x C, failures {dict(kst.failed)}; "
+        f"at 0.5 C its p50 / p99 {ms(kcalm.p50)} / {ms(kcalm.p99)}, privrank's "
         f"{ms(cst.p50)} / {ms(cst.p99)}",
         None,
     )
