@@ -304,7 +304,8 @@ class App:
 
         The opt-out set in memory may not have heard of an opt-out made a moment ago (on
         another process, or while this was writing), so the users are checked again in
-        PostgreSQL after the write, as ``retract_not_personal`` explains."""
+        PostgreSQL after the write, as ``retract_not_personal`` explains; if that check
+        cannot be made, the items just written are deleted again (fail closed)."""
         allowed = [
             (e.scope, e.user_id, e.item_id)
             for e in events
@@ -316,13 +317,20 @@ class App:
             return
         try:
             await self.cache.push_recent(allowed)
-            gone = await self.pg.not_personal(
-                sorted({user for _, user, _ in allowed}), erased_since=None
-            )
-            if gone:
-                await self.cache.delete_recent({(s, u) for s, u, _ in allowed if u in gone})
         except StoreUnavailable as exc:
             log.warning("could not remember recent items: %s", exc)
+            return
+        users = {(scope, user) for scope, user, _ in allowed}
+        try:
+            gone = await self.pg.not_personal(sorted({u for _, u in users}), erased_since=None)
+        except StoreUnavailable as exc:
+            log.warning("could not re-check opt-outs, so recent items are not kept: %s", exc)
+            gone = {u for _, u in users}
+        if gone:
+            try:
+                await self.cache.delete_recent({(s, u) for s, u in users if u in gone})
+            except StoreUnavailable as exc:  # they expire with their TTL
+                log.warning("could not delete recent items of opted-out users: %s", exc)
 
     async def forget_cached(self, user_id: str) -> int:
         """Delete a user's cached rankings; 0 if Redis is unreachable (the ranker never

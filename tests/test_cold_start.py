@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
+from features.errors import StoreUnavailable
 from features.schema import DEVICE_CATEGORIES
 from server.api import privrank_pb2 as pb
 from tests.conftest import Client
@@ -119,6 +120,33 @@ async def test_an_opt_out_this_process_has_not_heard_of_leaves_no_recent_items(
         pb.UpdateSettingsRequest(user_id=user, personalization_enabled=True), metadata=client.svc
     )
     await client.ranking.RecordEvents(  # allowed again: remembered
+        pb.RecordEventsRequest(events=[pb.Event(user_id=user, item_id="i3", event_type=pb.CLICK)]),
+        metadata=client.svc,
+    )
+    assert await client.app.cache.recent("default", user) == ["i3"]
+    await client.settings.DeleteUserData(  # leave no active user behind for other tests
+        pb.DeleteUserDataRequest(user_id=user), metadata=client.svc
+    )
+
+
+async def test_recent_items_are_not_kept_when_opt_outs_cannot_be_checked_again(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL fails between storing the events and the opt-out re-check: the recent items
+    just written cannot be confirmed, so they are deleted (fail closed)."""
+    user = "newcomer-4"
+
+    async def unreachable(*_args: object, **_kwargs: object) -> set[str]:
+        raise StoreUnavailable("PostgreSQL: connection refused")
+
+    monkeypatch.setattr(client.app.pg, "not_personal", unreachable)
+    await client.ranking.RecordEvents(
+        pb.RecordEventsRequest(events=[pb.Event(user_id=user, item_id="i3", event_type=pb.CLICK)]),
+        metadata=client.svc,
+    )
+    assert await client.app.cache.recent("default", user) == []
+    monkeypatch.undo()
+    await client.ranking.RecordEvents(  # checked again: remembered
         pb.RecordEventsRequest(events=[pb.Event(user_id=user, item_id="i3", event_type=pb.CLICK)]),
         metadata=client.svc,
     )
