@@ -100,6 +100,15 @@ async def test_a_few_fresh_events_give_item_neighbours(client: Client) -> None:
     assert await client.app.cache.recent("default", "newcomer-1") == []
 
 
+async def _recent_after_a_click(client: Client, user: str) -> list[str]:
+    """Record a click of ``user`` on i3; the user's recent items in Redis after it."""
+    await client.ranking.RecordEvents(
+        pb.RecordEventsRequest(events=[pb.Event(user_id=user, item_id="i3", event_type=pb.CLICK)]),
+        metadata=client.svc,
+    )
+    return await client.app.cache.recent("default", user)
+
+
 async def test_an_opt_out_this_process_has_not_heard_of_leaves_no_recent_items(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -110,20 +119,12 @@ async def test_an_opt_out_this_process_has_not_heard_of_leaves_no_recent_items(
         user, personalization_enabled=False, data_sharing_consent=None
     )
     monkeypatch.setattr(client.app.optouts, "personalization_allowed", lambda _user: True)
-    await client.ranking.RecordEvents(
-        pb.RecordEventsRequest(events=[pb.Event(user_id=user, item_id="i3", event_type=pb.CLICK)]),
-        metadata=client.svc,
-    )
-    assert await client.app.cache.recent("default", user) == []
+    assert await _recent_after_a_click(client, user) == []
     monkeypatch.undo()
     await client.settings.UpdateSettings(
         pb.UpdateSettingsRequest(user_id=user, personalization_enabled=True), metadata=client.svc
     )
-    await client.ranking.RecordEvents(  # allowed again: remembered
-        pb.RecordEventsRequest(events=[pb.Event(user_id=user, item_id="i3", event_type=pb.CLICK)]),
-        metadata=client.svc,
-    )
-    assert await client.app.cache.recent("default", user) == ["i3"]
+    assert await _recent_after_a_click(client, user) == ["i3"]  # allowed again: remembered
     await client.settings.DeleteUserData(  # leave no active user behind for other tests
         pb.DeleteUserDataRequest(user_id=user), metadata=client.svc
     )
@@ -140,17 +141,9 @@ async def test_recent_items_are_not_kept_when_opt_outs_cannot_be_checked_again(
         raise StoreUnavailable("PostgreSQL: connection refused")
 
     monkeypatch.setattr(client.app.pg, "not_personal", unreachable)
-    await client.ranking.RecordEvents(
-        pb.RecordEventsRequest(events=[pb.Event(user_id=user, item_id="i3", event_type=pb.CLICK)]),
-        metadata=client.svc,
-    )
-    assert await client.app.cache.recent("default", user) == []
+    assert await _recent_after_a_click(client, user) == []
     monkeypatch.undo()
-    await client.ranking.RecordEvents(  # checked again: remembered
-        pb.RecordEventsRequest(events=[pb.Event(user_id=user, item_id="i3", event_type=pb.CLICK)]),
-        metadata=client.svc,
-    )
-    assert await client.app.cache.recent("default", user) == ["i3"]
+    assert await _recent_after_a_click(client, user) == ["i3"]  # checked again: remembered
     await client.settings.DeleteUserData(  # leave no active user behind for other tests
         pb.DeleteUserDataRequest(user_id=user), metadata=client.svc
     )
