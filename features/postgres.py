@@ -564,17 +564,7 @@ class PgStore:
     ) -> dict[str, tuple[int, int, int]]:
         """Per variant: (impressions, clicks, acceptances) recorded since ``since``."""
         async with self._conn() as conn:
-            rows = await conn.fetch(
-                "SELECT variant,"
-                "  count(*) FILTER (WHERE event_type = 'impression') AS impressions,"
-                "  count(*) FILTER (WHERE event_type = 'click') AS clicks,"
-                "  count(*) FILTER (WHERE event_type IN ('accept', 'complete', 'purchase'))"
-                "    AS accepted"
-                " FROM events WHERE scope = $1 AND received_at >= $2 AND variant <> ''"
-                " GROUP BY variant",
-                scope,
-                since,
-            )
+            rows = await conn.fetch(FEEDBACK_SQL, scope, since)
         return {r["variant"]: (r["impressions"], r["clicks"], r["accepted"]) for r in rows}
 
     async def not_personal(
@@ -943,6 +933,16 @@ def _ranks_copy_text(rows: Sequence[tuple[str, Sequence[str], Sequence[float]]])
     )
     return "".join(lines).encode()
 
+
+# an index-only scan of events_feedback (migration 0005), whose predicate it must keep
+FEEDBACK_SQL = (
+    "SELECT variant,"
+    "  count(*) FILTER (WHERE event_type = 'impression') AS impressions,"
+    "  count(*) FILTER (WHERE event_type = 'click') AS clicks,"
+    "  count(*) FILTER (WHERE event_type IN ('accept', 'complete', 'purchase')) AS accepted"
+    " FROM events WHERE scope = $1 AND received_at >= $2 AND variant <> ''"
+    " GROUP BY variant"
+)
 
 _REFRESH_FEATURES_SQL = """
 WITH ev AS (

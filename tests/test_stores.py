@@ -12,7 +12,7 @@ import pytest
 
 from features.cache import RankCache, pack_ranking, rank_key, unpack_ranking
 from features.errors import JobLocked, StoreUnavailable
-from features.postgres import PgStore
+from features.postgres import FEEDBACK_SQL, PgStore
 from features.schema import make_interaction, user_digest
 
 
@@ -46,6 +46,19 @@ def _event(
 
 async def test_migrate_is_idempotent(owner_pg: PgStore) -> None:
     assert await owner_pg.migrate() == []
+
+
+async def test_the_feedback_count_reads_its_index(pg_url: str, owner_pg: PgStore) -> None:
+    """Admin.GetMetrics' per-variant count can be answered from events_feedback alone (the
+    planner takes it on a big table; with sequential scans off it must take it on any)."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("SET enable_seqscan = off")
+        sql = FEEDBACK_SQL.replace("$1", "'s'").replace("$2", "now()")
+        plan = "\n".join(row[0] for row in await conn.fetch("EXPLAIN " + sql))
+    finally:
+        await conn.close()
+    assert "Index Only Scan using events_feedback" in plan
 
 
 async def test_events_round_trip_into_training_pairs(pg: PgStore) -> None:
