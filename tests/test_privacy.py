@@ -327,11 +327,18 @@ async def test_erasure_leaves_no_row_key_or_vector(
     answer = await client.ranking.Recommend(pb.RecommendRequest(user_id=user), metadata=client.svc)
     assert answer.source == pb.SOURCE_POPULAR  # masked in the live snapshot
 
-    # every scope with a snapshot that could hold the user (not "every scope with data": other
-    # test modules leave scopes whose data cannot be trained on)
-    published = sorted(d.name for d in client.config.snapshot_dir.iterdir() if d.is_dir())
-    assert "default" in published
-    await run_job(seeded, "nightly", published)
+    # every scope with a snapshot or a model that could hold the user (not "every scope with
+    # data": other test modules leave scopes whose data cannot be trained on)
+    trained = sorted(
+        {
+            d.name
+            for root in (client.config.snapshot_dir, client.config.model_dir)
+            for d in root.iterdir()
+            if d.is_dir()
+        }
+    )
+    assert "default" in trained
+    await run_job(seeded, "nightly", trained)
     await client.admin.Reload(pb.ReloadRequest(), metadata=client.adm)
     holders = []
     for ids in client.config.snapshot_dir.rglob("user_ids.npy"):
