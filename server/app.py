@@ -37,7 +37,7 @@ from ranking.pipeline import EMPTY, LoadedScope, Ranker
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.auth import Authorizer
-from server.config import Config, grpc_transport_in_effect
+from server.config import Config, running_grpc_transport
 from server.interceptors import Admission, InFlight, ServingInterceptor
 from server.metrics import ServiceMetrics
 from server.optout import OptOutRegistry
@@ -78,6 +78,8 @@ class App:
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
     in_flight: InFlight = field(default_factory=InFlight)  # refused and drained on shutdown
+    # the transport gRPC runs (the configured one unless GRPC_EXPERIMENTS or grpc came first)
+    transport: str = field(default_factory=running_grpc_transport)
     link: WorkerLink | None = None  # to the sibling workers under ``serve --workers``
     warm_done: bool = False
     _background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -288,7 +290,7 @@ class App:
     async def _follow_gauges(self) -> None:
         """gRPC core's call counts (where it keeps them) and the PostgreSQL pool's size into
         the metrics."""
-        if self.config.grpc_transport == "chttp2":
+        if self.transport == "chttp2":
             self.metrics.follow_core_calls()
         self.metrics.observe_pool(*self.pg.pool_size())
 
@@ -383,10 +385,12 @@ def create_server(
     ``reuse_port`` lets several processes bind the same port (``serve --workers``); otherwise
     binding a port in use fails rather than silently sharing it."""
     config = app.config
-    if not grpc_transport_in_effect(config.grpc_transport):
+    if app.transport != config.grpc_transport:
         log.warning(
-            "gRPC's HTTP/2 server transport is not %s (PRIVRANK_GRPC_TRANSPORT): GRPC_EXPERIMENTS "
-            "says otherwise, or grpc was imported before privrank's server package",
+            "gRPC's HTTP/2 server transport is %s, not %s (PRIVRANK_GRPC_TRANSPORT): "
+            "GRPC_EXPERIMENTS says otherwise, or grpc was imported before privrank's server "
+            "package",
+            app.transport,
             config.grpc_transport,
         )
     backlog: list[tuple[str, int]] = []
@@ -481,7 +485,7 @@ async def serve(
         # keep answering while clients and balancers see NOT_SERVING and move away
         await asyncio.sleep(config.shutdown_delay_s)
         stopping = time.monotonic()
-        if config.grpc_transport == "ph2":
+        if app.transport == "ph2":
             # its stop() drops every connection with its calls at once: first refuse new calls
             # and let those in flight finish, until callers go quiet (InFlight); chttp2's
             # stop() drains gracefully itself

@@ -187,12 +187,16 @@ class Config:
         return [current] + ([self.previous_auth_secret] if self.previous_auth_secret else [])
 
 
+def _experiment_names(experiments: str) -> set[str]:
+    """The names in a ``GRPC_EXPERIMENTS`` value, without their "-" (off) prefixes."""
+    return {name.strip().lstrip("-") for name in experiments.split(",")}
+
+
 def grpc_experiments(experiments: str, transport: str) -> str | None:
     """``GRPC_EXPERIMENTS`` (``experiments``) with the choice of ``transport`` added, or None to
     leave it as it is: when it already names the experiment (gRPC's own setting wins) or the
     transport is invalid (``Config.validate`` reports that)."""
-    named = {name.strip().lstrip("-") for name in experiments.split(",")}
-    if transport not in GRPC_TRANSPORTS or PH2_SERVER_EXPERIMENT in named:
+    if transport not in GRPC_TRANSPORTS or PH2_SERVER_EXPERIMENT in _experiment_names(experiments):
         return None
     choice = PH2_SERVER_EXPERIMENT if transport == "ph2" else "-" + PH2_SERVER_EXPERIMENT
     return f"{experiments},{choice}" if experiments.strip() else choice
@@ -203,19 +207,20 @@ def choose_grpc_transport(env: MutableMapping[str, str]) -> None:
 
     gRPC core reads its experiments once, when ``grpc`` is imported, so this must run before
     that (``server/__init__.py`` calls it); after, it changes nothing, and
-    ``grpc_transport_in_effect`` says so."""
+    ``running_grpc_transport`` says so."""
     transport = env.get(PREFIX + "GRPC_TRANSPORT") or Config.grpc_transport
     experiments = grpc_experiments(env.get("GRPC_EXPERIMENTS", ""), transport)
     if experiments is not None and "grpc" not in sys.modules:
         env["GRPC_EXPERIMENTS"] = experiments
 
 
-def grpc_transport_in_effect(transport: str) -> bool:
-    """Whether gRPC in this process runs ``transport``: False where grpc was imported before
-    privrank's server package chose it (or ``GRPC_EXPERIMENTS`` says otherwise)."""
+def running_grpc_transport() -> str:
+    """The HTTP/2 server transport gRPC runs in this process, whatever was configured: "ph2"
+    where ``GRPC_EXPERIMENTS`` turns its experiment on (it is off unless named, in the grpcio
+    this pins), else "chttp2"."""
     experiments = os.environ.get("GRPC_EXPERIMENTS", "")
-    ph2 = PH2_SERVER_EXPERIMENT in {name.strip() for name in experiments.split(",")}
-    return ph2 == (transport == "ph2")  # off unless named, in the grpcio this pins
+    on = {name.strip() for name in experiments.split(",")}
+    return "ph2" if PH2_SERVER_EXPERIMENT in on else "chttp2"
 
 
 def _convert(key: str, type_name: object, raw: str) -> object:

@@ -80,12 +80,13 @@ def _experiments_after(code: str, **env: str) -> list[str]:
     ).stdout.split()
 
 
-IN_EFFECT = "from server.config import grpc_transport_in_effect as e; print(e('ph2'), e('chttp2'))"
+RUNNING = "from server.config import running_grpc_transport as r; print(r())"
 
 
 def test_importing_the_server_package_chooses_the_transport_before_grpc_starts() -> None:
-    assert _experiments_after(f"import server; {IN_EFFECT}") == ["False", "True", "-ph2_server"]
-    ph2 = _experiments_after(f"import server.app; {IN_EFFECT}", PRIVRANK_GRPC_TRANSPORT="ph2")
-    assert ph2 == ["True", "False", "ph2_server"]
+    assert _experiments_after(f"import server; {RUNNING}") == ["chttp2", "-ph2_server"]
+    ph2 = _experiments_after(f"import server.app; {RUNNING}", PRIVRANK_GRPC_TRANSPORT="ph2")
+    assert ph2 == ["ph2", "ph2_server"]
     # too late once grpc is imported (gRPC has read its experiments): left alone, and said
-    assert _experiments_after(f"import grpc, server; {IN_EFFECT}") == ["False", "True", "None"]
+    late = _experiments_after(f"import grpc, server; {RUNNING}", PRIVRANK_GRPC_TRANSPORT="ph2")
+    assert late == ["chttp2", "None"]

@@ -34,7 +34,7 @@ from server import embedded
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.app import App
-from server.config import Config, grpc_transport_in_effect
+from server.config import Config
 from server.threads import GRPC_THREAD_PREFIXES, threads
 from tests.conftest import ROOT, cli_env, privrank
 from tests.serving import Running, serving
@@ -321,7 +321,7 @@ async def test_a_backlog_in_grpc_core_is_shed_there_and_the_rest_answered(
         # past the cap, gRPC core refused the calls at once, without the server's Python: as
         # CANCELLED, or on its promise-based transport (PRIVRANK_GRPC_TRANSPORT=ph2, which this
         # test runs on where that is set) RESOURCE_EXHAUSTED
-        ph2 = grpc_transport_in_effect("ph2")
+        ph2 = running.app.transport == "ph2"
         shed = [c for c in while_blocked if c is not None]
         assert set(shed) == {
             grpc.StatusCode.RESOURCE_EXHAUSTED if ph2 else grpc.StatusCode.CANCELLED
