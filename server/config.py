@@ -188,15 +188,16 @@ class Config:
 
 
 def _experiment_names(experiments: str) -> set[str]:
-    """The names in a ``GRPC_EXPERIMENTS`` value, without their "-" (off) prefixes."""
-    return {name.strip().lstrip("-") for name in experiments.split(",")}
+    """The names in a ``GRPC_EXPERIMENTS`` value, each with its "-" (off) prefix if it has one."""
+    return {name.strip() for name in experiments.split(",")}
 
 
 def grpc_experiments(experiments: str, transport: str) -> str | None:
     """``GRPC_EXPERIMENTS`` (``experiments``) with the choice of ``transport`` added, or None to
     leave it as it is: when it already names the experiment (gRPC's own setting wins) or the
     transport is invalid (``Config.validate`` reports that)."""
-    if transport not in GRPC_TRANSPORTS or PH2_SERVER_EXPERIMENT in _experiment_names(experiments):
+    named = {name.lstrip("-") for name in _experiment_names(experiments)}
+    if transport not in GRPC_TRANSPORTS or PH2_SERVER_EXPERIMENT in named:
         return None
     choice = PH2_SERVER_EXPERIMENT if transport == "ph2" else "-" + PH2_SERVER_EXPERIMENT
     return f"{experiments},{choice}" if experiments.strip() else choice
@@ -218,8 +219,7 @@ def running_grpc_transport() -> str:
     """The HTTP/2 server transport gRPC runs in this process, whatever was configured: "ph2"
     where ``GRPC_EXPERIMENTS`` turns its experiment on (it is off unless named, in the grpcio
     this pins), else "chttp2"."""
-    experiments = os.environ.get("GRPC_EXPERIMENTS", "")
-    on = {name.strip() for name in experiments.split(",")}
+    on = _experiment_names(os.environ.get("GRPC_EXPERIMENTS", ""))
     return "ph2" if PH2_SERVER_EXPERIMENT in on else "chttp2"
 
 

@@ -10,13 +10,14 @@ buckets, as Prometheus' ``histogram_quantile`` does.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import threading
 from collections import Counter as Tally
 from collections import defaultdict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_WINDOW = 10_000
@@ -146,20 +148,22 @@ class ServiceMetrics:
         for state, value in (("open", open_), ("idle", idle), ("max", maximum)):
             self._pool.labels(state).set(value)
 
-    def _series(self) -> CollectorRegistry:
-        """This process's series, or every worker's under ``serve --workers``."""
+    def _families(self) -> Iterable[Metric]:
+        """The series GetMetrics' figures come from: this process's (only those, not the
+        process collector's, which reads /proc), or every worker's under ``serve --workers``."""
         if self._shared_dir is None:
-            return self.registry
+            own = (self._served, self._blocked, self._requests, self._latency)
+            return itertools.chain.from_iterable(m.collect() for m in own)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self._shared_dir)
-        return registry
+        return registry.collect()
 
     def figures(self) -> OnlineFigures:
         by_source: Tally[str] = Tally()
         by_variant: Tally[str] = Tally()
         buckets: defaultdict[float, float] = defaultdict(float)
         blocked = requests = 0.0
-        for family in self._series().collect():
+        for family in self._families():
             for sample in family.samples:
                 labels, value = sample.labels, sample.value
                 if sample.name == "privrank_served_total":
