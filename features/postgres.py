@@ -7,10 +7,12 @@ driver errors leave this module translated into the error tree (``StoreUnavailab
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,6 +34,15 @@ SETTINGS_CHANNEL = "privrank_settings"
 SERVICE_ROLE = "privrank_service"  # created by migration 0002; see its header
 _JOB_LOCK_KEY = 0x70726976  # "priv": one advisory lock serialises all job runs
 _MIGRATION_LOCK_KEY = 0x70726977
+MIGRATION_LOCK_WAIT_S = 600.0  # how long a migration waits for another process's to finish
+_MIGRATION_LOCK_POLL_S = 0.2
+_MIGRATION_TIMEOUT_S = 120.0  # each transactional script
+_NO_TRANSACTION = "-- privrank: no-transaction"
+_CONCURRENT_INDEX = re.compile(
+    r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+IF\s+NOT\s+EXISTS\s+(?P<name>\w+)"
+    r"\s+ON\s[^;]+;?",
+    re.IGNORECASE,
+)
 
 _EVENT_COLUMNS = (
     "scope",
@@ -63,6 +74,62 @@ async def _translated() -> AsyncIterator[None]:
         raise InvalidInput(f"rejected by the database (SQLSTATE {exc.sqlstate})") from exc
     except _DRIVER_ERRORS as exc:
         raise _unavailable(exc) from exc
+
+
+def _migration_scripts() -> list[tuple[str, str]]:
+    """(version, SQL) of every script in features/migrations, in version order."""
+    scripts = (
+        p for p in resources.files("features.migrations").iterdir() if p.name.endswith(".sql")
+    )
+    return sorted((p.name.removesuffix(".sql"), p.read_text()) for p in scripts)
+
+
+async def _lock_migrations(conn: asyncpg.Connection, wait_s: float) -> None:
+    """Take the migration lock, polling for it rather than blocking: a session blocked in
+    ``pg_advisory_lock`` holds a snapshot, which a concurrent index build waits out while its
+    holder waits for the lock, and PostgreSQL breaks that cycle by failing one of the two."""
+    deadline = time.monotonic() + wait_s
+    waiting = False
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _MIGRATION_LOCK_KEY):
+        if time.monotonic() >= deadline:
+            raise JobLocked(
+                f"another process has been migrating the schema for over {wait_s:g} s;"
+                " try again when it finishes"
+            )
+        if not waiting:
+            log.info("waiting for another process's schema migration to finish")
+            waiting = True
+        await asyncio.sleep(_MIGRATION_LOCK_POLL_S)
+
+
+async def _record_migration(conn: asyncpg.Connection, version: str) -> None:
+    await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+
+
+async def _build_index_concurrently(conn: asyncpg.Connection, version: str, sql: str) -> None:
+    """Run a no-transaction script: one ``CREATE [UNIQUE] INDEX CONCURRENTLY IF NOT EXISTS``.
+
+    An interrupted concurrent build leaves its index behind, invalid (never read, still
+    written), and ``IF NOT EXISTS`` would then keep it: such a leftover is dropped first. A
+    build that finished before its version was recorded is kept by ``IF NOT EXISTS``.
+    """
+    statement = re.sub(r"--[^\n]*", "", sql).strip()
+    match = _CONCURRENT_INDEX.fullmatch(statement)
+    if match is None:
+        raise ValueError(
+            f"migration {version}: a no-transaction script must hold exactly one"
+            " CREATE INDEX CONCURRENTLY IF NOT EXISTS statement"
+        )
+    name = match["name"]
+    invalid = await conn.fetchval(
+        "SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " WHERE c.relname = $1 AND c.relnamespace = to_regnamespace(current_schema())",
+        name,
+    )
+    if invalid:
+        log.warning("index %s was left invalid by an interrupted build: building it again", name)
+        await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+    await conn.execute(statement)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,39 +255,50 @@ class PgStore:
 
     # -- schema ---------------------------------------------------------------------------
 
-    async def migrate(self) -> list[str]:
-        """Apply pending migrations in order, each in its own transaction. Idempotent."""
+    async def migrate(self, lock_wait_s: float = MIGRATION_LOCK_WAIT_S) -> list[str]:
+        """Apply pending migrations in order; returns the versions applied. Idempotent.
+
+        Callers take turns on an advisory lock, waiting up to ``lock_wait_s`` for it (then
+        JobLocked). A script runs in a transaction of its own, within 120 s, unless it starts
+        with ``-- privrank: no-transaction``: then it builds one index CONCURRENTLY (see
+        ``_build_index_concurrently``), with no time limit, while writes to its table go on.
+        Migrations run on a connection of their own, as this store's role.
+        """
         applied: list[str] = []
-        scripts = sorted(
-            (
-                p
-                for p in resources.files("features.migrations").iterdir()
-                if p.name.endswith(".sql")
-            ),
-            key=lambda p: p.name,
-        )
-        async with self._conn() as conn:
-            await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
+        async with _translated():
+            conn = await asyncpg.connect(
+                self._dsn,
+                timeout=self._timeout,
+                command_timeout=None,
+                server_settings=self._settings,
+            )
             try:
-                await conn.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-                )
-                done = {
-                    r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")
-                }
-                for script in scripts:
-                    version = script.name.removesuffix(".sql")
-                    if version in done:
-                        continue
-                    async with conn.transaction():
-                        await conn.execute(script.read_text(), timeout=120)
-                        await conn.execute(
-                            "INSERT INTO schema_migrations (version) VALUES ($1)", version
-                        )
-                    applied.append(version)
+                await _lock_migrations(conn, lock_wait_s)
+                try:
+                    await conn.execute(
+                        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                        " version text PRIMARY KEY,"
+                        " applied_at timestamptz NOT NULL DEFAULT now())"
+                    )
+                    done = {
+                        r["version"]
+                        for r in await conn.fetch("SELECT version FROM schema_migrations")
+                    }
+                    for version, sql in _migration_scripts():
+                        if version in done:
+                            continue
+                        if sql.startswith(_NO_TRANSACTION):
+                            await _build_index_concurrently(conn, version, sql)
+                            await _record_migration(conn, version)
+                        else:
+                            async with conn.transaction():
+                                await conn.execute(sql, timeout=_MIGRATION_TIMEOUT_S)
+                                await _record_migration(conn, version)
+                        applied.append(version)
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
+                await conn.close()
         return applied
 
     # -- events ---------------------------------------------------------------------------

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SEED_USERS, SEED_ITEMS, SEED_EVENTS = 200, 120, 5000
 
 
-def _with_database(url: str, name: str) -> str:
+def with_database(url: str, name: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path="/" + name))
 
@@ -63,11 +63,12 @@ def server_pg_url(stores_dir: Path) -> Iterator[str]:
         yield started
 
 
-@pytest.fixture(scope="session")
-async def pg_url(server_pg_url: str) -> AsyncIterator[str]:
-    """A fresh database of this test session, dropped at the end."""
+@contextlib.asynccontextmanager
+async def fresh_database(server_url: str) -> AsyncIterator[str]:
+    """A new, empty database on ``server_url``'s server; dropped on exit, with the service role
+    if the migrations created it (it is cluster-wide)."""
     name = f"privrank_test_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(server_pg_url)
+    admin = await asyncpg.connect(server_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
         role_existed = await admin.fetchval(
@@ -76,16 +77,23 @@ async def pg_url(server_pg_url: str) -> AsyncIterator[str]:
     finally:
         await admin.close()
     try:
-        yield _with_database(server_pg_url, name)
+        yield with_database(server_url, name)
     finally:
-        admin = await asyncpg.connect(server_pg_url)
+        admin = await asyncpg.connect(server_url)
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            if not role_existed:  # the migrations created the cluster-wide role: remove it
+            if not role_existed:
                 with contextlib.suppress(asyncpg.DependentObjectsStillExistError):
                     await admin.execute(f"DROP ROLE IF EXISTS {SERVICE_ROLE}")
         finally:
             await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def pg_url(server_pg_url: str) -> AsyncIterator[str]:
+    """A fresh database of this test session, dropped at the end."""
+    async with fresh_database(server_pg_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

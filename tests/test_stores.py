@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -12,8 +14,9 @@ import pytest
 
 from features.cache import RankCache, pack_ranking, rank_key, unpack_ranking
 from features.errors import JobLocked, StoreUnavailable
-from features.postgres import FEEDBACK_SQL, PgStore
+from features.postgres import _MIGRATION_LOCK_KEY, FEEDBACK_SQL, PgStore
 from features.schema import make_interaction, user_digest
+from tests.conftest import fresh_database
 
 
 def _scope() -> str:
@@ -61,6 +64,119 @@ async def test_the_feedback_count_reads_its_index(pg_url: str, owner_pg: PgStore
     # an index-only scan, or a bitmap scan where the table's pages are not all-visible yet
     assert "events_feedback" in plan
     assert "Seq Scan" not in plan
+
+
+@pytest.fixture
+async def before_0005(server_pg_url: str) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
+    """A database of its own, migrated as it was before 0005 (the feedback index), and an
+    admin connection to it."""
+    async with fresh_database(server_pg_url) as url:
+        owner = await PgStore.connect(url, timeout_s=10, role=None, max_size=1)
+        await owner.migrate()
+        await owner.close()
+        admin = await asyncpg.connect(url)
+        await admin.execute("DROP INDEX events_feedback")
+        await admin.execute("DELETE FROM schema_migrations WHERE version = '0005_feedback_index'")
+        try:
+            yield url, admin
+        finally:
+            await admin.close()
+
+
+async def _index_valid(admin: asyncpg.Connection, name: str) -> bool | None:
+    """None if the index does not exist."""
+    valid: bool | None = await admin.fetchval(
+        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " WHERE c.relname = $1",
+        name,
+    )
+    return valid
+
+
+async def _waiting_index_build(admin: asyncpg.Connection) -> int:
+    """The pid of the backend whose CREATE INDEX CONCURRENTLY waits on a lock (polls up to 10 s)."""
+    for _ in range(200):
+        pid: int | None = await admin.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND query LIKE 'CREATE INDEX CONCURRENTLY%' AND wait_event_type = 'Lock'"
+        )
+        if pid is not None:
+            return pid
+        await asyncio.sleep(0.05)
+    raise AssertionError("no index build started")
+
+
+@asynccontextmanager
+async def _open_write_on_events(url: str) -> AsyncIterator[asyncpg.transaction.Transaction]:
+    """A transaction holding a writer's lock on events: a concurrent index build waits for it."""
+    writer = await asyncpg.connect(url)
+    try:
+        tx = writer.transaction()
+        await tx.start()
+        await writer.execute("LOCK TABLE events IN ROW EXCLUSIVE MODE")
+        yield tx
+    finally:
+        await writer.close()  # rolls back what is still open
+
+
+async def test_the_feedback_index_builds_while_events_are_written(
+    before_0005: tuple[str, asyncpg.Connection],
+) -> None:
+    """0005 waits for a write in progress instead of blocking writes behind it, and a second
+    process migrating meanwhile takes its turn: had it blocked in pg_advisory_lock, its
+    snapshot would hold up the build while the build's session holds the lock (a deadlock
+    PostgreSQL breaks by failing one of them)."""
+    url, admin = before_0005
+    first = await PgStore.connect(url, timeout_s=10, role=None, max_size=1)
+    second = await PgStore.connect(url, timeout_s=10, role=None, max_size=1)
+    try:
+        async with _open_write_on_events(url) as write:
+            building = asyncio.create_task(first.migrate())
+            await _waiting_index_build(admin)
+            waiting = asyncio.create_task(second.migrate())
+            await asyncio.sleep(0.5)  # the second is waiting for the migration lock
+            async with admin.transaction():  # the build holds no lock that blocks writers
+                await admin.execute("LOCK TABLE events IN ROW EXCLUSIVE MODE NOWAIT")
+            await write.commit()
+            results = await asyncio.wait_for(asyncio.gather(building, waiting), 30)
+    finally:
+        await first.close()
+        await second.close()
+    assert results == [["0005_feedback_index"], []]
+    assert await _index_valid(admin, "events_feedback") is True
+
+
+async def test_an_interrupted_index_build_is_redone(
+    before_0005: tuple[str, asyncpg.Connection],
+) -> None:
+    """A build killed mid-way leaves an invalid index, which IF NOT EXISTS alone would keep
+    for good: the next migration drops it and builds it again."""
+    url, admin = before_0005
+    owner = await PgStore.connect(url, timeout_s=10, role=None, max_size=1)
+    try:
+        async with _open_write_on_events(url):
+            building = asyncio.create_task(owner.migrate())
+            pid = await _waiting_index_build(admin)
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            with pytest.raises(StoreUnavailable):
+                await building
+        assert await _index_valid(admin, "events_feedback") is False
+        assert await owner.migrate() == ["0005_feedback_index"]
+    finally:
+        await owner.close()
+    assert await _index_valid(admin, "events_feedback") is True
+
+
+async def test_a_migration_waits_its_turn_then_gives_up(owner_pg: PgStore, pg_url: str) -> None:
+    holder = await asyncpg.connect(pg_url)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
+        with pytest.raises(JobLocked, match=r"migrating the schema for over 0\.5 s"):
+            await owner_pg.migrate(lock_wait_s=0.5)
+        await holder.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
+        assert await owner_pg.migrate() == []
+    finally:
+        await holder.close()
 
 
 async def test_events_round_trip_into_training_pairs(pg: PgStore) -> None:
