@@ -10,6 +10,7 @@
     ├── DeadlineExceeded      the request's budget ran out        → DEADLINE_EXCEEDED
     ├── NotReady              no snapshot / still warming         → UNAVAILABLE
     ├── StoreUnavailable      PostgreSQL or Redis down, timed out → UNAVAILABLE
+    │   └── StoreUnreachable  its server not reached at all (refused, timed out, starting)
     ├── SnapshotError         a snapshot is missing, corrupt or incomplete
     ├── JobError              a batch job failed (one-line reason)
     │   └── JobLocked         another run holds the job lock
@@ -56,7 +57,12 @@ class NotReady(PrivrankError):
 
 
 class StoreUnavailable(PrivrankError):
-    """A backing store could not be reached or timed out."""
+    """A backing store could not be reached, timed out, or refused the work."""
+
+
+class StoreUnreachable(StoreUnavailable):
+    """The store's server could not be reached at all: down, not accepting connections yet,
+    or the connection was lost. (One that answers and refuses is plain StoreUnavailable.)"""
 
 
 class SnapshotError(PrivrankError):

@@ -25,7 +25,7 @@ import numpy as np
 from asyncpg.pool import PoolConnectionProxy
 
 from features.breaker import CircuitBreaker
-from features.errors import InvalidInput, JobLocked, StoreUnavailable
+from features.errors import InvalidInput, JobLocked, StoreUnavailable, StoreUnreachable
 from features.schema import EVENT_WEIGHTS, FEATURE_NAMES, Interaction, user_digest
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,18 @@ _EVENT_COLUMNS = (
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
+# PostgreSQL not reached, as against reached and refusing (a login, role or database wrong)
+_UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+)
+
+
 def _unavailable(exc: BaseException) -> StoreUnavailable:
-    return StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}")
+    kind = StoreUnreachable if isinstance(exc, _UNREACHABLE) else StoreUnavailable
+    return kind(f"PostgreSQL: {type(exc).__name__}: {exc}")
 
 
 @asynccontextmanager

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from features.cache import RankCache
-from features.errors import JobLocked, PrivrankError
+from features.errors import JobLocked, PrivrankError, StoreUnreachable
 from features.postgres import PgStore
 from features.schema import DEFAULT_SCOPE, validate_scope
 from server import embedded
@@ -329,9 +329,21 @@ async def _demo(config: Config, urls: embedded.EmbeddedUrls, args: argparse.Name
 
 
 async def _check_stores(config: Config, urls: embedded.EmbeddedUrls) -> None:
-    """Migrate the schema and connect as the service role once, before taking traffic."""
-    async with _stores(config, urls):
-        pass
+    """Migrate the schema and connect as the service role once, before taking traffic.
+
+    A PostgreSQL that cannot be reached at all does not keep the server down: it starts on its
+    snapshots, non-personalized until the opt-outs are confirmed (How privrank degrades), and
+    the next job or ``db migrate`` migrates. One that answers and refuses fails the start.
+    """
+    try:
+        async with _stores(config, urls):
+            pass
+    except StoreUnreachable as exc:
+        log.warning(
+            "starting without PostgreSQL (%s): the schema is not checked, answers stay"
+            " non-personalized until the opt-outs are confirmed",
+            exc,
+        )
 
 
 async def _serve(config: Config, urls: embedded.EmbeddedUrls) -> None:

@@ -18,8 +18,8 @@ from ranking import snapshot
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.config import Config
-from tests.conftest import ROOT, cli_env, privrank
-from tests.serving import free_port, start_serve, wait_serving
+from tests.conftest import ROOT, cli_env, privrank, with_database
+from tests.serving import CLI, free_port, start_serve, wait_serving
 
 SCOPE = "cli"
 
@@ -240,3 +240,52 @@ async def test_serve_drains_in_flight_calls_on_sigterm(
                 pb.RecommendRequest(user_id="u1"), metadata=metadata, timeout=2
             )
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_serve_starts_on_its_snapshots_while_postgresql_is_down(
+    config: Config, imported: str, tmp_path: Path
+) -> None:
+    """A restart during a PostgreSQL outage comes back: SERVING on the snapshots on disk,
+    non-personalized (the opt-outs cannot be confirmed), and it stops cleanly."""
+    port, log_path = free_port(), tmp_path / "serve.log"
+    env = cli_env(config) | {
+        "PRIVRANK_LISTEN": f"127.0.0.1:{port}",
+        "PRIVRANK_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/privrank",
+        "PRIVRANK_SHUTDOWN_DELAY_S": "0",
+    }
+    process = start_serve(env, log_path)
+    try:
+        await wait_serving(port, process, log_path)
+        token = privrank(config, "token", "--role", "service").stdout.strip()
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = await rpc.RankingStub(channel).Recommend(
+                pb.RecommendRequest(user_id="u1", scope=imported, limit=10),
+                metadata=[("authorization", f"Bearer {token}")],
+                timeout=10,
+            )
+        process.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(process.wait, 60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert len(reply.items) == 10
+    assert reply.source == pb.SOURCE_POPULAR
+    assert exit_code == 0
+    assert "starting without PostgreSQL" in log_path.read_text()
+
+
+def test_serve_fails_fast_on_a_database_that_refuses(config: Config, pg_url: str) -> None:
+    """Reached but refused (here: no such database) is a setting to fix, not an outage."""
+    missing = with_database(pg_url, "privrank_no_such_database")
+    env = cli_env(config) | {"PRIVRANK_DATABASE_URL": missing, "PRIVRANK_LISTEN": "127.0.0.1:0"}
+    result = subprocess.run(
+        [*CLI, "serve"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "privrank: error: PostgreSQL: InvalidCatalogNameError" in result.stderr
