@@ -377,6 +377,10 @@ def _load_warm(path: os.PathLike[str]) -> LoadedScope:
     return loaded
 
 
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
 def create_server(
     app: App, listen: str | None = None, reuse_port: bool = False
 ) -> tuple[aio.Server, int]:
@@ -404,6 +408,14 @@ def create_server(
             ("grpc.server.max_pending_requests", config.max_pending_rpcs),
             ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_rpcs),
         ]
+    lifetime: list[tuple[str, int]] = []
+    if config.max_connection_idle_s:
+        lifetime.append(("grpc.max_connection_idle_ms", _ms(config.max_connection_idle_s)))
+    if config.max_connection_age_s:
+        lifetime += [
+            ("grpc.max_connection_age_ms", _ms(config.max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", _ms(config.shutdown_grace_s)),
+        ]
     server = aio.server(
         interceptors=[
             ServingInterceptor(
@@ -418,6 +430,8 @@ def create_server(
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ("grpc.max_allowed_incoming_connections", config.max_connections),
+            *lifetime,
             *backlog,
         ],
         maximum_concurrent_rpcs=config.concurrent_rpc_cap,

@@ -66,6 +66,13 @@ class Config:
     # it sheds new ones at random, past twice that all of them (the caller sees CANCELLED);
     # 0 leaves gRPC core's own limits (1,000 and 3,000)
     max_pending_rpcs: int = 256
+    # connections one process holds at once; a further one is closed as it arrives (its
+    # client sees UNAVAILABLE and retries with backoff). An idle connection costs ~27 KB
+    max_connections: int = 4096
+    max_connection_idle_s: float = 0.0  # 0: never; else idle ones are closed (GOAWAY)
+    # 0: never; else each connection is closed (GOAWAY, gRPC adds +-10 % jitter) at this age,
+    # its calls given SHUTDOWN_GRACE_S: clients reconnect, so workers and balancers rebalance
+    max_connection_age_s: float = 0.0
     # gRPC core's HTTP/2 server transport (choose_grpc_transport): "chttp2", the classic one,
     # answers the calls it sheds CANCELLED; "ph2", the promise-based one (a gRPC experiment),
     # RESOURCE_EXHAUSTED, but its error answers lack HTTP/2's :status, which only gRPC core's
@@ -126,6 +133,7 @@ class Config:
             "DEFAULT_DEADLINE_S": self.default_deadline_s,
             "WORKERS": self.workers,
             "MAX_MESSAGE_BYTES": self.max_message_bytes,
+            "MAX_CONNECTIONS": self.max_connections,
             "MAX_ACTIVE_RPCS": self.max_active_rpcs,
             "MAX_QUEUED_RPCS": self.max_queued_rpcs,
             "MAX_QUEUE_WAIT_S": self.max_queue_wait_s,
@@ -143,6 +151,12 @@ class Config:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{PREFIX}{name}: must be positive, got {value}")
+        for name, value in (
+            ("MAX_CONNECTION_IDLE_S", self.max_connection_idle_s),
+            ("MAX_CONNECTION_AGE_S", self.max_connection_age_s),
+        ):
+            if value < 0:
+                raise ConfigError(f"{PREFIX}{name}: must be >= 0 (0: never)")
         if self.max_pending_rpcs < 0:
             raise ConfigError(f"{PREFIX}MAX_PENDING_RPCS: must be >= 0 (0: gRPC core's own)")
         if self.grpc_transport not in GRPC_TRANSPORTS:

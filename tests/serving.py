@@ -91,3 +91,30 @@ async def serving(config: Config, pg_url: str, redis_url: str) -> AsyncIterator[
     finally:
         await server.stop(0)
         await app.close()
+
+
+@contextlib.asynccontextmanager
+async def fresh_channels(port: int, n: int) -> AsyncIterator[list[aio.Channel]]:
+    """``n`` channels, each on its own TCP connection."""
+    channels = [
+        aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(n)
+    ]
+    try:
+        yield channels
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def established_sockets(port: int) -> set[str]:
+    """Inodes of the server side of established TCP connections to ``port`` on loopback."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == "01":  # TCP_ESTABLISHED
+                    inodes.add(fields[9])
+    return inodes

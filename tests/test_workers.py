@@ -30,7 +30,14 @@ from server.api import privrank_pb2_grpc as rpc
 from server.auth import mint_token
 from server.config import Config
 from tests.conftest import cli_env, privrank
-from tests.serving import CLI, free_port, start_serve, wait_serving
+from tests.serving import (
+    CLI,
+    established_sockets,
+    free_port,
+    fresh_channels,
+    start_serve,
+    wait_serving,
+)
 
 CONNECTIONS = 24
 USER = "u1"
@@ -71,38 +78,11 @@ class Workers:
         )
 
 
-@contextlib.asynccontextmanager
-async def fresh_channels(port: int, n: int = CONNECTIONS) -> AsyncIterator[list[aio.Channel]]:
-    """``n`` channels, each on its own TCP connection."""
-    channels = [
-        aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(n)
-    ]
-    try:
-        yield channels
-    finally:
-        for channel in channels:
-            await channel.close()
-
-
 async def on_every_connection(
     port: int, call: Callable[[aio.Channel], Awaitable[_T]], n: int = CONNECTIONS
 ) -> list[_T]:
     async with fresh_channels(port, n) as channels:
         return await asyncio.gather(*(call(channel) for channel in channels))
-
-
-def established_sockets(port: int) -> set[str]:
-    """Inodes of the server side of established TCP connections to ``port`` on loopback."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                local_port = int(fields[1].rsplit(":", 1)[1], 16)
-                if local_port == port and fields[3] == "01":  # TCP_ESTABLISHED
-                    inodes.add(fields[9])
-    return inodes
 
 
 def sockets_of(pid: int, inodes: set[str]) -> int:
@@ -193,7 +173,7 @@ async def recommend_all(w: Workers) -> list[pb.RankedItems]:
 async def connections_per_worker(w: Workers) -> dict[int, int]:
     """Open CONNECTIONS connections, one Recommend on each; count them per worker."""
     pids = w.worker_pids()
-    async with fresh_channels(w.port) as channels:
+    async with fresh_channels(w.port, CONNECTIONS) as channels:
         replies = await asyncio.gather(
             *(
                 rpc.RankingStub(channel).Recommend(
