@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import time
@@ -54,7 +55,8 @@ REFILL_PAGE = 200  # rankings read from PostgreSQL and written to Redis at a tim
 REFILL_SHARE = 0.2  # of the event loop's time, at most, while serving goes on
 REFILL_HOLD_S = 600  # how long one process's claim to refill a scope's cache holds
 GAUGES_PERIOD_S = 1.0  # how often privrank_grpc_calls and the pool gauge are brought up to date
-SHUTDOWN_QUIET_S = 0.1  # ph2 shutdown: stop once no call has been refused for this long
+SHUTDOWN_QUIET_S = 0.1  # shutdown: stop() once no call has been refused for this long, or
+SHUTDOWN_FLUSH_S = 0.5  # on chttp2, once the calls held in gRPC core have reached the refusal
 LOOP_LAG_SAMPLE_S = 0.1  # privrank_event_loop_lag_seconds: one sample per this, at most
 GRPC_THREADS_CHECK_S = 1.0  # how often new gRPC threads get PRIVRANK_GRPC_THREADS_NICE
 
@@ -498,23 +500,33 @@ async def serve(
         # gRPC core drops calls it has queued but not yet handed to us when stop() begins;
         # keep answering while clients and balancers see NOT_SERVING and move away
         await asyncio.sleep(config.shutdown_delay_s)
-        stopping = time.monotonic()
-        if app.transport == "ph2":
-            # its stop() drops every connection with its calls at once: first refuse new calls
-            # and let those in flight finish, until callers go quiet (InFlight); chttp2's
-            # stop() drains gracefully itself
-            left = await app.in_flight.close(config.shutdown_grace_s, SHUTDOWN_QUIET_S)
-            log.info(
-                "drained in %.2fs: %d calls refused meanwhile (UNAVAILABLE), %d still running",
-                time.monotonic() - stopping,
-                app.in_flight.refused,
-                left,
-            )
-        await server.stop(max(config.shutdown_grace_s - (time.monotonic() - stopping), 0.0))
+        await stop_server(app, server)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
         await app.close()
+
+
+async def stop_server(app: App, server: aio.Server) -> None:
+    """The end of a shutdown, once health has said NOT_SERVING for the delay: new calls are
+    refused (UNAVAILABLE, retried elsewhere) while those in flight finish (InFlight), and
+    ``server.stop`` gives what still runs the rest of ``PRIVRANK_SHUTDOWN_GRACE_S``.
+
+    On chttp2 the refusal lasts only a moment: stop() drains in-flight calls itself but drops
+    the ones gRPC core holds for the loop (CANCELLED), so they reach the refusal first. ph2's
+    stop() drops every connection with its calls, so there it lasts until callers go quiet
+    or the grace ends."""
+    grace_s = app.config.shutdown_grace_s
+    stopping = time.monotonic()
+    flush_s = SHUTDOWN_FLUSH_S if app.transport == "chttp2" else math.inf
+    left = await app.in_flight.close(min(grace_s, flush_s), SHUTDOWN_QUIET_S)
+    log.info(
+        "refused new calls for %.2fs (%d of them, UNAVAILABLE), %d calls still running",
+        time.monotonic() - stopping,
+        app.in_flight.refused,
+        left,
+    )
+    await server.stop(max(grace_s - (time.monotonic() - stopping), 0.0))
 
 
 def channel_ready_check(target: str) -> bool:

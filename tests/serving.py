@@ -60,6 +60,7 @@ class Running:
     credentials."""
 
     app: App
+    server: aio.Server
     target: str
     channel: aio.Channel
     service: list[tuple[str, str]]
@@ -87,7 +88,9 @@ async def serving(config: Config, pg_url: str, redis_url: str) -> AsyncIterator[
     try:
         target = f"127.0.0.1:{port}"
         async with aio.insecure_channel(target) as channel:
-            yield Running(app, target, channel, credentials("service"), credentials("admin"))
+            yield Running(
+                app, server, target, channel, credentials("service"), credentials("admin")
+            )
     finally:
         await server.stop(0)
         await app.close()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +34,7 @@ from ranking import snapshot
 from server import embedded
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
-from server.app import App
+from server.app import App, stop_server
 from server.config import Config
 from server.threads import GRPC_THREAD_PREFIXES, threads
 from tests.conftest import ROOT, cli_env, privrank
@@ -280,14 +281,24 @@ async def _backlog_while_loop_blocked(
     """Send ``calls`` Recommends from another thread while this (the server's) event loop is
     blocked, so they wait in gRPC core. Returns the codes of the calls as they stood when the
     loop was freed (None: not finished), and their final codes."""
+    async with _held_in_core(running, calls) as futures:
+        while_blocked = [_code(f) if f.done() else None for f in futures]
+    return while_blocked, await asyncio.to_thread(lambda: [_code(f) for f in futures])
 
-    def code(future: grpc.Future) -> grpc.StatusCode:
-        try:
-            future.result()
-        except grpc.RpcError as exc:
-            return exc.code()  # type: ignore[no-any-return]
-        return grpc.StatusCode.OK
 
+def _code(future: grpc.Future) -> grpc.StatusCode:
+    try:
+        future.result()
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+@contextlib.asynccontextmanager
+async def _held_in_core(running: Running, calls: int) -> AsyncIterator[list[grpc.Future]]:
+    """The futures of ``calls`` Recommends sent from another thread while this (the server's)
+    event loop was blocked, so that they wait in gRPC core; the block runs as the loop is freed,
+    before the server takes any of them. The channel closes after the block."""
     with grpc.insecure_channel(running.target) as channel:
         stub = rpc.RankingStub(channel)
 
@@ -302,8 +313,21 @@ async def _backlog_while_loop_blocked(
             fired = sender.submit(fire)
             time.sleep(1.5)  # noqa: ASYNC251 -- blocks the loop: the server takes no call
             futures = fired.result()
-        while_blocked = [code(f) if f.done() else None for f in futures]
-        return while_blocked, await asyncio.to_thread(lambda: [code(f) for f in futures])
+        yield futures
+        await asyncio.to_thread(lambda: [f.exception() for f in futures])
+
+
+async def test_calls_held_in_grpc_core_at_shutdown_are_refused_not_dropped(
+    config: Config, pg_url: str, redis_url: str, seeded: object
+) -> None:
+    """chttp2's stop() drops the calls gRPC core holds for the loop (CANCELLED); stop_server
+    first lets them reach the refusal, UNAVAILABLE, which callers retry elsewhere."""
+    async with serving(config, pg_url, redis_url) as running:
+        async with _held_in_core(running, 60) as futures:
+            await stop_server(running.app, running.server)
+        codes = [_code(f) for f in futures]
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, Counter(codes)
+    assert grpc.StatusCode.UNAVAILABLE in codes
 
 
 async def test_a_backlog_in_grpc_core_is_shed_there_and_the_rest_answered(
