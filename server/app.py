@@ -44,6 +44,7 @@ from server.metrics import ServiceMetrics
 from server.optout import OptOutRegistry
 from server.services import AdminService, RankingService, SettingsService
 from server.threads import lower_grpc_threads
+from server.tls import CertificateFiles
 
 if TYPE_CHECKING:
     from server.workers import WorkerLink
@@ -445,9 +446,16 @@ def create_server(
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(listen or config.listen)
+    address = listen or config.listen
+    if config.tls_cert_file is not None and config.tls_key_file is not None:
+        files = CertificateFiles(
+            config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file
+        )
+        port = server.add_secure_port(address, files.credentials())
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
-        raise OSError(f"could not bind {listen or config.listen}")
+        raise OSError(f"could not bind {address}")
     return server, port
 
 
@@ -529,9 +537,19 @@ async def stop_server(app: App, server: aio.Server) -> None:
     await server.stop(max(grace_s - (time.monotonic() - stopping), 0.0))
 
 
-def channel_ready_check(target: str) -> bool:
-    """True if the health service at ``target`` says SERVING (for the Dockerfile probe)."""
-    with grpc.insecure_channel(target) as channel:
+def channel_ready_check(
+    target: str,
+    tls: grpc.ChannelCredentials | None = None,
+    server_name: str | None = None,
+) -> bool:
+    """True if the health service at ``target`` says SERVING (for the Dockerfile probe); over
+    TLS with ``tls``, expecting a certificate for ``server_name`` (default: the target's host)."""
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    with (
+        grpc.secure_channel(target, tls, options)
+        if tls is not None
+        else grpc.insecure_channel(target)
+    ) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=2

@@ -101,6 +101,18 @@ def _parser() -> argparse.ArgumentParser:
 
     health = sub.add_parser("healthcheck", help="exit 0 if the server reports SERVING")
     health.add_argument("--target", default=None)
+    health.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        help="with TLS on: the CA to trust for the server's certificate (default:"
+        " PRIVRANK_TLS_CERT_FILE, the certificate itself, which gRPC's TLS accepts as the root)",
+    )
+    health.add_argument(
+        "--tls-server-name",
+        default=None,
+        help="with TLS on: the name the server's certificate is for, if not the target's host",
+    )
     return parser
 
 
@@ -360,10 +372,22 @@ def _serve_workers(config: Config, urls: embedded.EmbeddedUrls) -> int:
     return serve_workers(config, urls.database_url, urls.redis_url, config.workers)
 
 
-def _healthcheck(config: Config, target: str | None) -> int:
+def _healthcheck(config: Config, args: argparse.Namespace) -> int:
+    """Exit 0 if the server says SERVING; over TLS when the server has it, presenting the
+    server's own certificate where clients must present one."""
     from server.app import channel_ready_check
+    from server.tls import channel_credentials
 
-    return 0 if channel_ready_check(target or config.listen) else EXIT_FAILURE
+    tls = None
+    if config.tls_cert_file is not None:
+        mutual = config.tls_client_ca_file is not None
+        tls = channel_credentials(
+            args.tls_ca or config.tls_cert_file,
+            config.tls_cert_file if mutual else None,
+            config.tls_key_file if mutual else None,
+        )
+    ready = channel_ready_check(args.target or config.listen, tls, args.tls_server_name)
+    return 0 if ready else EXIT_FAILURE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if args.command == "healthcheck":
-            return _healthcheck(config, args.target)
+            return _healthcheck(config, args)
         if args.command == "serve" and args.workers is not None:
             config = dataclasses.replace(config, workers=args.workers)
             config.validate()

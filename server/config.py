@@ -66,6 +66,12 @@ class Config:
     # it sheds new ones at random, past twice that all of them (the caller sees CANCELLED);
     # 0 leaves gRPC core's own limits (1,000 and 3,000)
     max_pending_rpcs: int = 256
+    # TLS on the gRPC port (PEM files, re-read when they change; server/tls.py): the server's
+    # certificate chain and key, and the CAs that must have signed the clients' certificates
+    # (mTLS; unset: clients present none). Unset: plaintext, for a loopback or a mesh's sidecar
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
     # connections one process holds at once; a further one is closed as it arrives (its
     # client sees UNAVAILABLE and retries with backoff). An idle connection costs ~27 KB
     max_connections: int = 4096
@@ -157,6 +163,15 @@ class Config:
         ):
             if value < 0:
                 raise ConfigError(f"{PREFIX}{name}: must be >= 0 (0: never)")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError(
+                f"{PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE: set both or neither"
+            )
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigError(
+                f"{PREFIX}TLS_CLIENT_CA_FILE needs {PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE"
+                " (client certificates are checked during the server's TLS handshake)"
+            )
         if self.max_pending_rpcs < 0:
             raise ConfigError(f"{PREFIX}MAX_PENDING_RPCS: must be >= 0 (0: gRPC core's own)")
         if self.grpc_transport not in GRPC_TRANSPORTS:

@@ -12,9 +12,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from server.api import privrank_pb2 as pb
+from server.api import privrank_pb2_grpc as rpc
 from server.app import App, create_server
 from server.auth import mint_token
 from server.config import Config
@@ -65,6 +68,20 @@ class Running:
     channel: aio.Channel
     service: list[tuple[str, str]]
     admin: list[tuple[str, str]]
+
+    @property
+    def port(self) -> int:
+        return int(self.target.rsplit(":", 1)[1])
+
+    async def recommend_status(self, channel: aio.Channel) -> grpc.StatusCode:
+        """The status of one Recommend (user u1, 5 items) over ``channel``, as the service."""
+        try:
+            await rpc.RankingStub(channel).Recommend(
+                pb.RecommendRequest(user_id="u1", limit=5), metadata=self.service, timeout=5
+            )
+        except aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
 
 
 @contextlib.asynccontextmanager
