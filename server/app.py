@@ -411,6 +411,11 @@ def create_server(
             ("grpc.server.max_pending_requests", config.max_pending_rpcs),
             ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_rpcs),
         ]
+    if app.transport == "ph2" and (config.max_connection_idle_s or config.max_connection_age_s):
+        log.warning(
+            "PRIVRANK_MAX_CONNECTION_IDLE_S and _AGE_S have no effect on the ph2 transport"
+            " (grpcio 1.85): connections stay open until their clients close them"
+        )
     lifetime: list[tuple[str, int]] = []
     if config.max_connection_idle_s:
         lifetime.append(("grpc.max_connection_idle_ms", _ms(config.max_connection_idle_s)))

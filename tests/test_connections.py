@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 
 import grpc
+import pytest
 
-from server.config import Config
+from server.config import Config, running_grpc_transport
 from tests.serving import established_sockets, fresh_channels, serving
 
 
@@ -33,10 +35,25 @@ async def test_a_connection_past_the_cap_is_closed_and_the_others_served(
         assert await running.recommend_status(channels[1]) == grpc.StatusCode.OK
 
 
+async def _said_to_be_ignored_on_ph2(
+    config: Config, pg_url: str, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> bool:
+    """On the ph2 transport, which has no idle or age limit: that the server warns so."""
+    if running_grpc_transport() != "ph2":
+        return False
+    with caplog.at_level(logging.WARNING, logger="server.app"):
+        async with serving(config, pg_url, redis_url):
+            pass
+    assert "no effect on the ph2 transport" in caplog.text
+    return True
+
+
 async def test_aged_connections_are_replaced_without_failing_a_call(
-    config: Config, pg_url: str, redis_url: str, seeded: object
+    config: Config, pg_url: str, redis_url: str, seeded: object, caplog: pytest.LogCaptureFixture
 ) -> None:
     aged = dataclasses.replace(config, max_connection_age_s=0.3, shutdown_grace_s=1.0)
+    if await _said_to_be_ignored_on_ph2(aged, pg_url, redis_url, caplog):
+        return
     async with (
         serving(aged, pg_url, redis_url) as running,
         fresh_channels(running.port, 1) as (channel,),
@@ -52,9 +69,11 @@ async def test_aged_connections_are_replaced_without_failing_a_call(
 
 
 async def test_an_idle_connection_is_closed_and_the_next_call_reconnects(
-    config: Config, pg_url: str, redis_url: str, seeded: object
+    config: Config, pg_url: str, redis_url: str, seeded: object, caplog: pytest.LogCaptureFixture
 ) -> None:
     idle = dataclasses.replace(config, max_connection_idle_s=0.3)
+    if await _said_to_be_ignored_on_ph2(idle, pg_url, redis_url, caplog):
+        return
     async with (
         serving(idle, pg_url, redis_url) as running,
         fresh_channels(running.port, 1) as (channel,),
