@@ -282,31 +282,26 @@ class PgStore:
                 command_timeout=None,
                 server_settings=self._settings,
             )
-            try:
+            try:  # the lock is the session's: closing the connection releases it
                 await _lock_migrations(conn, lock_wait_s)
-                try:
-                    await conn.execute(
-                        "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                        " version text PRIMARY KEY,"
-                        " applied_at timestamptz NOT NULL DEFAULT now())"
-                    )
-                    done = {
-                        r["version"]
-                        for r in await conn.fetch("SELECT version FROM schema_migrations")
-                    }
-                    for version, sql in _migration_scripts():
-                        if version in done:
-                            continue
-                        if sql.startswith(_NO_TRANSACTION):
-                            await _build_index_concurrently(conn, version, sql)
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = {
+                    r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")
+                }
+                for version, sql in _migration_scripts():
+                    if version in done:
+                        continue
+                    if sql.startswith(_NO_TRANSACTION):
+                        await _build_index_concurrently(conn, version, sql)
+                        await _record_migration(conn, version)
+                    else:
+                        async with conn.transaction():
+                            await conn.execute(sql, timeout=_MIGRATION_TIMEOUT_S)
                             await _record_migration(conn, version)
-                        else:
-                            async with conn.transaction():
-                                await conn.execute(sql, timeout=_MIGRATION_TIMEOUT_S)
-                                await _record_migration(conn, version)
-                        applied.append(version)
-                finally:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
+                    applied.append(version)
             finally:
                 await conn.close()
         return applied

@@ -510,7 +510,6 @@ async def serve(
             config.shutdown_grace_s,
         )
         await app.set_serving(False)
-        # gRPC core drops calls it has queued but not yet handed to us when stop() begins;
         # keep answering while clients and balancers see NOT_SERVING and move away
         await asyncio.sleep(config.shutdown_delay_s)
         await stop_server(app, server)

@@ -73,7 +73,7 @@ class Config:
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     # connections one process holds at once; a further one is closed as it arrives (its
-    # client sees UNAVAILABLE and retries with backoff). An idle connection costs ~27 KB
+    # client sees UNAVAILABLE and retries with backoff). An idle one costs about 20-27 KB
     max_connections: int = 4096
     max_connection_idle_s: float = 0.0  # 0: never; else idle ones are closed (GOAWAY)
     # 0: never; else each connection is closed (GOAWAY, gRPC adds +-10 % jitter) at this age,
