@@ -40,7 +40,7 @@ from server.api import privrank_pb2_grpc as rpc
 from server.auth import Authorizer
 from server.config import Config, running_grpc_transport
 from server.interceptors import Admission, InFlight, ServingInterceptor
-from server.metrics import ServiceMetrics
+from server.metrics import ServiceMetrics, core_connection_count
 from server.optout import OptOutRegistry
 from server.services import AdminService, RankingService, SettingsService
 from server.threads import lower_grpc_threads
@@ -291,10 +291,11 @@ class App:
             lower_grpc_threads(self.config.grpc_threads_nice)
 
     async def _follow_gauges(self) -> None:
-        """gRPC core's call counts (where it keeps them) and the PostgreSQL pool's size into
-        the metrics."""
+        """gRPC core's call counts (where it keeps them) and open connections, and the
+        PostgreSQL pool's size, into the metrics."""
         if self.transport == "chttp2":
             self.metrics.follow_core_calls()
+        self.metrics.observe_connections(core_connection_count(), self.config.max_connections)
         self.metrics.observe_pool(*self.pg.pool_size())
 
     async def _sample_loop_lag(self) -> None:

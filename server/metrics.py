@@ -17,7 +17,7 @@ import os
 import threading
 from collections import Counter as Tally
 from collections import defaultdict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +96,14 @@ class ServiceMetrics:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
         )
+        self._connections = Gauge(
+            "privrank_grpc_connections",
+            "client connections to the gRPC port: open (channelz), and the most one process "
+            "holds (PRIVRANK_MAX_CONNECTIONS)",
+            ["state"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self._pool = Gauge(
             "privrank_pg_pool_connections",
             "PostgreSQL pool connections: open, idle, and the configured maximum",
@@ -143,6 +151,10 @@ class ServiceMetrics:
 
     def observe_loop_lag(self, seconds: float) -> None:
         self._loop_lag.observe(max(seconds, 0.0))
+
+    def observe_connections(self, open_: int, maximum: int) -> None:
+        for state, value in (("open", open_), ("max", maximum)):
+            self._connections.labels(state).set(value)
 
     def observe_pool(self, open_: int, idle: int, maximum: int) -> None:
         for state, value in (("open", open_), ("idle", idle), ("max", maximum)):
@@ -208,16 +220,40 @@ def core_call_counts() -> dict[str, int]:
     (``Config.max_pending_rpcs``) or that expired there counts as started, and neither
     succeeded nor failed."""
     counts = dict.fromkeys(CORE_RESULTS, 0)
+    for server in _channelz_servers():
+        data = server.get("data", {})
+        for result in counts:
+            counts[result] += int(data.get("calls" + result.capitalize(), 0))
+    return counts
+
+
+def core_connection_count() -> int:
+    """Client connections open to this process's gRPC servers, from channelz (both
+    transports keep these)."""
+    total = 0
+    for server in _channelz_servers():
+        server_id, start = int(server["ref"]["serverId"]), 0
+        while True:
+            page = json.loads(cygrpc.channelz_get_server_sockets(server_id, start, 0))
+            sockets = page.get("socketRef", ())
+            total += len(sockets)
+            if page.get("end", True) or not sockets:
+                break
+            start = int(sockets[-1]["socketId"]) + 1
+    return total
+
+
+def _channelz_servers() -> Iterator[dict[str, Any]]:
+    """Channelz's record of each gRPC server of this process, page by page."""
     start = 0
     while True:
         page = json.loads(cygrpc.channelz_get_servers(start))
-        for server in page.get("server", ()):
-            data = server.get("data", {})
-            for result in counts:
-                counts[result] += int(data.get("calls" + result.capitalize(), 0))
+        servers = page.get("server", ())
+        for server in servers:
+            yield server
             start = int(server["ref"]["serverId"]) + 1
-        if page.get("end", True) or not page.get("server"):
-            return counts
+        if page.get("end", True) or not servers:
+            return
 
 
 def bucket_quantiles(buckets: Mapping[float, float], quantiles: Sequence[float]) -> list[float]:

@@ -11,7 +11,8 @@ import grpc
 import pytest
 
 from server.config import Config, running_grpc_transport
-from tests.serving import established_sockets, fresh_channels, serving
+from server.metrics import core_connection_count
+from tests.serving import Running, established_sockets, fresh_channels, serving
 
 
 async def test_a_connection_past_the_cap_is_closed_and_the_others_served(
@@ -24,6 +25,14 @@ async def test_a_connection_past_the_cap_is_closed_and_the_others_served(
         codes = [await running.recommend_status(channel) for channel in channels]
         assert codes == [grpc.StatusCode.OK, grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE]
         assert len(established_sockets(running.port)) == 2
+        # the gauge, brought up to date once a second, counts every server of this process
+        assert await _connections_gauge(running, "max") == 2
+        for _ in range(30):
+            if await _connections_gauge(running, "open") == core_connection_count() >= 2:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("privrank_grpc_connections did not follow channelz")
         await channels[0].close()
         # the third one, backing off since it was refused, gets in once a place is free
         for _ in range(50):
@@ -33,6 +42,17 @@ async def test_a_connection_past_the_cap_is_closed_and_the_others_served(
         else:
             raise AssertionError("the refused client never got in")
         assert await running.recommend_status(channels[1]) == grpc.StatusCode.OK
+
+
+async def _connections_gauge(running: Running, state: str) -> float | None:
+    for _ in range(30):  # until its first update
+        value = running.app.metrics.registry.get_sample_value(
+            "privrank_grpc_connections", {"state": state}
+        )
+        if value is not None:
+            return value
+        await asyncio.sleep(0.2)
+    return None
 
 
 async def _said_to_be_ignored_on_ph2(
