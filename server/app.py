@@ -440,6 +440,14 @@ def create_server(
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             ("grpc.max_allowed_incoming_connections", config.max_connections),
+            ("grpc.keepalive_time_ms", _ms(config.keepalive_s)),
+            ("grpc.keepalive_timeout_ms", _ms(config.keepalive_timeout_s)),
+            ("grpc.http2.ping_timeout_ms", _ms(config.keepalive_timeout_s)),  # chttp2 uses this
+            ("grpc.keepalive_permit_without_calls", 1),  # idle connections too, both ways
+            # gRPC stops pinging after 2 pings with no data between them by default, which
+            # would leave a long-idle connection unchecked
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", _ms(config.min_client_ping_s)),
             *lifetime,
             *backlog,
         ],

@@ -79,6 +79,13 @@ class Config:
     # 0: never; else each connection is closed (GOAWAY, gRPC adds +-10 % jitter) at this age,
     # its calls given SHUTDOWN_GRACE_S: clients reconnect, so workers and balancers rebalance
     max_connection_age_s: float = 0.0
+    # a connection quiet this long gets a PING; one unanswered within KEEPALIVE_TIMEOUT_S is
+    # closed, so a client host that vanished frees its place under MAX_CONNECTIONS
+    keepalive_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    # clients may ping this often, with or without calls (keepalive through NATs and
+    # balancers); pinging more often gets the connection closed (GOAWAY "too_many_pings")
+    min_client_ping_s: float = 10.0
     # gRPC core's HTTP/2 server transport (choose_grpc_transport): "chttp2", the classic one,
     # answers the calls it sheds CANCELLED; "ph2", the promise-based one (a gRPC experiment),
     # RESOURCE_EXHAUSTED, but its error answers lack HTTP/2's :status, which only gRPC core's
@@ -140,6 +147,9 @@ class Config:
             "WORKERS": self.workers,
             "MAX_MESSAGE_BYTES": self.max_message_bytes,
             "MAX_CONNECTIONS": self.max_connections,
+            "KEEPALIVE_S": self.keepalive_s,
+            "KEEPALIVE_TIMEOUT_S": self.keepalive_timeout_s,
+            "MIN_CLIENT_PING_S": self.min_client_ping_s,
             "MAX_ACTIVE_RPCS": self.max_active_rpcs,
             "MAX_QUEUED_RPCS": self.max_queued_rpcs,
             "MAX_QUEUE_WAIT_S": self.max_queue_wait_s,

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import signal
+import subprocess
+import sys
 import time
 
 import grpc
 import pytest
+from grpc import aio
 
 from server.config import Config, running_grpc_transport
 from server.metrics import core_connection_count
@@ -109,3 +113,75 @@ async def test_an_idle_connection_is_closed_and_the_next_call_reconnects(
             raise AssertionError("the idle connection stayed open")
         assert await running.recommend_status(channel) == grpc.StatusCode.OK
         assert established_sockets(running.port) - first
+
+
+_STILL_CLIENT = """
+import sys, time, grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+channel = grpc.insecure_channel(sys.argv[1])
+health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+print("connected", flush=True)
+time.sleep(120)
+"""
+
+
+async def test_a_client_that_vanished_is_disconnected_by_keepalive(
+    config: Config, pg_url: str, redis_url: str, seeded: object
+) -> None:
+    """A client that stops answering (here SIGSTOPped; a host gone is the same to the server)
+    loses its connection to the server's unanswered keepalive PING, freeing its place."""
+    pinging = dataclasses.replace(config, keepalive_s=0.3, keepalive_timeout_s=0.5)
+    async with serving(pinging, pg_url, redis_url) as running:
+        client = subprocess.Popen(
+            [sys.executable, "-c", _STILL_CLIENT, running.target],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert client.stdout is not None
+        try:
+            assert await asyncio.to_thread(client.stdout.readline) == "connected\n"
+            assert len(established_sockets(running.port)) == 1
+            await asyncio.sleep(1.0)  # answered pings keep it open
+            assert len(established_sockets(running.port)) == 1
+            client.send_signal(signal.SIGSTOP)
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                if not established_sockets(running.port):
+                    break
+            else:
+                raise AssertionError("the unanswered connection stayed open")
+        finally:
+            client.kill()
+            client.wait()
+            client.stdout.close()
+
+
+async def test_clients_may_ping_as_often_as_allowed_and_no_more(
+    config: Config, pg_url: str, redis_url: str, seeded: object
+) -> None:
+    """Keepalive PINGs from a client at the allowed rate keep an idle connection; faster ones
+    get it closed (GOAWAY too_many_pings). Both clients idle side by side for 9 s."""
+    allowing = dataclasses.replace(config, min_client_ping_s=1.5)
+
+    async def idle_connection(running: Running, every_ms: int) -> bool:
+        """Whether a connection pinging every ``every_ms`` stays open over 9 idle seconds."""
+        options = [
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.keepalive_time_ms", every_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),  # as grpc-go clients do
+        ]
+        async with aio.insecure_channel(running.target, options) as channel:
+            before = established_sockets(running.port)
+            assert await running.recommend_status(channel) == grpc.StatusCode.OK
+            (opened,) = established_sockets(running.port) - before
+            await asyncio.sleep(9.0)  # only pings cross it now
+            return opened in established_sockets(running.port)
+
+    async with serving(allowing, pg_url, redis_url) as running:
+        # gRPC's clients wait 1 s between pings at least: 200 ms is once a second
+        allowed = asyncio.create_task(idle_connection(running, 2000))
+        await asyncio.sleep(0.5)  # one connection at a time
+        too_often = await idle_connection(running, 200)
+        assert await allowed, "a client pinging every 2 s lost its connection"
+        assert not too_often, "a client pinging every second kept its connection"
