@@ -59,6 +59,15 @@ async def _connections_gauge(running: Running, state: str) -> float | None:
     return None
 
 
+async def _until_closed(running: Running, failure: str) -> None:
+    """Until the server has no connection open (5 s at most, then AssertionError(failure))."""
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        if not established_sockets(running.port):
+            return
+    raise AssertionError(failure)
+
+
 async def _said_to_be_ignored_on_ph2(
     config: Config, pg_url: str, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> bool:
@@ -105,12 +114,7 @@ async def test_an_idle_connection_is_closed_and_the_next_call_reconnects(
         assert await running.recommend_status(channel) == grpc.StatusCode.OK
         first = established_sockets(running.port)
         assert len(first) == 1
-        for _ in range(50):
-            await asyncio.sleep(0.1)
-            if not established_sockets(running.port):
-                break
-        else:
-            raise AssertionError("the idle connection stayed open")
+        await _until_closed(running, "the idle connection stayed open")
         assert await running.recommend_status(channel) == grpc.StatusCode.OK
         assert established_sockets(running.port) - first
 
@@ -144,12 +148,7 @@ async def test_a_client_that_vanished_is_disconnected_by_keepalive(
             await asyncio.sleep(1.0)  # answered pings keep it open
             assert len(established_sockets(running.port)) == 1
             client.send_signal(signal.SIGSTOP)
-            for _ in range(50):
-                await asyncio.sleep(0.1)
-                if not established_sockets(running.port):
-                    break
-            else:
-                raise AssertionError("the unanswered connection stayed open")
+            await _until_closed(running, "the unanswered connection stayed open")
         finally:
             client.kill()
             client.wait()
