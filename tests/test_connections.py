@@ -14,8 +14,9 @@ import grpc
 import pytest
 from grpc import aio
 
+from server.app import CHANNELZ_LOOP_SHARE, GAUGES_PERIOD_S, channelz_pause
 from server.config import Config, running_grpc_transport
-from server.metrics import core_connection_count
+from server.metrics import read_core_figures
 from tests.serving import Running, established_sockets, fresh_channels, serving
 
 
@@ -32,7 +33,7 @@ async def test_a_connection_past_the_cap_is_closed_and_the_others_served(
         # the gauge, brought up to date once a second, counts every server of this process
         assert await _connections_gauge(running, "max") == 2
         for _ in range(30):
-            if await _connections_gauge(running, "open") == core_connection_count() >= 2:
+            if await _connections_gauge(running, "open") == read_core_figures().connections >= 2:
                 break
             await asyncio.sleep(0.2)
         else:
@@ -184,3 +185,11 @@ async def test_clients_may_ping_as_often_as_allowed_and_no_more(
         too_often = await idle_connection(running, 200)
         assert await allowed, "a client pinging every 2 s lost its connection"
         assert not too_often, "a client pinging every second kept its connection"
+
+
+def test_channelz_reads_are_spaced_as_they_grow_costly() -> None:
+    """A read of channelz holds the event loop longer the more connections are open: once a
+    second while cheap, then rarer, at most CHANNELZ_LOOP_SHARE of the loop."""
+    assert channelz_pause(0.0004) == GAUGES_PERIOD_S  # ~16 connections
+    assert channelz_pause(0.024) == pytest.approx(0.024 / CHANNELZ_LOOP_SHARE)  # ~1,000
+    assert 0.024 / channelz_pause(0.024) <= CHANNELZ_LOOP_SHARE
