@@ -40,7 +40,7 @@ from server.api import privrank_pb2_grpc as rpc
 from server.auth import Authorizer
 from server.config import Config, running_grpc_transport
 from server.interceptors import Admission, InFlight, ServingInterceptor
-from server.metrics import ServiceMetrics, read_core_figures
+from server.metrics import ServiceMetrics, core_calls, core_connections
 from server.optout import OptOutRegistry
 from server.services import AdminService, RankingService, SettingsService
 from server.threads import lower_grpc_threads
@@ -56,8 +56,9 @@ REFILL_PAGE = 200  # rankings read from PostgreSQL and written to Redis at a tim
 REFILL_SHARE = 0.2  # of the event loop's time, at most, while serving goes on
 REFILL_HOLD_S = 600  # how long one process's claim to refill a scope's cache holds
 GAUGES_PERIOD_S = 1.0  # how often the gauges are brought up to date, channelz's at most
-# Reading channelz holds the event loop about 23 us per open connection (24 ms at 1,000): its
-# reads are spaced so that they take at most this share of the loop
+# Reading channelz holds the event loop: for the call counts about 23 us per open connection
+# (24 ms at 1,000), for the connections about 1 us each. Each read is spaced so that it takes
+# at most this share of the loop
 CHANNELZ_LOOP_SHARE = 0.002
 SHUTDOWN_QUIET_S = 0.1  # shutdown: stop() once no call has been refused for this long, or
 SHUTDOWN_FLUSH_S = 0.5  # on chttp2, once the calls held in gRPC core have reached the refusal
@@ -91,7 +92,10 @@ class App:
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _closing: bool = False
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _channelz_due: float = 0.0  # time.monotonic() of the next read of channelz
+    # channelz: when to read the call counts (with the servers' ids) and the connections next
+    _calls_due: float = 0.0
+    _connections_due: float = 0.0
+    _server_ids: list[int] = field(default_factory=list)
 
     @classmethod
     async def open(
@@ -295,15 +299,20 @@ class App:
             lower_grpc_threads(self.config.grpc_threads_nice)
 
     async def _follow_gauges(self) -> None:
-        """The PostgreSQL pool's size into the metrics, and when due, from channelz, gRPC
-        core's call counts (where it keeps them) and open connections."""
+        """The PostgreSQL pool's size into the metrics, and, each when due (channelz_pause),
+        gRPC core's call counts (where it keeps them) and open connections, from channelz."""
         self.metrics.observe_pool(*self.pg.pool_size())
         started = time.monotonic()
-        if started < self._channelz_due:
-            return
-        core = read_core_figures()
-        self.metrics.follow_core(core, self.transport == "chttp2", self.config.max_connections)
-        self._channelz_due = started + channelz_pause(time.monotonic() - started)
+        if started >= self._calls_due:
+            calls, self._server_ids = core_calls()
+            if self.transport == "chttp2":
+                self.metrics.follow_core_calls(calls)
+            self._calls_due = started + channelz_pause(time.monotonic() - started)
+        started = time.monotonic()
+        if started >= self._connections_due:
+            open_ = core_connections(self._server_ids)
+            self.metrics.observe_connections(open_, self.config.max_connections)
+            self._connections_due = started + channelz_pause(time.monotonic() - started)
 
     async def _sample_loop_lag(self) -> None:
         """Sleep LOOP_LAG_SAMPLE_S and record how much later than that the loop woke up."""

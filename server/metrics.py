@@ -137,21 +137,20 @@ class ServiceMetrics:
         if blocked:
             self._blocked.labels(scope).inc()
 
-    def follow_core(self, core: CoreFigures, calls_counted: bool, max_connections: int) -> None:
-        """Bring ``privrank_grpc_calls`` up to gRPC core's own counts and set
-        ``privrank_grpc_connections`` (called periodically).
+    def follow_core_calls(self, calls: Mapping[str, int]) -> None:
+        """Bring ``privrank_grpc_calls`` up to gRPC core's own counts (``core_calls``).
 
-        The calls only where core counts them (``calls_counted``): its promise-based
-        transport (``ph2``) does not count a server's calls in channelz, and a series of
-        zeros would say nothing was shed."""
-        if calls_counted:
-            for result, total in core.calls.items():
-                delta = total - self._core_seen.get(result, 0)
-                series = self._core_calls.labels(result)  # every series from the first, at 0
-                if delta > 0:
-                    series.inc(delta)
-                self._core_seen[result] = total
-        for state, value in (("open", core.connections), ("max", max_connections)):
+        Only where core counts them: its promise-based transport (``ph2``) does not count a
+        server's calls in channelz, and a series of zeros would say nothing was shed."""
+        for result, total in calls.items():
+            delta = total - self._core_seen.get(result, 0)
+            series = self._core_calls.labels(result)  # every series from the first call, at 0
+            if delta > 0:
+                series.inc(delta)
+            self._core_seen[result] = total
+
+    def observe_connections(self, open_: int, maximum: int) -> None:
+        for state, value in (("open", open_), ("max", maximum)):
             self._connections.labels(state).set(value)
 
     def observe_loop_lag(self, seconds: float) -> None:
@@ -215,38 +214,38 @@ class ServiceMetrics:
         return _serve_http(address, self.registry)
 
 
-@dataclass(frozen=True)
-class CoreFigures:
-    """What gRPC core counts, summed over this process's servers (one, outside tests).
+def core_calls() -> tuple[dict[str, int], list[int]]:
+    """Calls gRPC core has started, and finished OK / not OK, summed over this process's
+    servers (one, outside tests), from channelz; and those servers' channelz ids. A call that
+    core shed under overload (``Config.max_pending_rpcs``) or that expired there counts as
+    started, and neither succeeded nor failed.
 
-    ``calls``: started, and finished OK / not OK. A call that core shed under overload
-    (``Config.max_pending_rpcs``) or that expired there counts as started, and neither
-    succeeded nor failed. ``connections``: client connections open now."""
-
-    calls: dict[str, int]
-    connections: int
-
-
-def read_core_figures() -> CoreFigures:
-    """One read of channelz (both transports keep the connections; ph2 counts no calls).
-
-    It holds the event loop about 23 us per open connection, gRPC core rendering every
-    connection's counters to total the server's."""
-    calls = dict.fromkeys(CORE_RESULTS, 0)
-    connections = 0
+    It holds the event loop about 23 us per open connection: gRPC core renders every
+    connection's counters to total a server's."""
+    counts = dict.fromkeys(CORE_RESULTS, 0)
+    server_ids = []
     for server in _channelz_servers():
         data = server.get("data", {})
-        for result in calls:
-            calls[result] += int(data.get("calls" + result.capitalize(), 0))
-        server_id, start = int(server["ref"]["serverId"]), 0
+        for result in counts:
+            counts[result] += int(data.get("calls" + result.capitalize(), 0))
+        server_ids.append(int(server["ref"]["serverId"]))
+    return counts, server_ids
+
+
+def core_connections(server_ids: Iterable[int]) -> int:
+    """Client connections open to the servers with these channelz ids (both transports keep
+    them). About 1 us per connection."""
+    total = 0
+    for server_id in server_ids:
+        start = 0
         while True:
             page = json.loads(cygrpc.channelz_get_server_sockets(server_id, start, 100_000))
             sockets = page.get("socketRef", ())
-            connections += len(sockets)
+            total += len(sockets)
             if page.get("end", True) or not sockets:
                 break
             start = int(sockets[-1]["socketId"]) + 1
-    return CoreFigures(calls, connections)
+    return total
 
 
 def _channelz_servers() -> Iterator[dict[str, Any]]:

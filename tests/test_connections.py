@@ -16,7 +16,7 @@ from grpc import aio
 
 from server.app import CHANNELZ_LOOP_SHARE, GAUGES_PERIOD_S, channelz_pause
 from server.config import Config, running_grpc_transport
-from server.metrics import read_core_figures
+from server.metrics import core_calls, core_connections
 from tests.serving import Running, established_sockets, fresh_channels, serving
 
 
@@ -33,7 +33,7 @@ async def test_a_connection_past_the_cap_is_closed_and_the_others_served(
         # the gauge, brought up to date once a second, counts every server of this process
         assert await _connections_gauge(running, "max") == 2
         for _ in range(30):
-            if await _connections_gauge(running, "open") == read_core_figures().connections >= 2:
+            if await _connections_gauge(running, "open") == core_connections(core_calls()[1]) >= 2:
                 break
             await asyncio.sleep(0.2)
         else:
