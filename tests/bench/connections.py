@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from _common import REPO, environment, verdict
+from _common import environment, verdict
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -48,15 +47,10 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def server(cap: int, data_dir: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     from server import embedded
+    from tests.serving import free_port, start_serve
 
     with embedded.services(data_dir, None, None) as urls:
         port = free_port()
@@ -69,18 +63,12 @@ def server(cap: int, data_dir: Path) -> Iterator[tuple[int, subprocess.Popen[byt
             "PRIVRANK_MAX_CONNECTIONS": str(cap),
             "PRIVRANK_SHUTDOWN_DELAY_S": "0",
         }
-        log = (data_dir / "serve.log").open("w")
-        process = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())",
-             "serve"],
-            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
-        )  # fmt: skip
+        process = start_serve(env, data_dir / "serve.log")
         try:
             yield port, process
         finally:
             process.terminate()
             process.wait(60)
-            log.close()
 
 
 async def check(channel: aio.Channel) -> bool:
