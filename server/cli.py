@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument(
         "--tls-server-name",
         default=None,
-        help="with TLS on: the name the server's certificate is for, if not the target's host",
+        help="with TLS on: the name the server's certificate is for, if not the target's host"
+        " (default: PRIVRANK_TLS_SERVER_NAME)",
     )
     return parser
 
@@ -386,7 +387,8 @@ def _healthcheck(config: Config, args: argparse.Namespace) -> int:
             config.tls_cert_file if mutual else None,
             config.tls_key_file if mutual else None,
         )
-    ready = channel_ready_check(args.target or config.listen, tls, args.tls_server_name)
+    name = args.tls_server_name or config.tls_server_name
+    ready = channel_ready_check(args.target or config.listen, tls, name)
     return 0 if ready else EXIT_FAILURE
 
 

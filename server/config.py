@@ -72,6 +72,9 @@ class Config:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
+    # the name in the server's certificate, for ``privrank healthcheck`` (as in the Dockerfile)
+    # when the address it dials is not in the certificate; unset: that address
+    tls_server_name: str | None = None
     # connections one process holds at once; a further one is closed as it arrives (its
     # client sees UNAVAILABLE and retries with backoff). An idle one costs about 20-27 KB
     max_connections: int = 4096

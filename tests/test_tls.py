@@ -163,6 +163,12 @@ async def test_mtls_wants_a_client_certificate_from_its_ca(
         wrong = ("--tls-ca", str(stranger.cert))
         failed = await asyncio.to_thread(privrank, mutual, *probe, *wrong, check=False)
         assert failed.returncode == 1
+        # a name the certificate does not hold, then the one it does, from the environment
+        by_name = ("healthcheck", "--target", f"localhost:{running.port}")
+        unnamed = await asyncio.to_thread(privrank, mutual, *by_name, check=False)
+        assert unnamed.returncode == 1
+        named = dataclasses.replace(mutual, tls_server_name="privrank.test")
+        assert (await asyncio.to_thread(privrank, named, *by_name)).returncode == 0
 
 
 async def test_a_rotated_certificate_is_served_without_a_restart(
