@@ -302,17 +302,17 @@ class App:
         """The PostgreSQL pool's size into the metrics, and, each when due (channelz_pause),
         gRPC core's call counts (where it keeps them) and open connections, from channelz."""
         self.metrics.observe_pool(*self.pg.pool_size())
-        started = time.monotonic()
-        if started >= self._calls_due:
-            calls, self._server_ids = core_calls()
-            if self.transport == "chttp2":
-                self.metrics.follow_core_calls(calls)
-            self._calls_due = started + channelz_pause(time.monotonic() - started)
-        started = time.monotonic()
-        if started >= self._connections_due:
-            open_ = core_connections(self._server_ids)
-            self.metrics.observe_connections(open_, self.config.max_connections)
-            self._connections_due = started + channelz_pause(time.monotonic() - started)
+        self._calls_due = _when_due(self._calls_due, self._follow_core_calls)
+        self._connections_due = _when_due(self._connections_due, self._follow_connections)
+
+    def _follow_core_calls(self) -> None:
+        calls, self._server_ids = core_calls()
+        if self.transport == "chttp2":
+            self.metrics.follow_core_calls(calls)
+
+    def _follow_connections(self) -> None:
+        open_ = core_connections(self._server_ids)
+        self.metrics.observe_connections(open_, self.config.max_connections)
 
     async def _sample_loop_lag(self) -> None:
         """Sleep LOOP_LAG_SAMPLE_S and record how much later than that the loop woke up."""
@@ -401,6 +401,16 @@ def channelz_pause(read_s: float) -> float:
     """Seconds from one read of channelz to the next, given how long this one took: at least
     GAUGES_PERIOD_S, and long enough that reads take at most CHANNELZ_LOOP_SHARE."""
     return max(GAUGES_PERIOD_S, read_s / CHANNELZ_LOOP_SHARE)
+
+
+def _when_due(due: float, read: Callable[[], None]) -> float:
+    """Run ``read`` if its time (``due``, time.monotonic()) has come; returns when it is due
+    next, spaced by how long it took (channelz_pause)."""
+    started = time.monotonic()
+    if started < due:
+        return due
+    read()
+    return started + channelz_pause(time.monotonic() - started)
 
 
 def _ms(seconds: float) -> int:

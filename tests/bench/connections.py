@@ -94,16 +94,6 @@ async def open_connections(port: int, n: int) -> tuple[list[aio.Channel], int]:
     return channels, answered
 
 
-async def wait_serving(port: int, process: subprocess.Popen[bytes]) -> aio.Channel:
-    channel = aio.insecure_channel(f"127.0.0.1:{port}")
-    deadline = time.monotonic() + 120
-    while not await check(channel):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("privrank serve did not start; see serve.log in the data dir")
-        await asyncio.sleep(0.2)
-    return channel
-
-
 async def measure(args: argparse.Namespace, port: int, pid: int, first: aio.Channel) -> bool:
     mb = 1024 * 1024
     await asyncio.sleep(1)
@@ -149,7 +139,11 @@ async def run(args: argparse.Namespace) -> bool:
         tempfile.TemporaryDirectory(prefix="privrank-conn-") as tmp,
         server(args.cap, Path(tmp)) as (port, process),
     ):
-        first = await wait_serving(port, process)
+        from tests.serving import wait_serving
+
+        await wait_serving(port, process, Path(tmp) / "serve.log")
+        first = aio.insecure_channel(f"127.0.0.1:{port}")
+        assert await check(first), "the first connection was not answered"
         return await measure(args, port, process.pid, first)
 
 
