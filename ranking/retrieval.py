@@ -21,6 +21,14 @@ not probe; re-scoring the head catches them for ``head`` dot products. HNSW (the
 choice) reached lower recall at several times the cost on the same data and builds ~10x
 slower; HNSW indexes written by earlier builds still load and are searched as before.
 
+Cold items, those whose vector is all zero (no interactions to learn one from yet; a real
+catalog holds many), are left out of the IVF index: their score is their bias whatever the
+query, so the best of them are the same for every query, and the retriever adds the
+``k + excluded`` cold items of highest bias to every query's candidates, which is exact for
+them. In the index they would share one list that nearly every query probes, since its
+centroid scores high for every query: at 35 % cold items that made each query scan a third
+of the catalog.
+
 How hard to search (lists probed, HNSW beam width, head size) is a ``SearchParams``;
 ``tune_search`` picks the cheapest one that reaches a recall target on sample queries.
 """
@@ -170,6 +178,12 @@ def popular_order(bias: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(bias, dtype=np.float64), kind="stable").astype(np.int64)
 
 
+def cold_positions(vectors: np.ndarray) -> np.ndarray:
+    """Positions (int64, ascending) of the items whose vector (row of float32[n, d]) is all
+    zero: their score is their bias, whatever the query."""
+    return np.flatnonzero(~np.any(np.asarray(vectors) != 0, axis=1)).astype(np.int64)
+
+
 def popular_head(bias: np.ndarray, size: int, by_bias: np.ndarray | None = None) -> np.ndarray:
     """Positions (int64, ascending) of the ``size`` items of highest bias, ties to the lower
     position; ``by_bias`` is ``popular_order(bias)`` if already computed."""
@@ -201,9 +215,11 @@ class FaissRetriever:
         oversample: int = 4,
         params: SearchParams | None = None,
         by_bias: np.ndarray | None = None,
+        cold: np.ndarray | None = None,
     ) -> None:
         """``by_bias``: all positions ordered by bias descending (``popular_order(bias)``),
-        if the caller has it, to save computing it."""
+        and ``cold``: ``cold_positions(vectors)``, if the caller has them, to save computing
+        them."""
         self._index = index
         self._vectors = vectors
         self._bias = bias
@@ -211,6 +227,10 @@ class FaissRetriever:
         self._exact = ExactRetriever(vectors, bias)
         self.params = params if params is not None else default_params(index)
         self._head = popular_head(bias, self.params.head, by_bias)
+        self._cold = cold_positions(vectors) if cold is None else cold
+        # the cold items by bias descending, ties to the lower position (the kernels' order)
+        order = np.argsort(-np.asarray(bias)[self._cold].astype(np.float64), kind="stable")
+        self._cold_by_bias = self._cold[order]
         # a contiguous copy of the head's rows: scanned like a small catalog (same bits)
         self._head_vectors = np.ascontiguousarray(vectors[self._head], dtype=np.float32)
         self._head_bias = np.ascontiguousarray(bias[self._head], dtype=np.float32)
@@ -227,7 +247,12 @@ class FaissRetriever:
         the build's; otherwise an item that only the new bias lifts into a top k can be
         missed, unless it is in the new head (the items of highest new bias)."""
         return FaissRetriever(
-            self._index, self._vectors, bias, oversample=self._oversample, params=self.params
+            self._index,
+            self._vectors,
+            bias,
+            oversample=self._oversample,
+            params=self.params,
+            cold=self._cold,
         )
 
     def _search(self, augmented: np.ndarray, wanted: int) -> np.ndarray:
@@ -311,11 +336,13 @@ class FaissRetriever:
         k: int,
         deadline: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The exact top k among faiss's candidates ``found`` and the popular head; the exact
-        scan if they hold too few."""
+        """The exact top k among faiss's candidates ``found``, the popular head and the best
+        cold items; the exact scan if they hold too few."""
         candidates = found[found >= 0].astype(np.int64)
         if len(self._head):
             candidates = np.concatenate([candidates, self._head_top_k(query, excluded, k)])
+        if len(self._cold_by_bias):  # at most len(excluded) of these are excluded
+            candidates = np.concatenate([candidates, self._cold_by_bias[: k + len(excluded)]])
         items, scores = kernels.topk_candidates(
             query, self._vectors, self._bias, candidates, excluded, k
         )
@@ -344,14 +371,17 @@ def build_index(
     nlist: int | None = None,
     hnsw_neighbours: int = HNSW_NEIGHBOURS,
 ) -> faiss.Index:
-    """An inner-product index over ``[vectors, bias]`` (float32[n, d + 1]).
+    """An inner-product index over ``[vectors, bias]`` (float32[n, d + 1]); its IDs are the
+    items' positions.
 
-    ``kind="ivf"`` (the default): IVF-Flat with ``nlist`` lists (default ``ivf_lists(n)``),
-    k-means trained on a fixed-seed sample, ``nprobe`` preset to ``IVF_DEFAULT_NPROBE``
-    (``tune_search`` measures a better one). ``kind="hnsw"``: HNSW-Flat as earlier builds made.
+    ``kind="ivf"`` (the default): IVF-Flat over the items that are not cold (see
+    ``cold_positions``), with ``nlist`` lists (default ``ivf_lists`` of their count), k-means
+    trained on a fixed-seed sample, ``nprobe`` preset to ``IVF_DEFAULT_NPROBE``
+    (``tune_search`` measures a better one). ``kind="hnsw"``: HNSW-Flat over every item, as
+    earlier builds made.
     """
     augmented = np.hstack([vectors, bias.reshape(-1, 1)]).astype(np.float32)
-    n, dim = augmented.shape
+    dim = augmented.shape[1]
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, hnsw_neighbours, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
@@ -359,6 +389,9 @@ def build_index(
         return index
     if kind != "ivf":
         raise ValueError(f"unknown index kind {kind!r} (known: ivf, hnsw)")
+    warm = np.setdiff1d(np.arange(len(augmented), dtype=np.int64), cold_positions(vectors))
+    augmented = augmented[warm]
+    n = len(warm)
     if n == 0:  # nothing to train on: an empty exact index
         return faiss.IndexFlatIP(dim)
     lists = nlist or ivf_lists(n)
@@ -367,7 +400,7 @@ def build_index(
     train_size = min(n, lists * IVF_TRAIN_POINTS_PER_LIST)
     sample = np.random.default_rng(0).choice(n, size=train_size, replace=False)
     ivf.train(augmented[np.sort(sample)])
-    ivf.add(augmented)
+    ivf.add_with_ids(augmented, warm)
     ivf.nprobe = min(IVF_DEFAULT_NPROBE, lists)
     return ivf
 
@@ -399,12 +432,14 @@ def query_recalls(
     truth: np.ndarray | None = None,
     by_bias: np.ndarray | None = None,
     excluded: Sequence[np.ndarray] | None = None,
+    cold: np.ndarray | None = None,
 ) -> np.ndarray:
     """``search_recall`` per query (float64[q]); ``excluded[row]`` (sorted int64) are the
-    positions query ``row`` excludes, as serving does with a user's seen items."""
+    positions query ``row`` excludes, as serving does with a user's seen items; ``cold``:
+    ``cold_positions(vectors)`` if known."""
     if truth is None:
         truth = exact_top_k(vectors, bias, queries, k, excluded)
-    retriever = FaissRetriever(index, vectors, bias, params=params, by_bias=by_bias)
+    retriever = FaissRetriever(index, vectors, bias, params=params, by_bias=by_bias, cold=cold)
     none = np.empty(0, dtype=np.int64)
     recalls = np.ones(len(queries))
     for row, (query, want) in enumerate(zip(queries, truth, strict=True)):
@@ -514,7 +549,7 @@ def tune_search_report(
 ) -> Tuning:
     """``tune_search`` with its measurements."""
     truth = exact_top_k(vectors, bias, queries, k, excluded)
-    by_bias = popular_order(bias)
+    by_bias, cold = popular_order(bias), cold_positions(vectors)
     heads = tuple(sorted({min(h, len(bias)) for h in heads}))
     feasible: list[tuple[SearchParams, float, float]] = []
     best: tuple[float, float, SearchParams] | None = None
@@ -522,7 +557,7 @@ def tune_search_report(
         for knob in _knob_values(index, k):
             params = SearchParams(nprobe=knob.nprobe, ef_search=knob.ef_search, head=head)
             recalls = query_recalls(
-                index, vectors, bias, queries, k, params, truth, by_bias, excluded
+                index, vectors, bias, queries, k, params, truth, by_bias, excluded, cold
             )
             mean = float(recalls.mean()) if len(recalls) else 1.0
             spread = float(recalls.std(ddof=1)) if len(recalls) > 1 else 0.0
@@ -535,11 +570,11 @@ def tune_search_report(
     if not feasible:
         assert best is not None
         mean, low, params = best
-        ms = time_per_query(index, vectors, bias, queries, k, params, by_bias)
+        ms = time_per_query(index, vectors, bias, queries, k, params, by_bias, cold)
         log.warning("no search setting reached recall %.3f; best %s", target_recall, params)
         return Tuning(params, mean, low, ms, met=False)
     timed = [
-        (time_per_query(index, vectors, bias, queries, k, p, by_bias), p, mean, low)
+        (time_per_query(index, vectors, bias, queries, k, p, by_bias, cold), p, mean, low)
         for p, mean, low in feasible
     ]
     ms, params, mean, low = min(timed, key=lambda t: t[0])
@@ -555,10 +590,11 @@ def time_per_query(
     k: int,
     params: SearchParams,
     by_bias: np.ndarray | None = None,
+    cold: np.ndarray | None = None,
 ) -> float:
     """Median milliseconds of ``FaissRetriever.top_k`` per query, one faiss thread, batch of
     one, no exclusions (timing is noisy on a busy machine: use a few hundred queries)."""
-    retriever = FaissRetriever(index, vectors, bias, params=params, by_bias=by_bias)
+    retriever = FaissRetriever(index, vectors, bias, params=params, by_bias=by_bias, cold=cold)
     none = np.empty(0, dtype=np.int64)
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
@@ -597,9 +633,14 @@ def retriever_for(snapshot: Snapshot) -> Retriever:
     path = snapshot.path / INDEX_FILE
     if path.exists():
         index = read_index(path)
-        if index.ntotal == snapshot.n_items and index.d == snapshot.dim + 1:
+        cold = cold_positions(snapshot.item_vectors)
+        # every item (earlier builds, HNSW) or every item that is not cold (IVF)
+        sizes = (snapshot.n_items, snapshot.n_items - len(cold))
+        if index.ntotal in sizes and index.d == snapshot.dim + 1:
             recorded = snapshot.manifest.get(SEARCH_PARAMS_KEY)
             params = SearchParams.from_dict(recorded) if isinstance(recorded, dict) else None
-            return FaissRetriever(index, snapshot.item_vectors, snapshot.item_bias, params=params)
+            return FaissRetriever(
+                index, snapshot.item_vectors, snapshot.item_bias, params=params, cold=cold
+            )
         log.error("index %s does not match its snapshot; using the exact scan", path)
     return ExactRetriever(snapshot.item_vectors, snapshot.item_bias)

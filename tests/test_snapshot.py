@@ -24,6 +24,7 @@ from ranking.retrieval import (
     FaissRetriever,
     SearchParams,
     build_index,
+    cold_positions,
     popular_head,
     retriever_for,
     search_recall,
@@ -579,6 +580,50 @@ def test_popular_head_finds_what_the_index_does_not_probe() -> None:
     np.testing.assert_array_equal(popular_head(bias, 1), [star])
     np.testing.assert_array_equal(popular_head(np.zeros(5, np.float32), 3), [0, 1, 2])
     assert popular_head(bias, 0).dtype == np.int64
+
+
+@pytest.mark.usefixtures("single_threaded_faiss")
+def test_cold_items_are_left_out_of_the_index_and_still_ranked_exactly() -> None:
+    # a third of the catalog cold (zero vectors, as build makes items nobody touched), their
+    # bias as high as the best warm items' scores: some belong in many top 10s
+    vectors, bias = catalog()
+    cold = np.arange(0, len(vectors), 3)
+    vectors[cold] = 0.0
+    bias[cold] = 7.0 + 1.5 * np.random.default_rng(8).standard_normal(len(cold))
+    np.testing.assert_array_equal(cold_positions(vectors), cold)
+    index = build_index(vectors, bias)
+    assert index.ntotal == len(vectors) - len(cold)
+    # the index holds the warm items under their positions
+    warm = np.setdiff1d(np.arange(len(vectors)), cold)
+    _, found = index.search(np.hstack([queries(count=3), np.ones((3, 1), np.float32)]), 50)
+    assert set(found[found >= 0].tolist()) <= set(warm.tolist())
+    exact = ExactRetriever(vectors, bias)
+    # no head, one list: the cold part of every answer is still exactly the exact scan's
+    retriever = FaissRetriever(index, vectors, bias, params=SearchParams(nprobe=1, head=0))
+    cold_set = set(cold.tolist())
+    rng = np.random.default_rng(7)
+    cold_answers = 0
+    for query in queries():
+        excluded = np.sort(rng.choice(cold, size=20, replace=False))
+        want, _ = exact.top_k(query, excluded, 10)
+        got, got_scores = retriever.top_k(query, excluded, 10)
+        check_rescored_exactly(exact, query, got, got_scores, 3000)
+        assert not set(got.tolist()) & set(excluded.tolist())
+        # a cold item of the exact top 10 outscores all but 9 items, candidates included
+        assert set(want.tolist()) & cold_set <= set(got.tolist())
+        cold_answers += bool(set(want.tolist()) & cold_set)
+    assert cold_answers >= 10
+    # a variant's own bias re-orders and lifts the cold items: still exact for them
+    other = bias.copy()
+    other[cold] = 14.0 - bias[cold]
+    query = queries(count=1)[0]
+    want, _ = ExactRetriever(vectors, other).top_k(query, NO_EXCLUSIONS, 10)
+    got, _ = retriever.with_bias(other).top_k(query, NO_EXCLUSIONS, 10)
+    assert set(want.tolist()) & cold_set
+    assert set(want.tolist()) & cold_set <= set(got.tolist())
+    # tuned, the whole answer reaches the recall target (the index is warm items only)
+    params = tune_search(index, vectors, bias, queries(count=60, seed=61), 10, 0.95)
+    assert search_recall(index, vectors, bias, queries(), 10, params) >= 0.95
 
 
 @pytest.mark.parametrize("kind", KINDS)
