@@ -390,18 +390,22 @@ def build_index(
     if kind != "ivf":
         raise ValueError(f"unknown index kind {kind!r} (known: ivf, hnsw)")
     warm = np.setdiff1d(np.arange(len(augmented), dtype=np.int64), cold_positions(vectors))
-    augmented = augmented[warm]
-    n = len(warm)
-    if n == 0:  # nothing to train on: an empty exact index
+    if len(warm) == 0:  # nothing to train on: an empty exact index
         return faiss.IndexFlatIP(dim)
-    lists = nlist or ivf_lists(n)
-    quantizer = faiss.IndexFlatIP(dim)
-    ivf = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
-    train_size = min(n, lists * IVF_TRAIN_POINTS_PER_LIST)
-    sample = np.random.default_rng(0).choice(n, size=train_size, replace=False)
+    return ivf_index(augmented[warm], warm, nlist or ivf_lists(len(warm)))
+
+
+def ivf_index(augmented: np.ndarray, ids: np.ndarray, nlist: int) -> faiss.IndexIVFFlat:
+    """IVF-Flat over the rows of ``augmented`` (float32[m, d + 1], m >= 1), stored under
+    ``ids`` (int64[m]): ``nlist`` lists, k-means trained on a fixed-seed sample of the rows,
+    ``nprobe`` preset to ``IVF_DEFAULT_NPROBE``."""
+    m, dim = augmented.shape
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    train_size = min(m, nlist * IVF_TRAIN_POINTS_PER_LIST)
+    sample = np.random.default_rng(0).choice(m, size=train_size, replace=False)
     ivf.train(augmented[np.sort(sample)])
-    ivf.add_with_ids(augmented, warm)
-    ivf.nprobe = min(IVF_DEFAULT_NPROBE, lists)
+    ivf.add_with_ids(augmented, ids)
+    ivf.nprobe = min(IVF_DEFAULT_NPROBE, nlist)
     return ivf
 
 

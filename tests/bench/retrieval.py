@@ -45,6 +45,7 @@ from ranking.retrieval import (
     build_index,
     default_params,
     exact_top_k,
+    ivf_index,
     ivf_lists,
     popular_order,
     tune_search_report,
@@ -66,6 +67,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-hnsw", action="store_true", help="skip HNSW (slow to build)")
     parser.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours (M)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cold-share",
+        type=float,
+        default=0.35,
+        help="share of items made cold (zero vector) for the cold-items rows (0: none)",
+    )
     return parser.parse_args()
 
 
@@ -159,6 +166,51 @@ def describe(params: SearchParams) -> str:
     return " ".join(parts)
 
 
+def measure_cold(
+    args: argparse.Namespace,
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    tune_q: np.ndarray,
+    eval_q: np.ndarray,
+    rows: list[Row],
+    started: float,
+) -> None:
+    """The same catalog with ``--cold-share`` of its items (at random) cold, i.e. with a zero
+    vector, as a build gives items nobody has interacted with yet: ``build_index`` (warm items
+    only, the cold ones taken by bias) beside an IVF over every item, each tuned."""
+    cold = np.random.default_rng(args.seed + 1).random(len(vectors)) < args.cold_share
+    vectors = vectors.copy()
+    vectors[cold] = 0.0
+    k = args.k
+    truth = exact_top_k(vectors, bias, eval_q, k)
+    exact = ExactRetriever(vectors, bias)
+    print(f"  cold items: {int(cold.sum()):,} of {len(vectors):,} made cold", flush=True)
+    start = time.perf_counter()
+    warm_only = build_index(vectors, bias)
+    warm_s = time.perf_counter() - start
+    start = time.perf_counter()
+    # as builds made it before they left cold items out
+    every = ivf_index(
+        np.hstack([vectors, bias.reshape(-1, 1)]).astype(np.float32),
+        np.arange(len(vectors), dtype=np.int64),
+        ivf_lists(len(vectors)),
+    )
+    every_s = time.perf_counter() - start
+    for name, index, build_s in (
+        (f"cold {args.cold_share:.0%}: IVF warm only nlist={warm_only.nlist}", warm_only, warm_s),
+        (f"cold {args.cold_share:.0%}: IVF every item nlist={every.nlist}", every, every_s),
+    ):
+        tuning = tune_search_report(index, vectors, bias, tune_q, k, args.target)
+        retriever = FaissRetriever(index, vectors, bias, params=tuning.params)
+        recall, p10, ms, exact_ms = evaluate(retriever, eval_q, truth, k, exact, args.exact_queries)
+        rows.append(Row(name, describe(tuning.params), build_s, recall, p10, ms, exact_ms))
+        print(
+            f"  measured {name}: {describe(tuning.params)}, recall {recall:.3f}, {ms:.3f} ms "
+            f"({time.perf_counter() - started:.0f} s into the run)",
+            flush=True,
+        )
+
+
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING, format="  %(name)s: %(message)s")
@@ -226,6 +278,9 @@ def main() -> None:
         )
         name = f"HNSW M={args.hnsw_m}, tuned" + ("" if hnsw_tuning.met else " (target not met)")
         measure(name, hnsw, hnsw_tuning.params, hnsw_s)
+
+    if args.cold_share > 0:
+        measure_cold(args, vectors, bias, tune_q, eval_q, rows, started)
 
     exact_ms = statistics.median(row.exact_ms for row in rows)
     print()
