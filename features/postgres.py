@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import re
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -825,10 +826,13 @@ class PgStore:
                 "CREATE TEMP TABLE ranks_in (user_id text, item_ids text[], scores real[])"
                 " ON COMMIT DROP"
             )
-            # COPY's text format: asyncpg's record encoder checks every array element in
+            # encoded here in bulk: asyncpg's record encoder checks every array element in
             # Python, most of the precompute step's time at 100k users x 100 items
             await conn.copy_to_table(
-                "ranks_in", source=io.BytesIO(_ranks_copy_text(rows)), timeout=600
+                "ranks_in",
+                source=io.BytesIO(_ranks_copy_binary(rows)),
+                format="binary",
+                timeout=600,
             )
             await conn.execute(
                 "INSERT INTO ranks (scope, user_id, model_version, item_ids, scores, computed_at)"
@@ -984,37 +988,46 @@ def _as_number(value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-# in a joined list of IDs: what would need quoting as an array element (whitespace, quotes,
-# braces, backslashes; empty or NULL elements) or escaping in COPY's text format
-_NEEDS_QUOTING = re.compile(r'[\s"{}\\]|^,|,,|,$|^$|(?:^|,)null(?:,|$)', re.IGNORECASE)
+# PostgreSQL's binary COPY: signature, flags, header extension length; then per row a field
+# count and length-prefixed fields; then -1
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+_COPY_TRAILER = struct.pack("!h", -1)
+_TEXT_OID, _FLOAT4_OID = 25, 700
+_FLOAT4_ELEMENTS = np.dtype([("length", ">i4"), ("value", ">f4")])
 
 
-_REAL = "{:.9g}".format
+def _binary_array(oid: int, elements: bytes, count: int) -> bytes:
+    """A one-dimensional array field of ``count`` ``elements`` (each length-prefixed, none
+    NULL) of element type ``oid``, length prefix included."""
+    header = struct.pack("!iiiii", 1, 0, oid, count, 1) if count else struct.pack("!iii", 0, 0, oid)
+    return struct.pack("!i", len(header) + len(elements)) + header + elements
 
 
-def _copy_field(text: str) -> str:
-    """``text`` escaped for COPY's text format."""
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+def _ranks_copy_binary(rows: Iterable[tuple[str, Sequence[str], Sequence[float]]]) -> bytes:
+    """(user_id, item_ids, scores) rows as a binary COPY of (text, text[], real[]): no quoting
+    or escaping whatever the IDs hold, and every float32 score as its four bytes. A ranking
+    repeats the catalog's popular IDs, so each ID is encoded once."""
+    encoded: dict[str, bytes] = {}
 
+    def element(item: str) -> bytes:
+        raw = item.encode()
+        encoded[item] = value = struct.pack("!i", len(raw)) + raw
+        return value
 
-def _array_field(values: Sequence[str]) -> str:
-    """``values`` as a PostgreSQL array literal, as a COPY text field. Validated IDs need no
-    quoting, so the common case is one join; anything else is quoted element by element."""
-    joined = ",".join(values)
-    if joined.count(",") == len(values) - 1 and not _NEEDS_QUOTING.search(joined):
-        return "{" + joined + "}"
-    quoted = (v.replace("\\", "\\\\").replace('"', '\\"') for v in values)
-    return _copy_field("{" + ",".join(f'"{v}"' for v in quoted) + "}")
-
-
-def _ranks_copy_text(rows: Sequence[tuple[str, Sequence[str], Sequence[float]]]) -> bytes:
-    """(user_id, item_ids, scores) rows in COPY's text format (tab-separated). Scores are
-    written with 9 significant digits: every float32 (the ``real`` column) comes back exact."""
-    lines = (
-        f"{_copy_field(user)}\t{_array_field(items)}\t{{{','.join(map(_REAL, scores))}}}\n"
-        for user, items, scores in rows
-    )
-    return "".join(lines).encode()
+    parts = [_COPY_HEADER]
+    for user, items, scores in rows:
+        raw_user = user.encode()
+        ids = b"".join([encoded.get(item) or element(item) for item in items])
+        floats = np.empty(len(scores), _FLOAT4_ELEMENTS)
+        floats["length"], floats["value"] = 4, scores
+        parts += [
+            struct.pack("!hi", 3, len(raw_user)),
+            raw_user,
+            _binary_array(_TEXT_OID, ids, len(items)),
+            _binary_array(_FLOAT4_OID, floats.tobytes(), len(scores)),
+        ]
+    parts.append(_COPY_TRAILER)
+    return b"".join(parts)
 
 
 # an index-only scan of events_feedback (migration 0005), whose predicate it must keep

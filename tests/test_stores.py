@@ -316,8 +316,9 @@ async def test_delete_user_removes_every_row(pg: PgStore) -> None:
 
 
 async def test_ranks_round_trip_whatever_the_ids_hold(pg: PgStore, pg_url: str) -> None:
-    # precompute writes ranks through COPY's text format: anything an array literal or COPY
-    # would read differently must come back as written
+    # precompute writes ranks through a binary COPY it encodes itself: IDs that a text
+    # format would have to quote or escape, and scores no decimal form holds, come back as
+    # written, bit for bit
     scope = _scope()
     awkward = ["a,b", 'q"uote', "back\\slash", "{brace}", "NULL", "null", "", " sp ace", "t\tab"]
     rows = [
@@ -325,6 +326,7 @@ async def test_ranks_round_trip_whatever_the_ids_hold(pg: PgStore, pg_url: str) 
         ("awkward-user", awkward, [float(n) for n in range(len(awkward))]),
         ("empty-user", [], []),
         ("NULL", ["NULL"], [float("inf")]),
+        ("ünï-cödé ✓", ["ïtem-✓", "i1"], [float(np.float32(1 / 3)), float(np.float32(-1e-38))]),
     ]
     await pg.replace_ranks(scope, "v1", rows)
     conn = await asyncpg.connect(pg_url)
