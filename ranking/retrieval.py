@@ -306,8 +306,11 @@ class FaissRetriever:
     def top_k_batch(
         self, queries: np.ndarray, excluded_indptr: np.ndarray, excluded_indices: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One faiss search for the whole batch (faiss spreads it over its threads), then each
-        row cut to the candidates ``top_k`` would have asked for and re-scored as it does."""
+        """faiss searches for the batch (faiss spreads each over its threads), then each row
+        cut to the candidates ``top_k`` would have asked for and re-scored as it does. Rows
+        are searched in size classes (k plus their exclusions, to the next power of two): a
+        search costs with the number of results it is asked for, and one user with thousands
+        of seen items would otherwise set that number for the whole batch."""
         b = len(queries)
         k = min(k, len(self._vectors))
         out_i = np.full((b, k), -1, dtype=np.int64)
@@ -315,16 +318,21 @@ class FaissRetriever:
         counts = np.zeros(b, dtype=np.int64)
         if b == 0 or k <= 0:
             return out_i, out_s, counts
-        excluded_counts = np.diff(excluded_indptr)
+        wanted = k + np.diff(excluded_indptr)
+        size_class = np.ceil(np.log2(wanted)).astype(np.int64)
+        found: list[np.ndarray] = [np.empty(0, np.int64)] * b
         try:
-            found = self._search(_augment(queries), k + int(excluded_counts.max()))
+            augmented = _augment(queries)
+            for members in (np.flatnonzero(size_class == c) for c in np.unique(size_class)):
+                rows = self._search(augmented[members], int(wanted[members].max()))
+                for member, row in zip(members.tolist(), rows, strict=True):
+                    found[member] = row
         except (RuntimeError, ValueError):
             log.exception("faiss search failed; using the exact scan")
             return self._exact.top_k_batch(queries, excluded_indptr, excluded_indices, k)
         for r in range(b):
             excluded = excluded_indices[excluded_indptr[r] : excluded_indptr[r + 1]]
-            wanted = k + int(excluded_counts[r])
-            items, scores = self._rescore(queries[r], found[r, :wanted], excluded, k)
+            items, scores = self._rescore(queries[r], found[r][: wanted[r]], excluded, k)
             out_i[r, : len(items)], out_s[r, : len(items)], counts[r] = items, scores, len(items)
         return out_i, out_s, counts
 
