@@ -146,11 +146,16 @@ class Ranker:
 
     # -- snapshots ------------------------------------------------------------------------
 
+    def prepare(self, loaded: LoadedScope) -> LoadedScope:
+        """``loaded`` with the scoring of each variant of its scope's profile: an install's
+        costly part (catalog-sized passes, e.g. 0.12 s a variant at 1M items), so that it can
+        run off the event loop."""
+        return loaded.with_profile(self._profile(loaded.snapshot.scope))
+
     def install(self, loaded: LoadedScope) -> None:
-        """Make ``loaded`` the scope's serving snapshot (one reference swap), with the
-        scoring of each variant of the scope's profile computed first."""
-        scope = loaded.snapshot.scope
-        self._scopes = {**self._scopes, scope: loaded.with_profile(self._profile(scope))}
+        """Make ``loaded``, as ``prepare`` returned it, the scope's serving snapshot: one
+        reference swap."""
+        self._scopes = {**self._scopes, loaded.snapshot.scope: loaded}
 
     def loaded(self) -> dict[str, LoadedScope]:
         return dict(self._scopes)

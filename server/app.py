@@ -184,7 +184,9 @@ class App:
                 ):
                     continue
                 try:
-                    fresh = await asyncio.to_thread(_load_warm, root / scope / version)
+                    fresh = await asyncio.to_thread(
+                        lambda path: self.ranker.prepare(_load_warm(path)), root / scope / version
+                    )
                 except SnapshotError as exc:
                     log.error("refusing snapshot %s/%s: %s", scope, version, exc)
                     continue

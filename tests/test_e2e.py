@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -16,6 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobs.runner import run_job
 from jobs.steps import JobContext
 from jobs.synth import generate
+from ranking.pipeline import LoadedScope
+from ranking.profiles import Profile
 from server import auth
 from server.api import privrank_pb2 as pb
 from server.app import App, create_server
@@ -264,6 +267,30 @@ async def test_recorded_events_change_the_next_ranking(client: Client, seeded: J
     assert after.model_version == reloaded.model_versions[scope]
     assert not set(top) & {i.item_id for i in after.items}, "purchased items came back"
     assert [i.item_id for i in after.items] != [i.item_id for i in before.items]
+
+
+async def test_a_new_snapshot_is_prepared_off_the_event_loop(
+    client: Client, seeded: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # each variant's scoring is a catalog-sized pass: serving must not stall for it at a swap
+    scope = "swapped"
+    await seeded.pg.insert_event_batches(generate(users=40, items=30, events=600, scope=scope))
+    await run_job(seeded, "nightly", [scope])
+    threads: list[int] = []
+    with_profile = LoadedScope.with_profile
+
+    def recording(self: LoadedScope, profile: Profile) -> LoadedScope:
+        threads.append(threading.get_ident())
+        return with_profile(self, profile)
+
+    monkeypatch.setattr(LoadedScope, "with_profile", recording)
+    versions = await client.app.reload()
+    assert threads, "the new snapshot was not prepared"
+    assert threading.get_ident() not in threads  # the event loop's thread
+    reply = await client.ranking.Recommend(
+        pb.RecommendRequest(user_id="u1", scope=scope, limit=5), metadata=client.svc
+    )
+    assert reply.model_version == versions[scope]
 
 
 async def test_auth_errors(client: Client) -> None:
