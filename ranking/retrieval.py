@@ -388,25 +388,32 @@ def build_index(
     (``tune_search`` measures a better one). ``kind="hnsw"``: HNSW-Flat over every item, as
     earlier builds made.
     """
-    augmented = np.hstack([vectors, bias.reshape(-1, 1)]).astype(np.float32)
-    dim = augmented.shape[1]
+    dim = vectors.shape[1] + 1
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, hnsw_neighbours, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        index.add(augmented)
+        index.add(_augmented_items(vectors, bias, np.arange(len(vectors), dtype=np.int64)))
         return index
     if kind != "ivf":
         raise ValueError(f"unknown index kind {kind!r} (known: ivf, hnsw)")
-    warm = np.setdiff1d(np.arange(len(augmented), dtype=np.int64), cold_positions(vectors))
+    warm = np.setdiff1d(np.arange(len(vectors), dtype=np.int64), cold_positions(vectors))
     if len(warm) == 0:  # nothing to train on: an empty exact index
         return faiss.IndexFlatIP(dim)
-    return ivf_index(augmented[warm], warm, nlist or ivf_lists(len(warm)))
+    return ivf_index(vectors, bias, warm, nlist or ivf_lists(len(warm)))
 
 
-def ivf_index(augmented: np.ndarray, ids: np.ndarray, nlist: int) -> faiss.IndexIVFFlat:
-    """IVF-Flat over the rows of ``augmented`` (float32[m, d + 1], m >= 1), stored under
-    ``ids`` (int64[m]): ``nlist`` lists, k-means trained on a fixed-seed sample of the rows,
+def _augmented_items(vectors: np.ndarray, bias: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``[vector, bias]`` rows (float32[m, d + 1], C order) of the items ``ids`` (int64[m])."""
+    return np.hstack([vectors[ids], bias[ids].reshape(-1, 1)]).astype(np.float32)
+
+
+def ivf_index(
+    vectors: np.ndarray, bias: np.ndarray, ids: np.ndarray, nlist: int
+) -> faiss.IndexIVFFlat:
+    """IVF-Flat over ``[vector, bias]`` of the items ``ids`` (int64[m], m >= 1), stored under
+    their positions: ``nlist`` lists, k-means trained on a fixed-seed sample of them,
     ``nprobe`` preset to ``IVF_DEFAULT_NPROBE``."""
+    augmented = _augmented_items(vectors, bias, ids)
     m, dim = augmented.shape
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     train_size = min(m, nlist * IVF_TRAIN_POINTS_PER_LIST)

@@ -190,11 +190,8 @@ def measure_cold(
     warm_s = time.perf_counter() - start
     start = time.perf_counter()
     # as builds made it before they left cold items out
-    every = ivf_index(
-        np.hstack([vectors, bias.reshape(-1, 1)]).astype(np.float32),
-        np.arange(len(vectors), dtype=np.int64),
-        ivf_lists(len(vectors)),
-    )
+    every_item = np.arange(len(vectors), dtype=np.int64)
+    every = ivf_index(vectors, bias, every_item, ivf_lists(len(vectors)))
     every_s = time.perf_counter() - start
     for name, index, build_s in (
         (f"cold {args.cold_share:.0%}: IVF warm only nlist={warm_only.nlist}", warm_only, warm_s),
