@@ -19,7 +19,13 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from features.errors import DeadlineExceeded, InvalidInput, NotFound, StoreUnavailable
+from features.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    StoreUnavailable,
+)
 from ranking import kernels
 from ranking.diversity import mmr
 from ranking.itemitem import item_item_top_k
@@ -161,10 +167,16 @@ class Ranker:
         return dict(self._scopes)
 
     def scope(self, name: str) -> LoadedScope:
+        """The scope's loaded snapshot; NotReady (UNAVAILABLE) while none at all is loaded, as on
+        a new deployment before its first nightly, InvalidInput for a scope nobody published."""
         loaded = self._scopes.get(name)
         if loaded is None:
-            known = ", ".join(sorted(self._scopes)) or "none loaded"
-            raise InvalidInput(f"unknown scope {name!r} (known: {known})")
+            if not self._scopes:
+                raise NotReady(
+                    "no snapshot loaded yet: this server ranks once `privrank jobs nightly` "
+                    "has published one; retry later"
+                )
+            raise InvalidInput(f"unknown scope {name!r} (known: {', '.join(sorted(self._scopes))})")
         return loaded
 
     def holders(self, user_id: str) -> int:

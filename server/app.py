@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
 REFILL_CHECK_S = 1.0  # how often each process checks that Redis holds the cached rankings
 REFILL_PAGE = 200  # rankings read from PostgreSQL and written to Redis at a time
 REFILL_SHARE = 0.2  # of the event loop's time, at most, while serving goes on
@@ -68,6 +71,7 @@ GRPC_THREADS_CHECK_S = 1.0  # how often new gRPC threads get PRIVRANK_GRPC_THREA
 SERVICE_NAMES = tuple(
     pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Ranking", "Settings", "Admin")
 )
+RANKING_SERVICE = SERVICE_NAMES[0]
 
 
 @dataclass
@@ -89,6 +93,8 @@ class App:
     transport: str = field(default_factory=running_grpc_transport)
     link: WorkerLink | None = None  # to the sibling workers under ``serve --workers``
     warm_done: bool = False
+    stopping: bool = False  # shutdown has begun: health says NOT_SERVING from then on
+    _health: dict[str, bool] = field(default_factory=dict)  # what health says, by service
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _closing: bool = False
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -136,17 +142,23 @@ class App:
             config, database_url, redis_url, pg, cache, optouts, ranker, kernels_pool, link=link
         )
 
-    async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, status)
+    async def update_health(self) -> None:
+        """Health by service: Settings and Admin are SERVING once warm; Ranking, and the server
+        as a whole (service ""), once a snapshot is loaded too, since without one there is
+        nothing to rank; every service is NOT_SERVING once ``stopping``. Only changes are
+        sent, so Watch streams see each transition once."""
+        up = self.warm_done and not self.stopping
+        ranking = up and bool(self.ranker.loaded())
+        wanted = {name: ranking if name == RANKING_SERVICE else up for name in SERVICE_NAMES}
+        wanted[""] = ranking
+        for name, serving in wanted.items():
+            if self._health.get(name) is not serving:
+                await self.health.set(name, SERVING if serving else NOT_SERVING)
+                self._health[name] = serving
 
     async def warm(self) -> None:
-        """Compile every kernel, start the opt-out view, load every snapshot; then SERVING."""
+        """Compile every kernel, start the opt-out view, load every snapshot; then SERVING
+        (Ranking only once a snapshot is loaded: ``update_health``)."""
         await asyncio.to_thread(kernels.warm_up)
         await self.optouts.start()
         await self.reload()
@@ -161,7 +173,7 @@ class App:
             )
         ]
         self.warm_done = True
-        await self.set_serving(True)
+        await self.update_health()
 
     def check_warm(self) -> None:
         """NotReady (UNAVAILABLE, retryable) until ``warm`` has loaded the snapshots."""
@@ -177,6 +189,7 @@ class App:
         async with self._reload_lock:
             root = self.config.snapshot_dir
             loaded = self.ranker.loaded()
+            installed = False
             for scope in snapshot.published_scopes(root):
                 version = snapshot.current_version(root, scope)
                 if version is None or (
@@ -191,7 +204,10 @@ class App:
                     log.error("refusing snapshot %s/%s: %s", scope, version, exc)
                     continue
                 self.ranker.install(fresh)
+                installed = True
                 log.info("serving scope %s from snapshot %s", scope, version)
+            if installed:
+                await self.update_health()
             return {name: ls.snapshot.version for name, ls in self.ranker.loaded().items()}
 
     async def reload_everywhere(self) -> dict[str, str]:
@@ -526,7 +542,7 @@ async def serve(
     app.follow_siblings(loop)
     try:
         server, port = create_server(app, reuse_port=link is not None)
-        await app.set_serving(False)
+        await app.update_health()
         if link is None:
             # health answers NOT_SERVING while warming up
             await server.start()
@@ -539,11 +555,17 @@ async def serve(
             await app.warm()
             await server.start()
             log.info("worker %d listening on port %d", link.index, port)
-        log.info(
-            "SERVING: %s",
-            ", ".join(f"{s}={v}" for s, v in (await app.reload()).items())
-            or "no snapshot published yet",
-        )
+        versions = await app.reload()
+        if versions:
+            log.info("SERVING: %s", ", ".join(f"{s}={v}" for s, v in versions.items()))
+        else:
+            log.warning(
+                "NOT_SERVING: no snapshot published yet under %s; health turns SERVING once one "
+                "is loaded (checked every %gs, or at once by Admin.Reload). Settings and Admin "
+                "answer meanwhile",
+                config.snapshot_dir,
+                config.snapshot_poll_s,
+            )
         if on_ready is not None:
             on_ready(port)
         await stop.wait()
@@ -552,7 +574,8 @@ async def serve(
             config.shutdown_delay_s,
             config.shutdown_grace_s,
         )
-        await app.set_serving(False)
+        app.stopping = True
+        await app.update_health()
         # keep answering while clients and balancers see NOT_SERVING and move away
         await asyncio.sleep(config.shutdown_delay_s)
         await stop_server(app, server)
@@ -588,9 +611,12 @@ def channel_ready_check(
     target: str,
     tls: grpc.ChannelCredentials | None = None,
     server_name: str | None = None,
+    *,
+    live: bool = False,
 ) -> bool:
-    """True if the health service at ``target`` says SERVING (for the Dockerfile probe); over
-    TLS with ``tls``, expecting a certificate for ``server_name`` (default: the target's host)."""
+    """True if the health service at ``target`` says SERVING (for the Dockerfile probe), or,
+    with ``live``, if it answers at all; over TLS with ``tls``, expecting a certificate for
+    ``server_name`` (default: the target's host)."""
     options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
     with (
         grpc.secure_channel(target, tls, options)
@@ -603,4 +629,4 @@ def channel_ready_check(
             )
         except grpc.RpcError:
             return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    return live or bool(reply.status == SERVING)

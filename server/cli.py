@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     health = sub.add_parser("healthcheck", help="exit 0 if the server reports SERVING")
     health.add_argument("--target", default=None)
     health.add_argument(
+        "--live",
+        action="store_true",
+        help="exit 0 if the server answers health at all, SERVING or not (a liveness probe:"
+        " a server still waiting for its first snapshot, or warming up, is alive but not ready)",
+    )
+    health.add_argument(
         "--tls-ca",
         type=Path,
         default=None,
@@ -374,8 +380,8 @@ def _serve_workers(config: Config, urls: embedded.EmbeddedUrls) -> int:
 
 
 def _healthcheck(config: Config, args: argparse.Namespace) -> int:
-    """Exit 0 if the server says SERVING; over TLS when the server has it, presenting the
-    server's own certificate where clients must present one."""
+    """Exit 0 if the server says SERVING (with --live: if it answers); over TLS when the
+    server has it, presenting the server's own certificate where clients must present one."""
     from server.app import channel_ready_check
     from server.tls import channel_credentials
 
@@ -388,7 +394,7 @@ def _healthcheck(config: Config, args: argparse.Namespace) -> int:
             config.tls_key_file if mutual else None,
         )
     name = args.tls_server_name or config.tls_server_name
-    ready = channel_ready_check(args.target or config.listen, tls, name)
+    ready = channel_ready_check(args.target or config.listen, tls, name, live=args.live)
     return 0 if ready else EXIT_FAILURE
 
 

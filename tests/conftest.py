@@ -221,6 +221,20 @@ class Client:
     config: Config
     port: int
 
+    @classmethod
+    def over(cls, app: App, channel: aio.Channel, config: Config, port: int) -> Client:
+        """Every stub over ``channel`` to ``app``'s server on ``port``."""
+        return cls(
+            app,
+            channel,
+            rpc.RankingStub(channel),
+            rpc.SettingsStub(channel),
+            rpc.AdminStub(channel),
+            health_pb2_grpc.HealthStub(channel),
+            config,
+            port,
+        )
+
     def token(self, role: str, subject: str = "", ttl: int = 600) -> list[tuple[str, str]]:
         secret = self.config.signing_keys()[0]
         token = mint_token(
@@ -253,20 +267,11 @@ async def client(
 ) -> AsyncIterator[Client]:
     app = await App.open(config, pg_url, redis_url)
     server, port = create_server(app, "127.0.0.1:0")
-    await app.set_serving(False)
+    await app.update_health()
     await server.start()
     await app.warm()
     channel = aio.insecure_channel(f"127.0.0.1:{port}")
-    yield Client(
-        app,
-        channel,
-        rpc.RankingStub(channel),
-        rpc.SettingsStub(channel),
-        rpc.AdminStub(channel),
-        health_pb2_grpc.HealthStub(channel),
-        config,
-        port,
-    )
+    yield Client.over(app, channel, config, port)
     await channel.close()
     await server.stop(1)
     await app.close()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,24 @@ def start_serve(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [*CLI, "serve"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sink
         )
+
+
+@contextlib.contextmanager
+def serve_process(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``start_serve``, killed on the way out if it still runs."""
+    process = start_serve(env, log)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+async def terminate(process: subprocess.Popen[bytes], timeout_s: float = 60) -> int:
+    """SIGTERM, then the exit code."""
+    process.send_signal(signal.SIGTERM)
+    return await asyncio.to_thread(process.wait, timeout_s)
 
 
 async def wait_serving(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.config import Config
 from tests.conftest import ROOT, cli_env, privrank, with_database
-from tests.serving import CLI, free_port, start_serve, wait_serving
+from tests.serving import CLI, free_port, serve_process, start_serve, terminate, wait_serving
 
 SCOPE = "cli"
 
@@ -242,6 +244,35 @@ async def test_serve_drains_in_flight_calls_on_sigterm(
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+async def test_serve_without_a_snapshot_is_alive_but_not_ready_until_one_is_published(
+    config: Config, imported: str, tmp_path: Path
+) -> None:
+    """A new deployment: `healthcheck` fails (not ready) while `healthcheck --live` passes,
+    until a snapshot is published; the snapshot poll then makes it SERVING."""
+    port, log_path = free_port(), tmp_path / "serve.log"
+    empty = dataclasses.replace(
+        config,
+        data_dir=tmp_path / "data",
+        listen=f"127.0.0.1:{port}",
+        snapshot_poll_s=0.5,
+        shutdown_delay_s=0.0,
+    )
+    with serve_process(cli_env(empty), log_path) as process:
+        deadline = time.monotonic() + 120
+        while "NOT_SERVING: no snapshot published yet" not in log_path.read_text():
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            await asyncio.sleep(0.1)
+        probe = ("healthcheck", "--target", empty.listen)
+        assert privrank(empty, *probe, "--live").returncode == 0
+        assert privrank(empty, *probe, check=False).returncode == 1
+        shutil.copytree(config.snapshot_dir, empty.snapshot_dir)
+        await wait_serving(port, process, log_path)
+        assert privrank(empty, *probe).returncode == 0
+        exit_code = await terminate(process)
+    assert exit_code == 0
+
+
 async def test_serve_starts_on_its_snapshots_while_postgresql_is_down(
     config: Config, imported: str, tmp_path: Path
 ) -> None:
@@ -253,8 +284,7 @@ async def test_serve_starts_on_its_snapshots_while_postgresql_is_down(
         "PRIVRANK_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/privrank",
         "PRIVRANK_SHUTDOWN_DELAY_S": "0",
     }
-    process = start_serve(env, log_path)
-    try:
+    with serve_process(env, log_path) as process:
         await wait_serving(port, process, log_path)
         token = privrank(config, "token", "--role", "service").stdout.strip()
         async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -263,12 +293,7 @@ async def test_serve_starts_on_its_snapshots_while_postgresql_is_down(
                 metadata=[("authorization", f"Bearer {token}")],
                 timeout=10,
             )
-        process.send_signal(signal.SIGTERM)
-        exit_code = await asyncio.to_thread(process.wait, 60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        exit_code = await terminate(process)
     assert len(reply.items) == 10
     assert reply.source == pb.SOURCE_POPULAR
     assert exit_code == 0

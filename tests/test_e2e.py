@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -40,7 +43,7 @@ async def test_health_is_not_serving_until_warm(
 ) -> None:
     app = await App.open(config, pg_url, redis_url)
     server, port = create_server(app, "127.0.0.1:0")
-    await app.set_serving(False)
+    await app.update_health()
     await server.start()
     try:
         async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -51,6 +54,63 @@ async def test_health_is_not_serving_until_warm(
             for service in ("", "privrank.v1.Ranking", "privrank.v1.Admin"):
                 after = await stub.Check(health_pb2.HealthCheckRequest(service=service))
                 assert after.status == SERVING
+    finally:
+        await server.stop(1)
+        await app.close()
+
+
+async def test_a_server_without_any_snapshot_is_not_ready_until_one_is_loaded(
+    config: Config, pg_url: str, redis_url: str, seeded: JobContext, tmp_path: Path
+) -> None:
+    """A new deployment before its first nightly: Settings and Admin answer, while Ranking and
+    the server as a whole say NOT_SERVING and ranking calls are UNAVAILABLE, until a snapshot
+    is published and loaded; once stopping, every service says NOT_SERVING."""
+    empty = dataclasses.replace(config, data_dir=tmp_path)
+    app = await App.open(empty, pg_url, redis_url)
+    server, port = create_server(app, "127.0.0.1:0")
+    await app.update_health()
+    await server.start()
+    await app.warm()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            client = Client.over(app, channel, empty, port)
+
+            async def health() -> dict[str, int]:
+                names = ("", "privrank.v1.Ranking", "privrank.v1.Settings", "privrank.v1.Admin")
+                return {
+                    name: (
+                        await client.health.Check(health_pb2.HealthCheckRequest(service=name))
+                    ).status
+                    for name in names
+                }
+
+            assert await health() == {
+                "": NOT_SERVING,
+                "privrank.v1.Ranking": NOT_SERVING,
+                "privrank.v1.Settings": SERVING,
+                "privrank.v1.Admin": SERVING,
+            }
+            with pytest.raises(aio.AioRpcError) as err:
+                await client.ranking.Recommend(
+                    pb.RecommendRequest(user_id="u1"), metadata=client.svc
+                )
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "no snapshot loaded yet" in (err.value.details() or "")
+            await client.settings.GetSettings(
+                pb.GetSettingsRequest(user_id="u1"), metadata=client.svc
+            )
+
+            shutil.copytree(config.snapshot_dir, empty.snapshot_dir)
+            await client.admin.Reload(pb.ReloadRequest(), metadata=client.adm)
+            assert set((await health()).values()) == {SERVING}
+            answer = await client.ranking.Recommend(
+                pb.RecommendRequest(user_id="u1"), metadata=client.svc
+            )
+            assert answer.items
+
+            app.stopping = True
+            await app.update_health()
+            assert set((await health()).values()) == {NOT_SERVING}
     finally:
         await server.stop(1)
         await app.close()

@@ -158,7 +158,7 @@ async def _serve(work: Path, users: int, items: int, events: int, conn: Connecti
         app = await App.open(config, database_url, redis_url)
         server, port = create_server(app, "127.0.0.1:0")
         try:
-            await app.set_serving(False)
+            await app.update_health()
             await server.start()
             await app.warm()
             conn.send(("ready", port, config.max_message_bytes))
