@@ -33,3 +33,21 @@ def item_item_top_k(
     query = _ONE if weight == 1.0 else np.full(1, weight, dtype=np.float32)
     result: tuple[np.ndarray, np.ndarray] = kernels.topk_dense(query, row, bias, excluded, k)
     return result
+
+
+def item_item_candidates(
+    matrix: np.ndarray,
+    bias: np.ndarray,
+    seen: np.ndarray,
+    candidates: np.ndarray,
+    k: int,
+    weight: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` of ``candidates`` (int64[m] positions) by the score ``item_item_top_k``
+    ranks with, so that they come in the order Recommend gives them."""
+    row = item_item_scores(matrix, seen).reshape(-1, 1)
+    query = _ONE if weight == 1.0 else np.full(1, weight, dtype=np.float32)
+    result: tuple[np.ndarray, np.ndarray] = kernels.topk_candidates(
+        query, row, bias, candidates, np.empty(0, dtype=np.int64), k
+    )
+    return result

@@ -28,7 +28,7 @@ from features.errors import (
 )
 from ranking import kernels
 from ranking.diversity import mmr
-from ranking.itemitem import item_item_top_k
+from ranking.itemitem import item_item_candidates, item_item_top_k
 from ranking.profiles import CONTROL, DEFAULT_PROFILE, Profile
 from ranking.retrieval import Retriever, retriever_for, scan_top_k
 from ranking.scoring import ITEM_ITEM, RULES, Scoring, scoring_for
@@ -392,7 +392,8 @@ class Ranker:
     async def rank_candidates(
         self, user_id: str, scope: str, candidate_ids: Sequence[str], limit: int, deadline: float
     ) -> Ranked:
-        """Order the caller's candidates for the user; unknown candidates are dropped."""
+        """Order the caller's candidates for the user, scored as Recommend scores (the
+        variant's model and bias); unknown candidates are dropped."""
         loaded = self.scope(scope)
         snap = loaded.snapshot
         variant, profile = self.variant(scope, user_id)
@@ -417,19 +418,36 @@ class Ranker:
                 EMPTY,
                 limit,
             )
-            return _answer(snap, items, scores, Source.POPULAR, blocked=not personal)
-        items, scores = await self._compute(
-            deadline,
-            work,
-            kernels.topk_candidates,
-            scoring.query(snap.user_vectors[user]),
-            snap.item_vectors,
-            scoring.bias,
-            candidates,
-            EMPTY,
-            limit,
-        )
-        return _answer(snap, items, scores, Source.LIVE)
+            answer = _answer(snap, items, scores, Source.POPULAR, blocked=not personal)
+        elif scoring.kind == ITEM_ITEM:
+            assert snap.item_item is not None
+            seen = snap.seen(user)
+            items, scores = await self._compute(
+                deadline,
+                len(seen) * snap.n_items + len(candidates),
+                item_item_candidates,
+                snap.item_item,
+                scoring.bias,
+                seen,
+                candidates,
+                limit,
+                scoring.relevance,
+            )
+            answer = _answer(snap, items, scores, Source.LIVE)
+        else:
+            items, scores = await self._compute(
+                deadline,
+                work,
+                kernels.topk_candidates,
+                scoring.query(snap.user_vectors[user]),
+                snap.item_vectors,
+                scoring.bias,
+                candidates,
+                EMPTY,
+                limit,
+            )
+            answer = _answer(snap, items, scores, Source.LIVE)
+        return dataclasses.replace(answer, variant=variant)
 
     async def similar_items(self, item_id: str, scope: str, limit: int, deadline: float) -> Ranked:
         """Items nearest to ``item_id`` by cosine similarity of their embeddings."""

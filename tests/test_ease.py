@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from features.errors import SnapshotError
 from jobs.ease import gram, train_ease
 from ranking import snapshot
-from ranking.itemitem import item_item_scores, item_item_top_k
+from ranking.itemitem import item_item_candidates, item_item_scores, item_item_top_k
 
 
 def _interactions(seed: int, users: int = 60, items: int = 25, pairs: int = 400):
@@ -42,13 +42,9 @@ def test_ease_meets_its_optimality_conditions(seed: int, lam: float) -> None:
     assert np.abs(off_diagonal).max() < 1e-3 * max(1.0, np.abs(g).max())
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, database=None)
-@given(
-    n=st.integers(1, 12),
-    data=st.data(),
-)
-def test_item_item_top_k_matches_numpy(n: int, data: st.DataObject) -> None:
-    # small integers: sums are exact, so ties are real and must break by position
+def _draw_model(n: int, data: st.DataObject) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An n x n item-item matrix, a bias and a user's seen positions, all small integers:
+    sums are exact, so ties are real and must break by position."""
     matrix = np.array(
         data.draw(
             st.lists(st.lists(st.integers(-3, 3), min_size=n, max_size=n), min_size=n, max_size=n)
@@ -61,6 +57,16 @@ def test_item_item_top_k_matches_numpy(n: int, data: st.DataObject) -> None:
     seen = np.array(
         sorted(set(data.draw(st.lists(st.integers(0, n - 1), max_size=n)))), dtype=np.int64
     )
+    return matrix, bias, seen
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(
+    n=st.integers(1, 12),
+    data=st.data(),
+)
+def test_item_item_top_k_matches_numpy(n: int, data: st.DataObject) -> None:
+    matrix, bias, seen = _draw_model(n, data)
     excluded = np.array(
         sorted(set(data.draw(st.lists(st.integers(0, n - 1), max_size=n)))), dtype=np.int64
     )
@@ -72,6 +78,27 @@ def test_item_item_top_k_matches_numpy(n: int, data: st.DataObject) -> None:
     items, got = item_item_top_k(matrix, bias, seen, excluded, k)
     assert items.tolist() == expected
     assert got.tolist() == [scores[i] for i in expected]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(n=st.integers(1, 12), weight=st.sampled_from([1.0, 2.0, 0.5]), data=st.data())
+def test_item_item_candidates_orders_them_as_the_full_ranking(
+    n: int, weight: float, data: st.DataObject
+) -> None:
+    """RankCandidates on an EASE scope: the candidates (duplicates allowed) in the order and
+    with the scores that item_item_top_k gives them over the whole catalog."""
+    matrix, bias, seen = _draw_model(n, data)
+    candidates = np.array(data.draw(st.lists(st.integers(0, n - 1), max_size=2 * n)), np.int64)
+    k = data.draw(st.integers(0, n + 2))
+    full_items, full_scores = item_item_top_k(matrix, bias, seen, np.empty(0, np.int64), n, weight)
+    wanted = set(candidates.tolist())
+    expected = [
+        (i, s)
+        for i, s in zip(full_items.tolist(), full_scores.tolist(), strict=True)
+        if i in wanted
+    ]
+    items, scores = item_item_candidates(matrix, bias, seen, candidates, k, weight)
+    assert list(zip(items.tolist(), scores.tolist(), strict=True)) == expected[:k]
 
 
 def _arrays(n: int = 4) -> dict[str, np.ndarray]:

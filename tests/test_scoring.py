@@ -266,6 +266,15 @@ async def test_a_variant_serves_the_other_model_and_is_recorded(
             ]
             variants.add(answer.variant)
             assert answer.variant == profile.variant_of(scope, user)
+            # RankCandidates scores with the same model: the top items, given in reverse,
+            # come back in Recommend's order, with its scores and variant
+            ranked = await stub.RankCandidates(
+                pb.RankCandidatesRequest(user_id=user, scope=scope, candidate_item_ids=got[::-1]),
+                metadata=running.service,
+            )
+            assert [i.item_id for i in ranked.items] == got
+            assert [i.score for i in ranked.items] == [i.score for i in answer.items]
+            assert ranked.variant == answer.variant
             if answer.variant == "emb":
                 assert (got, answer.source) == (embeddings, pb.SOURCE_LIVE)
             else:
