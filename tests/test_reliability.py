@@ -27,6 +27,7 @@ import redis
 from grpc import aio
 
 from features.breaker import CircuitBreaker
+from features.cache import PipelinedGets, RankCache
 from features.errors import StoreUnavailable
 from jobs.runner import run_job
 from jobs.steps import JobContext
@@ -152,6 +153,57 @@ async def test_redis_hung_then_killed_then_back(
             dead = await _burst(stub, metadata, users * 3)
             assert {code for code, _ in dead} == {grpc.StatusCode.OK}
             assert {source for _, source in dead} == {pb.SOURCE_LIVE}
+
+
+async def test_pipelined_gets_give_up_on_a_hung_redis_and_reconnect(tmp_path: Path) -> None:
+    """Every GET waiting on a hung Redis fails within the timeout; once it answers again the
+    next GET reconnects; a password it asks for is sent, a wrong one refused at connection
+    time; a dead Redis is a ConnectionError. Each as RankCache's StoreUnavailable."""
+    with _own_redis(tmp_path) as (redis_url, pid):
+        client = redis.Redis.from_url(redis_url)
+        client.set("k", b"v")
+        gets = PipelinedGets(redis_url, timeout_s=0.3)
+        cache = RankCache(
+            redis.asyncio.Redis.from_url(redis_url),
+            60,
+            CircuitBreaker("Redis", failures=100, cooldown_s=1),
+            gets,
+        )
+        try:
+            assert await gets.get("k") == b"v"
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                waiting = await asyncio.gather(
+                    *(gets.get("k") for _ in range(20)), return_exceptions=True
+                )
+                assert all(isinstance(e, TimeoutError) for e in waiting), waiting
+                assert time.monotonic() - started < 5
+                with pytest.raises(StoreUnavailable, match="did not answer"):
+                    await cache.get("s", "v", "u")  # a new connection, whose setup hangs too
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert await gets.get("k") == b"v"
+
+            client.config_set("requirepass", "sesame")
+            await gets.close()
+            assert await PipelinedGets(_with_password(redis_url, "sesame"), 1).get("k") == b"v"
+            refused = PipelinedGets(_with_password(redis_url, "wrong"), 1)
+            with pytest.raises(redis.exceptions.ResponseError, match="setup"):
+                await refused.get("k")
+            await refused.close()
+
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(StoreUnavailable, match="Redis"):
+                await cache.get("s", "v", "u")
+        finally:
+            await cache.close()
+            client.close()
+
+
+def _with_password(url: str, password: str) -> str:
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://:{password}@{rest}" if scheme != "unix" else f"{url}&password={password}"
 
 
 def _one_slot(config: Config, max_queue_wait_s: float) -> Config:

@@ -12,7 +12,7 @@ import asyncpg
 import numpy as np
 import pytest
 
-from features.cache import RankCache, pack_ranking, rank_key, unpack_ranking
+from features.cache import PipelinedGets, RankCache, pack_ranking, rank_key, unpack_ranking
 from features.errors import JobLocked, StoreUnavailable
 from features.postgres import _MIGRATION_LOCK_KEY, FEEDBACK_SQL, PgStore
 from features.schema import make_interaction, user_digest
@@ -434,6 +434,36 @@ async def test_cache_warm_mark_and_one_refill_claim(cache: RankCache) -> None:
     assert await cache.claim_refill(scope, "v2", hold_s=30)
     assert not await cache.claim_refill(scope, "v2", hold_s=30)  # one claimant at a time
     assert await cache.claim_refill(scope, "v3", hold_s=30)
+
+
+async def test_pipelined_gets_answer_each_caller_its_own_value(redis_url: str) -> None:
+    """Many GETs in flight on one connection, binary values (CRLF inside, empty) and missing
+    keys among them, and callers that give up before their reply: every other caller still
+    gets exactly the value redis-py reads for its key."""
+    import redis
+
+    prefix = f"privrank:test:{uuid.uuid4().hex[:8]}:"
+    values = {
+        f"{prefix}{n}": bytes([n % 256]) * (n % 7) + b"\r\n$-1\r\n" * (n % 3) for n in range(300)
+    }
+    client = redis.Redis.from_url(redis_url)
+    client.mset(values)
+    gets = PipelinedGets(redis_url, timeout_s=5)
+    try:
+        keys = [*values, f"{prefix}missing"] * 3
+        assert await gets.get(keys[0]) == values[keys[0]]  # connected
+        abandoned = [asyncio.ensure_future(gets.get(k)) for k in keys[::7]]
+        await asyncio.sleep(0)  # each has written its GET and waits for the reply
+        answers = asyncio.gather(*(gets.get(k) for k in keys))
+        for task in abandoned:
+            task.cancel()
+        assert await answers == [client.get(k) for k in keys]
+        assert all(task.cancelled() for task in abandoned)
+        assert await gets.get(f"{prefix}1") == values[f"{prefix}1"]
+    finally:
+        await gets.close()
+        client.delete(*values)
+        client.close()
 
 
 async def test_unreachable_redis_is_store_unavailable() -> None:
