@@ -11,8 +11,8 @@ compiles the numba kernels, so every worker starts with them compiled (copy-on-w
   mode: every worker writes its series to files in one directory, removed at exit);
 - relays SIGHUP (reload snapshots) and SIGUSR1 (flags changed) that a worker sends it after
   ``Admin.Reload`` or ``Admin.SetFlags`` to every worker, so an admin call reaches all of them;
-- restarts a worker that dies after it reached SERVING; if one dies while starting, it stops the
-  others and exits non-zero (a misconfiguration would only crash-loop);
+- restarts a worker that dies after it was up (warm and listening); if one dies while starting,
+  it stops the others and exits non-zero (a misconfiguration would only crash-loop);
 - on SIGTERM or SIGINT forwards it: each worker goes NOT_SERVING, keeps answering for
   ``shutdown_delay_s``, drains in-flight calls for up to ``shutdown_grace_s``, then exits.
 
@@ -159,7 +159,7 @@ class Supervisor:
             for fd in readable:
                 if os.read(fd, 1):
                     waiting[fd].ready = True
-                    log.info("worker %d SERVING", waiting[fd].index)
+                    log.info("worker %d up", waiting[fd].index)
 
     def _reap(self) -> None:
         while True:
@@ -177,7 +177,7 @@ class Supervisor:
             if self._stopping:
                 log.info("worker %d exited (%d)", worker.index, code)
             elif not worker.ready:
-                self._failed = f"worker {worker.index} exited ({code}) before SERVING; stopping"
+                self._failed = f"worker {worker.index} exited ({code}) before it was up; stopping"
                 self._stop_all()
             else:
                 log.error("worker %d died (%d); restarting it", worker.index, code)

@@ -60,16 +60,23 @@ async def terminate(process: subprocess.Popen[bytes], timeout_s: float = 60) -> 
 
 
 async def wait_serving(
-    port: int, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 120
+    port: int,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    timeout_s: float = 120,
+    service: str = "",
 ) -> None:
-    """Until health says SERVING; AssertionError naming the log if it exits or times out."""
+    """Until health says SERVING for ``service`` (default: the server as a whole, which
+    needs a snapshot); AssertionError naming the log if it exits or times out."""
     deadline = time.monotonic() + timeout_s
     async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while True:
             assert process.poll() is None, f"privrank serve exited; see {log}"
             with contextlib.suppress(aio.AioRpcError):
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                reply = await health.Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=1
+                )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             assert time.monotonic() < deadline, f"privrank serve never became SERVING; see {log}"

@@ -141,7 +141,8 @@ async def run(args: argparse.Namespace) -> bool:
     ):
         from tests.serving import wait_serving
 
-        await wait_serving(port, process, Path(tmp) / "serve.log")
+        # no snapshot here, so only Settings and Admin become SERVING: enough to connect to
+        await wait_serving(port, process, Path(tmp) / "serve.log", service="privrank.v1.Admin")
         first = aio.insecure_channel(f"127.0.0.1:{port}")
         assert await check(first), "the first connection was not answered"
         return await measure(args, port, process.pid, first)
