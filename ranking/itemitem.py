@@ -19,6 +19,13 @@ def item_item_scores(matrix: np.ndarray, seen: np.ndarray) -> np.ndarray:
     return np.asarray(matrix[seen].sum(axis=0, dtype=np.float32))
 
 
+def _as_dense(matrix: np.ndarray, seen: np.ndarray, weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """The user's summed rows as the kernels' input: (query float32[1], vectors float32[n, 1])."""
+    row = item_item_scores(matrix, seen).reshape(-1, 1)
+    query = _ONE if weight == 1.0 else np.full(1, weight, dtype=np.float32)
+    return query, row
+
+
 def item_item_top_k(
     matrix: np.ndarray,
     bias: np.ndarray,
@@ -29,8 +36,7 @@ def item_item_top_k(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` items by ``weight`` × item-item score + bias, minus ``excluded`` (sorted
     int64)."""
-    row = item_item_scores(matrix, seen).reshape(-1, 1)
-    query = _ONE if weight == 1.0 else np.full(1, weight, dtype=np.float32)
+    query, row = _as_dense(matrix, seen, weight)
     result: tuple[np.ndarray, np.ndarray] = kernels.topk_dense(query, row, bias, excluded, k)
     return result
 
@@ -45,8 +51,7 @@ def item_item_candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` of ``candidates`` (int64[m] positions) by the score ``item_item_top_k``
     ranks with, so that they come in the order Recommend gives them."""
-    row = item_item_scores(matrix, seen).reshape(-1, 1)
-    query = _ONE if weight == 1.0 else np.full(1, weight, dtype=np.float32)
+    query, row = _as_dense(matrix, seen, weight)
     result: tuple[np.ndarray, np.ndarray] = kernels.topk_candidates(
         query, row, bias, candidates, np.empty(0, dtype=np.int64), k
     )
