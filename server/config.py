@@ -64,8 +64,10 @@ class Config:
     max_queued_rpcs: int = 256  # waiting for a slot; past this, RESOURCE_EXHAUSTED at once
     # per method, calls gRPC core may hold for the event loop without shedding any; past that
     # it sheds new ones at random, past twice that all of them (the caller sees CANCELLED);
-    # 0 leaves gRPC core's own limits (1,000 and 3,000)
-    max_pending_rpcs: int = 256
+    # 0 leaves gRPC core's own limits (1,000 and 3,000). A call waits there up to about
+    # 2 x this / C (answers/s): keep that well inside callers' deadlines, or the loop spends
+    # itself on calls that expired while they waited
+    max_pending_rpcs: int = 128
     # TLS on the gRPC port (PEM files, re-read when they change; server/tls.py): the server's
     # certificate chain and key, and the CAs that must have signed the clients' certificates
     # (mTLS; unset: clients present none). Unset: plaintext, for a loopback or a mesh's sidecar

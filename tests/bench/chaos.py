@@ -77,6 +77,7 @@ from server.threads import GRPC_THREAD_PREFIXES, threads
 
 # -- targets and fixed choices (no measured figure lives here) ---------------------------------
 DEADLINE_S = 1.0  # every Recommend carries this deadline
+SHORT_DEADLINE_S = 0.1  # scenario 6 also offers 3x with this one, as a page's backend might
 LIMIT = 10
 SCOPE = "default"
 CRASH_SCOPE = "chaos7"
@@ -508,8 +509,15 @@ class Server:
 class Clients:
     """Several channels (each its own connection) to one server, and the two tokens."""
 
-    def __init__(self, target: str, service: str, admin: str, channels: int = 4) -> None:
-        self.target = target
+    def __init__(
+        self,
+        target: str,
+        service: str,
+        admin: str,
+        channels: int = 4,
+        deadline_s: float = DEADLINE_S,
+    ) -> None:
+        self.target, self.deadline_s = target, deadline_s
         options = [("grpc.use_local_subchannel_pool", 1)]
         self.channels = [aio.insecure_channel(target, options=options) for _ in range(channels)]
         self.ranking = [rpc.RankingStub(c) for c in self.channels]
@@ -554,7 +562,7 @@ async def recommend(clients: Clients, call: Call) -> Call:
         answer = await clients.stub().Recommend(
             pb.RecommendRequest(user_id=call.user, limit=LIMIT),
             metadata=clients.md,
-            timeout=DEADLINE_S,
+            timeout=clients.deadline_s,
         )
     except aio.AioRpcError as exc:
         call.code = exc.code()
@@ -682,7 +690,7 @@ class LoadGen:
 
     async def run(
         self,
-        target: str,
+        clients: Clients,
         pick: Picker,
         rng: random.Random,
         seconds: float,
@@ -690,8 +698,9 @@ class LoadGen:
         rate: float = 0.0,
         concurrency: int = 0,
     ) -> Run:
-        """Open loop at ``rate`` or closed loop with ``concurrency`` callers, for ``seconds``;
-        returns once every call has finished, as `open_loop` and `closed_loop` do."""
+        """Open loop at ``rate`` or closed loop with ``concurrency`` callers, for ``seconds``,
+        to the server and with the deadline of ``clients``; returns once every call has
+        finished, as `open_loop` and `closed_loop` do."""
         picks = [pick(rng) for _ in range(math.ceil(rate * seconds) if rate else 1 << 15)]
         requests, out = self.workdir / "loadgen-requests.bin", self.workdir / "loadgen-calls.txt"
         with requests.open("wb") as sink:
@@ -702,7 +711,7 @@ class LoadGen:
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = await asyncio.create_subprocess_exec(
             str(self.binary),
-            *(target, "/privrank.v1.Ranking/Recommend", f"{DEADLINE_S * 1000:.0f}"),
+            *(clients.target, "/privrank.v1.Ranking/Recommend", f"{clients.deadline_s * 1000:.0f}"),
             *(f"{seconds:.3f}", *mode, str(requests), str(out)),
             env={"LOADGEN_TOKEN": self.token},
             stdout=subprocess.PIPE,
@@ -1069,8 +1078,10 @@ class Bench:
         return server
 
     @contextlib.asynccontextmanager
-    async def clients(self, server: Server) -> AsyncIterator[Clients]:
-        clients = Clients(server.target, self.service, self.admin)
+    async def clients(
+        self, server: Server, deadline_s: float = DEADLINE_S
+    ) -> AsyncIterator[Clients]:
+        clients = Clients(server.target, self.service, self.admin, deadline_s=deadline_s)
         try:
             yield clients
         finally:
@@ -1083,14 +1094,14 @@ class Bench:
                 clients, self.pick_pool, CAPACITY_CONCURRENCY, seconds, self.rng
             )
         return await self.loadgen.run(
-            clients.target, self.pick_pool, self.rng, seconds, concurrency=CAPACITY_CONCURRENCY
+            clients, self.pick_pool, self.rng, seconds, concurrency=CAPACITY_CONCURRENCY
         )
 
     async def offer(self, clients: Clients, rate: float, seconds: float) -> Run:
         """Open loop at ``rate``, from the fast generator where it built."""
         if self.loadgen is None:
             return await open_loop(clients, self.pick_pool, rate, seconds, self.rng)
-        return await self.loadgen.run(clients.target, self.pick_pool, self.rng, seconds, rate=rate)
+        return await self.loadgen.run(clients, self.pick_pool, self.rng, seconds, rate=rate)
 
     def pick_pool(self, rng: random.Random) -> tuple[str, str]:
         return rng.choice(self.pool), "pool"
@@ -1845,15 +1856,15 @@ async def sigterm(b: Bench) -> None:
 
 # -- 6. overload -----------------------------------------------------------------------------------
 async def _overload_variant(
-    b: Bench, name: str, env: dict[str, str], capacity: float
+    b: Bench, name: str, env: dict[str, str], capacity: float, deadline_s: float = DEADLINE_S
 ) -> tuple[float, Run, Run]:
-    """A server configured otherwise by ``env``, in the same run: its own C (closed loop, as
-    privrank's was measured just before), 0.5 C for CALM_S, then the top level for a level's
-    time (C and the levels are privrank's, so both servers get the same load). Returns (its C,
-    the two runs)."""
+    """A server configured otherwise by ``env``, or callers with another deadline, in the same
+    run: its own C (closed loop, as privrank's was measured just before), 0.5 C for CALM_S, then
+    the top level for a level's time (C and the levels are privrank's, so both servers get the
+    same load). Returns (its C, the two runs)."""
     server = await b.start_server(name, env)
     try:
-        async with b.clients(server) as clients:
+        async with b.clients(server, deadline_s) as clients:
             await b.saturate(clients, 1.0)
             own = await b.saturate(clients, b.p.capacity_s)
             calm = await b.offer(clients, 0.5 * capacity, CALM_S)
@@ -1924,6 +1935,11 @@ async def overload(b: Bench) -> None:
     # RESOURCE_EXHAUSTED (but answers errors in a form only gRPC core's clients accept)
     ph2_c, ph2_calm, ph2_run = await _overload_variant(
         b, "overload-ph2", {"PRIVRANK_GRPC_TRANSPORT": "ph2"}, capacity
+    )
+    # and privrank as it is, with callers whose deadline is shorter than what the backlog core
+    # keeps (up to 2 x MAX_PENDING_RPCS calls) takes to answer at C
+    _, _, short_run = await _overload_variant(
+        b, "overload-short-deadline", {}, capacity, SHORT_DEADLINE_S
     )
 
     say(
@@ -2061,6 +2077,18 @@ async def overload(b: Bench) -> None:
         f"{pst2.goodput / capacity:.2f} x C, failures {dict(pst2.failed)}, RESOURCE_EXHAUSTED "
         f"median {ms(float(np.median(ph2_shed)) if ph2_shed else float('nan'))}; at 0.5 C its "
         f"p50 / p99 {ms(pcalm.p50)} / {ms(pcalm.p99)}, privrank's {ms(cst.p50)} / {ms(cst.p99)}",
+        None,
+    )
+    sst = stats(short_run.calls, short_run.window)
+    say(f"  {f'{top:g}x, {SHORT_DEADLINE_S * 1000:.0f} ms deadline':<22} {describe(sst)}")
+    pending = Config.from_env(b.env()).max_pending_rpcs
+    b.row(
+        f"6 overload {top:g}x, {SHORT_DEADLINE_S * 1000:.0f} ms deadlines",
+        "report",
+        f"privrank with MAX_PENDING_RPCS={pending}, callers' deadline "
+        f"{SHORT_DEADLINE_S * 1000:.0f} ms: goodput {sst.goodput:.0f}/s = "
+        f"{sst.goodput / capacity:.2f} x C, failures {dict(sst.failed)}, OK p50 / p99 "
+        f"{ms(sst.p50)} / {ms(sst.p99)}",
         None,
     )
     b.row(
