@@ -19,7 +19,8 @@ Scenarios (each prints what it measured and HIT/MISS against its target):
 4. hot swap     CURRENT flipped between two versions every 2 s with Admin.Reload, plus
                 corrupt candidates, at 0.5 C; answers checked against per-version references
 5. SIGTERM      0.8 C, SIGTERM: in-flight calls, NOT_SERVING first, UNAVAILABLE afterwards
-6. overload     open loop at 1x, 2x, 3x C; then 3x against gRPC core's default backlog
+6. overload     open loop at 1x, 2x, 3x C; then 3x against gRPC core's default backlog, gRPC's
+                threads at the loop's priority, the ph2 transport, and 100 ms deadlines
 7. job kills    `python -m jobs nightly --scope S` SIGKILLed at random points, then re-run
 
 Nothing measured is written into the code: every figure is printed from this run. The
@@ -100,8 +101,8 @@ WATCHDOG_S = {"quick": 15 * 60, "full": 45 * 60}  # a run that gets this far is 
 OK = grpc.StatusCode.OK
 RUNGS = {pb.SOURCE_CACHED: "CACHED", pb.SOURCE_LIVE: "LIVE", pb.SOURCE_POPULAR: "POPULAR"}
 SERVING = health_pb2.HealthCheckResponse.SERVING
-STATUS = {code.value[0]: code for code in grpc.StatusCode}  # by the number on the wire
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+STATUS = {code.value[0]: code for code in grpc.StatusCode}  # by the number on the wire
 
 
 def say(*parts: object) -> None:
@@ -1989,7 +1990,7 @@ async def overload(b: Bench) -> None:
                 f"         {never:.0f} calls never reached the server's handler (shed or expired "
                 f"before it); {max(late, 0):.0f} answers were computed after the caller gave up"
             )
-        if run.generator_cpu_s == run.generator_cpu_s:  # known (the fast generator)
+        if not math.isnan(run.generator_cpu_s):  # known for the fast generator
             say(
                 f"         generator: CPU {run.generator_cpu_s / wall:.0%} of its core, "
                 f"{run.generator_cpu_s / max(st.sent, 1) * 1e6:.0f} us a call"
