@@ -551,7 +551,10 @@ async def build(ctx: JobContext, scope: str) -> str:
 async def precompute(ctx: JobContext, scope: str) -> str:
     """Control's rankings of the scope's active users, scored as serving scores them; users
     of an A/B variant that scores otherwise are skipped (serving ranks them live). Those who
-    opt out or are erased while it runs have theirs deleted again at the end."""
+    opt out or are erased while it runs have theirs deleted again at the end. A scope with
+    no published snapshot yet (events, but no nightly since) is skipped."""
+    if snapshot.current_version(ctx.config.snapshot_dir, scope) is None:
+        return "no published snapshot yet (the nightly builds the first): skipped"
     snap = snapshot.load_current(ctx.config.snapshot_dir, scope)
     profile = ctx.config.profile(scope)
     # the retriever serving uses: faiss above the exact-search threshold, batched here
@@ -634,12 +637,12 @@ async def evaluate(ctx: JobContext, scope: str) -> str:
     is scored over it with its own profile by the serving code (``scoring_for``,
     ``top_k_batch``: relevance weight, bias, boosts, base scores, model), then diversified by
     its MMR strength. The popularity baseline, the non-personalized reference, is scored on
-    the same split. A rule scope with nothing to hold out yet reports so and fails nothing
-    (it serves with any number of events)."""
+    the same split. A scope with nothing to hold out yet (too little data) reports so as its
+    summary and fails nothing."""
     rules = _rules(ctx, scope)
     cutoff = await ctx.pg.holdout_cutoff(scope, HOLDOUT_FRACTION)
     if cutoff is None:
-        return _nothing_held_out(rules, "too few interactions to hold any out")
+        return "too few interactions to hold any out; nothing evaluated"
     train_pairs = await ctx.pg.training_pairs(scope, before=cutoff)
     all_pairs = await ctx.pg.training_pairs(scope)
     profile = ctx.config.profile(scope)
@@ -653,16 +656,8 @@ async def evaluate(ctx: JobContext, scope: str) -> str:
     snap = snapshot.in_memory(scope, arrays, extra=extra)
     held_out = _held_out(snap, train_pairs, all_pairs, cutoff)
     if not held_out:
-        return _nothing_held_out(rules, "no held-out interactions of known users and items")
+        return "no held-out interactions of known users and items; nothing evaluated"
     return await _score_split(ctx, snap, held_out, profile)
-
-
-def _nothing_held_out(rules: bool, reason: str) -> str:
-    """A rule scope serves with any number of events, so too few to measure is a summary
-    line; a learned scope with too few is a failure."""
-    if rules:
-        return f"rule-based scope: {reason}; nothing evaluated"
-    raise JobError(reason)
 
 
 def _learned_holdout_arrays(

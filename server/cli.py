@@ -198,14 +198,22 @@ async def _synth(config: Config, urls: embedded.EmbeddedUrls, args: argparse.Nam
 
 
 async def _jobs(config: Config, urls: embedded.EmbeddedUrls, name: str, scope: str | None) -> None:
+    """Print the first run's ``started_line``, then each step's summary as it ends; the
+    failures, if any, end the command as one error line."""
     from jobs.runner import run_job
     from jobs.steps import JobContext
 
+    def say(line: str) -> None:
+        print(line, flush=True)
+
     async with _stores(config, urls) as (pg, cache):
-        for line in await run_job(
-            JobContext(config, pg, cache), name, [validate_scope(scope)] if scope else None
-        ):
-            print(line)
+        await run_job(
+            JobContext(config, pg, cache),
+            name,
+            [validate_scope(scope)] if scope else None,
+            on_started=say,
+            on_summary=say,
+        )
 
 
 async def _migrate(config: Config, urls: embedded.EmbeddedUrls) -> None:

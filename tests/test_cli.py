@@ -132,8 +132,16 @@ async def test_import_rejects_a_bad_file_whole(config: Config, pg: PgStore, tmp_
 
 def test_job_steps_run_alone_and_via_python_m_jobs(config: Config, imported: str) -> None:
     for step in ("refresh-features", "train", "precompute", "evaluate", "cleanup"):
-        result = privrank(config, "jobs", step, "--scope", imported)
-        assert result.stdout.startswith(f"{step} [{imported}]")
+        started, *summaries = privrank(
+            config, "jobs", step, "--scope", imported
+        ).stdout.splitlines()
+        assert started.startswith("started run ")
+        assert summaries[0].startswith(f"{step} [{imported}]")
+    # train alone also publishes what it trained
+    assert summaries_of(privrank(config, "jobs", "train", "--scope", imported)) == [
+        "train",
+        "build",
+    ]
     result = subprocess.run(
         [sys.executable, "-m", "jobs", "evaluate", "--scope", imported],
         env=cli_env(config),
@@ -146,10 +154,26 @@ def test_job_steps_run_alone_and_via_python_m_jobs(config: Config, imported: str
     assert "privrank ndcg@10=" in result.stdout
 
 
+def summaries_of(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """The steps whose summaries a ``jobs`` command printed, in order."""
+    return [line.split(" ")[0] for line in result.stdout.splitlines()[1:]]
+
+
 def test_failed_step_exits_non_zero_with_one_line(config: Config) -> None:
     result = privrank(config, "jobs", "build", "--scope", "never-trained", check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("privrank: error: build [never-")
+
+
+def test_a_failed_nightly_prints_the_other_summaries_and_still_cleans_up(config: Config) -> None:
+    result = privrank(config, "jobs", "nightly", "--scope", "nothing-to-train", check=False)
+    assert result.returncode == 1
+    assert summaries_of(result) == ["refresh-features", "cleanup"]
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("privrank: error: train [nothing-to-train]: no positive interactions")
+    )
 
 
 async def test_a_second_concurrent_nightly_refuses(

@@ -364,8 +364,8 @@ async def test_a_rule_scope_runs_end_to_end(
     # every click from the cutoff on is on an item first seen at or after it: nothing to
     # measure, and a rule scope serves anyway, so evaluate says so without failing the run
     assert (
-        "evaluate [notifications] rule-based scope: no held-out interactions of known users"
-        " and items; nothing evaluated" in nightly.stdout
+        "evaluate [notifications] no held-out interactions of known users and items;"
+        " nothing evaluated" in nightly.stdout
     )
     assert snapshot.load_current(profiled.snapshot_dir, scope).manifest["model"] == "rules"
 

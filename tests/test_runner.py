@@ -1,0 +1,93 @@
+"""The job runner's composition of steps: what runs after a failure, what a scope without a
+snapshot or with too little data reports, and what ``train`` alone publishes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from features.errors import JobError
+from features.schema import Interaction
+from jobs.runner import run_job
+from jobs.steps import NIGHTLY, JobContext
+from ranking import snapshot
+
+
+def _scope() -> str:
+    return "r" + uuid.uuid4().hex[:8]
+
+
+def _events(scope: str, kind: str = "click") -> list[Interaction]:
+    """A small scope: user a over items i0..i7, then a newcomer b on new items j0, j1 (the
+    newest): whatever is held out is of users or items the training part does not know."""
+    start = datetime.now(UTC) - timedelta(days=2)
+    picks = [("a", f"i{n}") for n in range(8)] + [("b", "j0"), ("b", "j1")]
+    return [
+        Interaction(
+            scope=scope,
+            user_id=user,
+            item_id=item,
+            event_type=kind,
+            value=1.0,
+            occurred_at=start + timedelta(hours=n),
+        )
+        for n, (user, item) in enumerate(picks)
+    ]
+
+
+async def test_a_small_scope_runs_the_nightly_and_reports_nothing_to_evaluate(
+    seeded: JobContext,
+) -> None:
+    scope = _scope()
+    await seeded.pg.insert_events(_events(scope))
+    summaries = await run_job(seeded, "nightly", [scope])
+    assert tuple(line.split(" ")[0] for line in summaries) == NIGHTLY
+    assert (
+        f"evaluate [{scope}] no held-out interactions of known users and items;"
+        " nothing evaluated" in summaries[4]
+    )
+
+
+async def test_precompute_skips_a_scope_with_no_published_snapshot(seeded: JobContext) -> None:
+    scope = _scope()
+    await seeded.pg.insert_events(_events(scope))  # recorded, never built
+    (summary,) = await run_job(seeded, "precompute", [scope])
+    assert summary.startswith(f"precompute [{scope}] no published snapshot yet")
+
+
+async def test_a_failed_step_skips_the_scopes_next_steps_but_cleanup_and_hides_no_summary(
+    seeded: JobContext,
+) -> None:
+    broken, fine = _scope(), _scope()
+    await seeded.pg.insert_events(_events(broken, kind="dismiss"))  # nothing to train on
+    await seeded.pg.insert_events(_events(fine))
+    reported: list[str] = []
+    with pytest.raises(JobError, match=rf"^train \[{broken}\]: no positive interactions"):
+        await run_job(seeded, "nightly", [broken, fine], on_summary=reported.append)
+    steps = [line.split(" ")[:2] for line in reported]
+    assert steps[:2] == [["refresh-features", f"[{broken}]"], ["cleanup", f"[{broken}]"]]
+    assert tuple(step for step, _ in steps[2:]) == NIGHTLY
+    runs = {(r.name, r.scope): r.status for r in await seeded.pg.job_runs(20)}
+    assert runs[("train", broken)] == "failed"
+    assert runs[("cleanup", broken)] == "succeeded"
+    assert ("build", broken) not in runs
+
+
+async def test_train_alone_publishes_what_it_trained(seeded: JobContext) -> None:
+    scope = _scope()
+    await seeded.pg.insert_events(_events(scope))
+    started: list[str] = []
+    summaries = await run_job(seeded, "train", [scope], on_started=started.append)
+    assert [line.split(" ")[0] for line in summaries] == ["train", "build"]
+    assert f"build [{scope}] published " in summaries[1]
+    version = snapshot.current_version(seeded.config.snapshot_dir, scope)
+    assert version is not None
+    assert version in summaries[1]
+    (line,) = started
+    assert line.startswith("started run ")
+    assert line.endswith(f": train [{scope}]")
+    # build stays a job of its own
+    (rebuilt,) = await run_job(seeded, "build", [scope])
+    assert rebuilt.startswith(f"build [{scope}] published ")
