@@ -42,7 +42,9 @@ STATUS: dict[type[errors.PrivrankError], grpc.StatusCode] = {
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.NotReady: grpc.StatusCode.UNAVAILABLE,
     errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.JobLocked: grpc.StatusCode.FAILED_PRECONDITION,
+    # another run holds the lock: retry once it ends (gRPC's guide: a concurrency conflict,
+    # retried at a higher level, is ABORTED)
+    errors.JobLocked: grpc.StatusCode.ABORTED,
     errors.JobError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SnapshotError: grpc.StatusCode.FAILED_PRECONDITION,
 }

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -19,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc import aio
 
-from features.errors import InvalidInput, NotFound
+from features.errors import InvalidInput, JobError, JobLocked, NotFound
 from features.postgres import UserSettingsRow
 from features.schema import (
     FEATURE_NAMES,
@@ -30,10 +32,11 @@ from features.schema import (
     validate_id,
     validate_scope,
 )
-from jobs.runner import JOB_NAMES
+from jobs.runner import JOB_NAMES, started_run_id
 from ranking.pipeline import Ranked
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
+from server.cli import EXIT_LOCKED
 from server.interceptors import current
 
 if TYPE_CHECKING:
@@ -48,6 +51,7 @@ MAX_CANDIDATES = 10_000
 MAX_EVENTS = 1000
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 FEEDBACK_WINDOW = timedelta(days=7)
+_ANSWER_MARGIN_S = 0.05  # RunJob answers this long before its deadline at the latest
 
 
 def _limit(value: int, *, default: int = DEFAULT_LIMIT) -> int:
@@ -295,7 +299,7 @@ class SettingsService(rpc.SettingsServicer):
 class AdminService(rpc.AdminServicer):
     def __init__(self, app: App) -> None:
         self._app = app
-        self._children: set[asyncio.Task[None]] = set()
+        self._children: set[asyncio.Task[tuple[int, str]]] = set()
 
     async def GetMetrics(
         self, request: pb.GetMetricsRequest, context: aio.ServicerContext
@@ -338,39 +342,79 @@ class AdminService(rpc.AdminServicer):
         )
 
     async def RunJob(self, request: pb.RunJobRequest, context: aio.ServicerContext) -> pb.JobRun:
+        """Start the job in a process of its own and answer once it has recorded its first
+        run (its run id), or when the deadline nears first (run id 0, as the job goes on
+        starting). JobLocked (ABORTED) while another run holds the lock, the job's own
+        reason (FAILED_PRECONDITION) if it ended before starting a run."""
         if request.name not in JOB_NAMES:
             raise InvalidInput(f"name must be one of: {', '.join(JOB_NAMES)}")
         args = [sys.executable, "-m", "jobs", request.name]
         if request.scope:
             args += ["--scope", validate_scope(request.scope)]
+        # refuse at once while a run holds the lock; a job that takes it in between makes
+        # this one's process exit EXIT_LOCKED, seen below
+        async with self._app.pg.job_lock():
+            pass
+        started_at = datetime.now(UTC)
         process = await asyncio.create_subprocess_exec(
             *args,
             env=self._app.child_env(),
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-
-        async def reap() -> None:
-            _, err = await process.communicate()
-            if process.returncode:
-                log.error(
-                    "job %s exited %s: %s",
-                    request.name,
-                    process.returncode,
-                    err.decode(errors="replace").strip().splitlines()[-1:],
-                )
-            await self._app.reload()
-
-        task = asyncio.create_task(reap())
+        first_run: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._watch_job(request, process, first_run))
         self._children.add(task)
         task.add_done_callback(self._children.discard)
+        wait = current().deadline - time.monotonic() - _ANSWER_MARGIN_S
+        try:
+            run_id = await asyncio.wait_for(asyncio.shield(first_run), max(wait, 0.0))
+        except TimeoutError:
+            run_id = 0  # still starting (imports, migrations): ListJobRuns shows it soon
+        if run_id is None:  # the process ended before starting a run: say why
+            code, reason = await asyncio.shield(task)
+            if code == EXIT_LOCKED:
+                raise JobLocked(reason)
+            raise JobError(reason)
         return pb.JobRun(
+            run_id=run_id,
             name=request.name,
             scope=request.scope,
             status="started",
-            started_at=_timestamp(datetime.now(UTC)),
+            started_at=_timestamp(started_at),
         )
+
+    async def _watch_job(
+        self,
+        request: pb.RunJobRequest,
+        process: asyncio.subprocess.Process,
+        first_run: asyncio.Future[int | None],
+    ) -> tuple[int, str]:
+        """Reap a RunJob process: ``first_run`` gets the run id its first line names (None if
+        it ended without one). A process that ended before starting a run is recorded as a
+        failed run; after one that ran, the snapshots are reloaded. Returns (exit status,
+        last line of stderr without the command's prefix)."""
+        assert process.stdout is not None
+        assert process.stderr is not None
+        stdout = process.stdout
+
+        async def read_stdout() -> None:
+            first_run.set_result(started_run_id((await stdout.readline()).decode()))
+            await stdout.read()
+
+        _, err = await asyncio.gather(read_stdout(), process.stderr.read())
+        code = await process.wait()
+        lines = err.decode(errors="replace").strip().splitlines()
+        reason = re.sub(r"^privrank: (error: )?", "", lines[-1] if lines else f"exited {code}")
+        if code:
+            log.error("job %s exited %s: %s", request.name, code, reason)
+        if first_run.result() is None:
+            run_id = await self._app.pg.start_run(request.name, request.scope)
+            await self._app.pg.finish_run(run_id, ok=False, detail=reason)
+        else:
+            await self._app.reload()
+        return code, reason
 
     async def ListJobRuns(
         self, request: pb.ListJobRunsRequest, context: aio.ServicerContext

@@ -628,18 +628,53 @@ async def test_admin_run_job_starts_a_recorded_run(client: Client) -> None:
         ).runs
     }
     started = await client.admin.RunJob(
-        pb.RunJobRequest(name="cleanup", scope="default"), metadata=client.adm
+        pb.RunJobRequest(name="cleanup", scope="default"), metadata=client.adm, timeout=120
     )
     assert started.status == "started"
+    assert started.run_id not in before
     deadline = time.monotonic() + 120
     while True:
         runs = (
             await client.admin.ListJobRuns(pb.ListJobRunsRequest(limit=100), metadata=client.adm)
         ).runs
-        new = [r for r in runs if r.run_id not in before and r.name == "cleanup"]
+        new = [r for r in runs if r.run_id == started.run_id and r.name == "cleanup"]
         if new and new[0].status != "running":
             break
         assert time.monotonic() < deadline, "the job never recorded an outcome"
         await asyncio.sleep(0.2)
     assert new[0].status == "succeeded", new[0].detail
     assert new[0].detail.startswith("removed ")
+
+
+async def test_admin_run_job_is_aborted_while_another_run_holds_the_lock(
+    client: Client, seeded: JobContext
+) -> None:
+    async with seeded.pg.job_lock():
+        with pytest.raises(aio.AioRpcError) as err:
+            await client.admin.RunJob(pb.RunJobRequest(name="nightly"), metadata=client.adm)
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    assert "another privrank job run is in progress" in (err.value.details() or "")
+
+
+async def test_a_run_job_that_loses_the_race_for_the_lock_is_aborted_and_recorded(
+    client: Client, seeded: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another run takes the lock between RunJob's check and its process's own try."""
+
+    @contextlib.asynccontextmanager
+    async def free() -> AsyncIterator[None]:
+        yield
+
+    monkeypatch.setattr(client.app.pg, "job_lock", free)
+    async with seeded.pg.job_lock():
+        with pytest.raises(aio.AioRpcError) as err:
+            await client.admin.RunJob(
+                pb.RunJobRequest(name="cleanup", scope="default"),
+                metadata=client.adm,
+                timeout=120,
+            )
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    assert (err.value.details() or "").startswith("another privrank job run is in progress")
+    (newest,) = await seeded.pg.job_runs(1)
+    assert (newest.name, newest.scope, newest.status) == ("cleanup", "default", "failed")
+    assert newest.detail == err.value.details()
