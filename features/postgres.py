@@ -38,6 +38,11 @@ _MIGRATION_LOCK_KEY = 0x70726977
 MIGRATION_LOCK_WAIT_S = 600.0  # how long a migration waits for another process's to finish
 _MIGRATION_LOCK_POLL_S = 0.2
 _MIGRATION_TIMEOUT_S = 120.0  # each transactional script
+# a script's wait for each lock it takes: writers of a table queue behind an ALTER waiting
+# for it, so it gives up soon and tries again, MIGRATION_ATTEMPTS times with doubling pauses
+MIGRATION_TABLE_LOCK_S = 2.0
+MIGRATION_ATTEMPTS = 6
+_MIGRATION_RETRY_S = 1.0  # the first pause; 1 + 2 + 4 + 8 + 16 s in all
 _NO_TRANSACTION = "-- privrank: no-transaction"
 _CONCURRENT_INDEX = re.compile(
     r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+IF\s+NOT\s+EXISTS\s+(?P<name>\w+)"
@@ -115,6 +120,36 @@ async def _lock_migrations(conn: asyncpg.Connection, wait_s: float) -> None:
 
 async def _record_migration(conn: asyncpg.Connection, version: str) -> None:
     await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+
+
+async def _run_script(
+    conn: asyncpg.Connection, version: str, sql: str, lock_wait_s: float, attempts: int
+) -> None:
+    """Run a transactional script and record it, waiting at most ``lock_wait_s`` for each
+    lock it takes; a script that did not get its locks is rolled back and tried again after
+    a doubling pause, ``attempts`` times in all, then JobLocked."""
+    for attempt in range(attempts):
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT set_config('lock_timeout', $1, true)", f"{lock_wait_s * 1000:.0f}ms"
+                )
+                await conn.execute(sql, timeout=_MIGRATION_TIMEOUT_S)
+                await _record_migration(conn, version)
+            return
+        except asyncpg.LockNotAvailableError:
+            if attempt + 1 < attempts:
+                pause = _MIGRATION_RETRY_S * 2**attempt
+                log.warning(
+                    "migration %s: a table it changes is in use; trying again in %g s",
+                    version,
+                    pause,
+                )
+                await asyncio.sleep(pause)
+    raise JobLocked(
+        f"migration {version}: a table it changes stayed in use (a long query or job holds"
+        f" it; {attempts} tries of {lock_wait_s:g} s); try again when that ends"
+    )
 
 
 async def _build_index_concurrently(conn: asyncpg.Connection, version: str, sql: str) -> None:
@@ -266,14 +301,22 @@ class PgStore:
 
     # -- schema ---------------------------------------------------------------------------
 
-    async def migrate(self, lock_wait_s: float = MIGRATION_LOCK_WAIT_S) -> list[str]:
+    async def migrate(
+        self,
+        lock_wait_s: float = MIGRATION_LOCK_WAIT_S,
+        *,
+        table_lock_wait_s: float = MIGRATION_TABLE_LOCK_S,
+        attempts: int = MIGRATION_ATTEMPTS,
+    ) -> list[str]:
         """Apply pending migrations in order; returns the versions applied. Idempotent.
 
         Callers take turns on an advisory lock, waiting up to ``lock_wait_s`` for it (then
-        JobLocked). A script runs in a transaction of its own, within 120 s, unless it starts
-        with ``-- privrank: no-transaction``: then it builds one index CONCURRENTLY (see
-        ``_build_index_concurrently``), with no time limit, while writes to its table go on.
-        Migrations run on a connection of their own, as this store's role.
+        JobLocked). A script runs in a transaction of its own, within 120 s, waiting at most
+        ``table_lock_wait_s`` for each table lock and tried ``attempts`` times (see
+        ``_run_script``), unless it starts with ``-- privrank: no-transaction``: then it
+        builds one index CONCURRENTLY (see ``_build_index_concurrently``), with no time
+        limit, while writes to its table go on. Migrations run on a connection of their own,
+        as this store's role.
         """
         applied: list[str] = []
         async with _translated():
@@ -299,9 +342,7 @@ class PgStore:
                         await _build_index_concurrently(conn, version, sql)
                         await _record_migration(conn, version)
                     else:
-                        async with conn.transaction():
-                            await conn.execute(sql, timeout=_MIGRATION_TIMEOUT_S)
-                            await _record_migration(conn, version)
+                        await _run_script(conn, version, sql, table_lock_wait_s, attempts)
                     applied.append(version)
             finally:
                 await conn.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,11 +13,14 @@ import asyncpg
 import numpy as np
 import pytest
 
+from features import postgres
 from features.cache import PipelinedGets, RankCache, pack_ranking, rank_key, unpack_ranking
 from features.errors import JobLocked, StoreUnavailable
 from features.postgres import _MIGRATION_LOCK_KEY, FEEDBACK_SQL, PgStore
 from features.schema import make_interaction, user_digest
 from tests.conftest import fresh_database
+
+ALTER_EVENTS = "ALTER TABLE events ADD COLUMN test_only integer"
 
 
 def _scope() -> str:
@@ -177,6 +181,37 @@ async def test_a_migration_waits_its_turn_then_gives_up(owner_pg: PgStore, pg_ur
         assert await owner_pg.migrate() == []
     finally:
         await holder.close()
+
+
+async def test_a_migration_waiting_on_a_long_read_does_not_hold_up_writers(
+    server_pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ALTER TABLE queued behind a reader blocks every writer of the table behind it: a
+    migration gives up its wait soon, tries again a few times, then says why it failed."""
+    pending = [*postgres._migration_scripts(), ("9999_alter_events", ALTER_EVENTS)]
+    async with fresh_database(server_pg_url) as url:
+        owner = await PgStore.connect(url, timeout_s=10, role=None, max_size=1)
+        writer = None
+        reader = await asyncpg.connect(url)
+        try:
+            await owner.migrate()
+            writer = await PgStore.connect(url, timeout_s=10)
+            monkeypatch.setattr(postgres, "_migration_scripts", lambda: pending)
+            async with reader.transaction():  # a job's long read of events
+                await reader.fetchval("SELECT count(*) FROM events")
+                migrating = asyncio.create_task(owner.migrate(table_lock_wait_s=0.5, attempts=2))
+                await asyncio.sleep(0.2)  # the ALTER is waiting for its lock
+                started = time.monotonic()
+                await asyncio.wait_for(writer.insert_events([_event("w", "a", "x")]), 5)
+                assert time.monotonic() - started < 1.0
+                with pytest.raises(JobLocked, match="9999_alter_events: a table it changes"):
+                    await migrating
+            assert await owner.migrate() == ["9999_alter_events"]
+        finally:
+            await reader.close()
+            await owner.close()
+            if writer is not None:
+                await writer.close()
 
 
 async def test_events_round_trip_into_training_pairs(pg: PgStore) -> None:
