@@ -257,8 +257,10 @@ class PgStore:
         breaker_cooldown_s: float = 1.0,
     ) -> PgStore:
         """A pool on ``dsn`` whose sessions act as ``role`` (the non-owner service role by
-        default; ``None`` keeps the login's own role, as migrations need)."""
-        settings = {"role": role} if role else {}
+        default; ``None`` keeps the login's own role, as migrations need), in TimeZone UTC."""
+        # timestamptz arithmetic and extract() follow the session TimeZone: UTC, whatever the
+        # server's or the database's default
+        settings = {"timezone": "UTC", **({"role": role} if role else {})}
         try:
             pool = await asyncpg.create_pool(
                 dsn,
@@ -464,7 +466,7 @@ class PgStore:
         names, weights = _weights()
         async with self._conn() as conn:
             rows = await conn.fetch(
-                "SELECT (extract(hour FROM e.occurred_at"
+                "SELECT (extract(hour FROM (e.occurred_at AT TIME ZONE 'UTC')"
                 "          + make_interval(mins => coalesce(e.utc_offset_minutes, 0)))::int / 6)"
                 "         AS daypart, e.device, e.item_id, sum(w.weight) AS pop"
                 " FROM events e"
@@ -1108,7 +1110,7 @@ per_user AS (
            ln(1 + sum(weight)) AS engagement_score,
            least(1.0, count(*) FILTER (WHERE event_type = 'click')::real
                  / greatest(1, count(*) FILTER (WHERE event_type = 'impression'))) AS ctr,
-           mode() WITHIN GROUP (ORDER BY extract(hour FROM occurred_at
+           mode() WITHIN GROUP (ORDER BY extract(hour FROM (occurred_at AT TIME ZONE 'UTC')
                + make_interval(mins => coalesce(utc_offset_minutes, 0)))) AS preferred_hour,
            coalesce(mode() WITHIN GROUP (ORDER BY device) FILTER (WHERE device <> 0), 0)
                AS device_category,

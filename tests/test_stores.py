@@ -17,7 +17,7 @@ from features import postgres
 from features.cache import PipelinedGets, RankCache, pack_ranking, rank_key, unpack_ranking
 from features.errors import JobLocked, StoreUnavailable
 from features.postgres import _MIGRATION_LOCK_KEY, FEEDBACK_SQL, PgStore
-from features.schema import make_interaction, user_digest
+from features.schema import FEATURE_NAMES, make_interaction, user_digest
 from tests.conftest import fresh_database
 
 ALTER_EVENTS = "ALTER TABLE events ADD COLUMN test_only integer"
@@ -292,6 +292,33 @@ async def test_refresh_features_aggregates_in_sql(pg: PgStore) -> None:
     assert row["ctr"] == pytest.approx(1 / 3)
     assert row["s7"] == 1
     assert row["s30"] == 2
+
+
+async def test_time_of_day_features_ignore_the_databases_time_zone(server_pg_url: str) -> None:
+    """Local hours are UTC plus the event's offset, as serving computes a request's segment,
+    whatever TimeZone the database or server defaults to."""
+    at = datetime(2026, 12, 1, 14, 30, tzinfo=UTC)  # 15:30 at the events' UTC+1
+    async with fresh_database(server_pg_url) as url:
+        admin = await asyncpg.connect(url)
+        try:
+            name = await admin.fetchval("SELECT current_database()")
+            await admin.execute(f"ALTER DATABASE \"{name}\" SET timezone = 'America/New_York'")
+        finally:
+            await admin.close()
+        owner = await PgStore.connect(url, timeout_s=10, role=None, max_size=1)
+        await owner.migrate()
+        await owner.close()
+        store = await PgStore.connect(url, timeout_s=10)
+        try:
+            scope = _scope()
+            await store.insert_events([_event(scope, "a", "x", "click", at=at)] * 3)
+            await store.refresh_features(scope, now=at + timedelta(hours=1))
+            _, matrix = await store.user_features(scope)
+            segments = await store.segment_popularity(scope, now=at + timedelta(hours=1))
+        finally:
+            await store.close()
+    assert matrix[0][FEATURE_NAMES.index("preferred_hour")] == 15
+    assert {daypart for daypart, _, _, _ in segments} == {15 // 6}
 
 
 async def test_settings_default_update_and_optout_set(pg: PgStore) -> None:
