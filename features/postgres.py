@@ -14,7 +14,7 @@ import logging
 import re
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -217,6 +217,26 @@ class JobRunRow:
     detail: str
     started_at: datetime
     finished_at: datetime | None
+
+
+class Listener:
+    """A LISTEN on its own connection (``PgStore.listen_settings``)."""
+
+    def __init__(self, conn: asyncpg.Connection, timeout_s: float) -> None:
+        self._conn = conn
+        self._timeout = timeout_s
+
+    @property
+    def lost(self) -> bool:
+        """The connection is gone (its backend terminated, the network dropped it): nothing
+        more will be heard on it."""
+        return self._conn.is_closed()
+
+    async def stop(self) -> None:
+        try:
+            await self._conn.close(timeout=self._timeout)
+        except _DRIVER_ERRORS:
+            self._conn.terminate()
 
 
 def _weights() -> tuple[list[str], list[float]]:
@@ -614,14 +634,12 @@ class PgStore:
             )
         return {r["user_id"] for r in rows}
 
-    async def listen_settings(
-        self, on_message: Callable[[str, str], None]
-    ) -> Callable[[], Awaitable[None]]:
+    async def listen_settings(self, on_message: Callable[[str, str], None]) -> Listener:
         """Call ``on_message(kind, subject)`` for every privacy change announced by PostgreSQL:
         kind ``"0"``/``"1"`` (personalization off/on; subject = user ID) or ``"E"`` (erasure;
         subject = user hash).
 
-        Uses a dedicated connection; returns a coroutine function that stops listening.
+        Uses a dedicated connection, which the returned Listener stops or reports lost.
         Raises StoreUnavailable if PostgreSQL cannot be reached.
         """
 
@@ -636,14 +654,7 @@ class PgStore:
             await conn.add_listener(SETTINGS_CHANNEL, handler)
         except _DRIVER_ERRORS as exc:
             raise _unavailable(exc) from exc
-
-        async def stop() -> None:
-            try:
-                await conn.close(timeout=self._timeout)
-            except _DRIVER_ERRORS:
-                conn.terminate()
-
-        return stop
+        return Listener(conn, self._timeout)
 
     # -- a user's data: export and erasure -----------------------------------------------
 

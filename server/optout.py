@@ -12,11 +12,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from features.errors import StoreUnavailable
-from features.postgres import PgStore
+from features.postgres import Listener, PgStore
 from features.schema import user_digest
 
 ERASURE_MEMORY = timedelta(days=30)  # longer than any snapshot serves
@@ -33,7 +32,7 @@ class OptOutRegistry:
         self._erased: dict[str, float] = {}  # user hash -> erasure time (unix seconds)
         self._changes_during_read: dict[str, bool] = {}
         self._confirmed_at = float("-inf")
-        self._stop_listening: Callable[[], Awaitable[None]] | None = None
+        self._listener: Listener | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -90,8 +89,19 @@ class OptOutRegistry:
         self._confirmed_at = started
 
     async def _listen(self) -> None:
-        if self._stop_listening is None:
-            self._stop_listening = await self._pg.listen_settings(self._on_message)
+        """LISTEN, anew if the connection was lost (a terminated backend, an idle timeout on
+        the way): the re-read that follows covers what was announced meanwhile."""
+        if self._listener is not None and self._listener.lost:
+            log.warning("the LISTEN connection to PostgreSQL was lost; listening again")
+            await self._stop_listening()
+        if self._listener is None:
+            self._listener = await self._pg.listen_settings(self._on_message)
+
+    async def _stop_listening(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.stop()
+            self._listener = None
 
     async def start(self) -> None:
         try:
@@ -110,10 +120,7 @@ class OptOutRegistry:
                 await self._listen()
                 await self.refresh()
             except StoreUnavailable as exc:
-                if self._stop_listening is not None:
-                    with contextlib.suppress(Exception):
-                        await self._stop_listening()
-                    self._stop_listening = None
+                await self._stop_listening()
                 level = logging.WARNING if self.fresh else logging.ERROR
                 log.log(level, "opt-out refresh failed (fresh=%s): %s", self.fresh, exc)
 
@@ -123,5 +130,4 @@ class OptOutRegistry:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._stop_listening is not None:
-            await self._stop_listening()
+        await self._stop_listening()

@@ -340,7 +340,7 @@ async def test_settings_default_update_and_optout_set(pg: PgStore) -> None:
 async def test_settings_changes_and_erasures_are_notified(pg: PgStore) -> None:
     user = "user-" + uuid.uuid4().hex[:8]
     heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-    stop = await pg.listen_settings(lambda kind, subject: heard.put_nowait((kind, subject)))
+    listener = await pg.listen_settings(lambda kind, subject: heard.put_nowait((kind, subject)))
 
     async def next_about(subject: str) -> tuple[str, str]:
         while (got := await asyncio.wait_for(heard.get(), 5))[1] != subject:
@@ -356,7 +356,7 @@ async def test_settings_changes_and_erasures_are_notified(pg: PgStore) -> None:
         # an erasure is announced by hash only, never by the ID
         assert await next_about(user_digest(user)) == ("E", user_digest(user))
     finally:
-        await stop()
+        await listener.stop()
 
 
 async def test_delete_user_removes_every_row(pg: PgStore) -> None:
