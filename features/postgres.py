@@ -184,6 +184,7 @@ class UserSettingsRow:
     personalization_enabled: bool
     data_sharing_consent: bool
     updated_at: datetime | None
+    revision: int  # orders the row's changes (migration 0006); 0 for the default settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -597,7 +598,7 @@ class PgStore:
         async with self._user_scoped(user_id) as conn:
             row = await conn.fetchrow("SELECT * FROM user_settings WHERE user_id = $1", user_id)
         if row is None:
-            return UserSettingsRow(user_id, True, False, None)
+            return UserSettingsRow(user_id, True, False, None, 0)
         return _settings_row(row)
 
     async def update_settings(
@@ -627,17 +628,18 @@ class PgStore:
                 await conn.execute("DELETE FROM ranks WHERE user_id = $1", user_id)
         return _settings_row(row)
 
-    async def opted_out_users(self) -> set[str]:
+    async def opted_out_users(self) -> dict[str, int]:
+        """User ID → revision of the opt-out, for every user opted out now."""
         async with self._conn() as conn:
             rows = await conn.fetch(
-                "SELECT user_id FROM user_settings WHERE NOT personalization_enabled"
+                "SELECT user_id, revision FROM user_settings WHERE NOT personalization_enabled"
             )
-        return {r["user_id"] for r in rows}
+        return {r["user_id"]: r["revision"] for r in rows}
 
-    async def listen_settings(self, on_message: Callable[[str, str], None]) -> Listener:
-        """Call ``on_message(kind, subject)`` for every privacy change announced by PostgreSQL:
-        kind ``"0"``/``"1"`` (personalization off/on; subject = user ID) or ``"E"`` (erasure;
-        subject = user hash).
+    async def listen_settings(self, on_message: Callable[[str, int, str], None]) -> Listener:
+        """Call ``on_message(kind, revision, subject)`` for every privacy change announced by
+        PostgreSQL: kind ``"0"``/``"1"`` (personalization off/on; subject = user ID; revision
+        as ``UserSettingsRow.revision``) or ``"E"`` (erasure; subject = user hash; revision 0).
 
         Uses a dedicated connection, which the returned Listener stops or reports lost.
         Raises StoreUnavailable if PostgreSQL cannot be reached.
@@ -645,7 +647,10 @@ class PgStore:
 
         def handler(_conn: object, _pid: int, _channel: str, payload: object) -> None:
             kind, _, subject = str(payload).partition(":")
-            on_message(kind, subject)
+            revision = "0"
+            if kind != "E":
+                revision, _, subject = subject.partition(":")
+            on_message(kind, int(revision), subject)
 
         try:
             conn = await asyncpg.connect(
@@ -1033,6 +1038,7 @@ def _settings_row(row: asyncpg.Record) -> UserSettingsRow:
         row["personalization_enabled"],
         row["data_sharing_consent"],
         row["updated_at"],
+        row["revision"],
     )
 
 

@@ -1,9 +1,10 @@
 """The privacy state each server process keeps in memory: who opted out, who was erased.
 
 Kept current by PostgreSQL LISTEN/NOTIFY (triggers announce every settings change and every
-erasure) and a periodic full re-read. If the opt-out set has not been confirmed against
-PostgreSQL within ``max_staleness_s`` it fails closed: nobody is personalized until it is
-confirmed again. Erased users are remembered by hash only (``features.schema.user_digest``).
+erasure) and a periodic full re-read. If the opt-out
+set has not been confirmed against PostgreSQL within ``max_staleness_s`` it fails closed:
+nobody is personalized until it is confirmed again. Erased users are remembered by hash only
+(``features.schema.user_digest``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ class OptOutRegistry:
         self._pg = pg
         self._refresh_s = refresh_s
         self._max_staleness_s = max_staleness_s
-        self._opted_out: set[str] = set()
+        # user -> revision (UserSettingsRow.revision) of the state held: every opted-out user,
+        # and the users who opted in since the last re-read began
+        self._opted_out: dict[str, int] = {}
+        self._opted_in: dict[str, int] = {}
         self._erased: dict[str, float] = {}  # user hash -> erasure time (unix seconds)
-        self._changes_during_read: dict[str, bool] = {}
+        self._changes_during_read: dict[str, tuple[bool, int]] = {}
         self._confirmed_at = float("-inf")
         self._listener: Listener | None = None
         self._task: asyncio.Task[None] | None = None
@@ -52,19 +56,24 @@ class OptOutRegistry:
     def mark_erased(self, user_id: str) -> None:
         self._erased[user_digest(user_id)] = time.time()
 
-    def _on_message(self, kind: str, subject: str) -> None:
+    def _on_message(self, kind: str, revision: int, subject: str) -> None:
         if kind == "E":
             self._erased[subject] = time.time()
         else:
-            self.apply(subject, kind == "1")
+            self.apply(subject, kind == "1", revision)
 
-    def apply(self, user_id: str, enabled: bool) -> None:
-        """Record one settings change (from NOTIFY, or from this process's own update)."""
-        self._changes_during_read[user_id] = enabled
+    def apply(self, user_id: str, enabled: bool, revision: int) -> None:
+        """Record one settings change (from NOTIFY, or from this process's own update) unless
+        a newer one (a larger ``revision``) was recorded already: they arrive in any order."""
+        if revision <= max(self._opted_out.get(user_id, -1), self._opted_in.get(user_id, -1)):
+            return
+        self._changes_during_read[user_id] = (enabled, revision)
         if enabled:
-            self._opted_out.discard(user_id)
+            self._opted_out.pop(user_id, None)
+            self._opted_in[user_id] = revision
         else:
-            self._opted_out.add(user_id)
+            self._opted_in.pop(user_id, None)
+            self._opted_out[user_id] = revision
 
     @property
     def size(self) -> int:
@@ -73,16 +82,22 @@ class OptOutRegistry:
     # -- keeping it current -------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """Re-read the whole set; changes notified while reading are applied on top."""
+        """Re-read the whole set; changes recorded while reading are applied on top where
+        newer than what was read. A user read as opted in (no revision to compare) but opted
+        out by such a change stays opted out: the change may have come after the read."""
         self._changes_during_read = {}
         started = time.monotonic()
         opted_out = await self._pg.opted_out_users()
-        for user_id, enabled in self._changes_during_read.items():
+        opted_in = {}
+        for user_id, (enabled, revision) in self._changes_during_read.items():
+            if revision <= opted_out.get(user_id, -1):
+                continue
             if enabled:
-                opted_out.discard(user_id)
+                opted_out.pop(user_id, None)
+                opted_in[user_id] = revision
             else:
-                opted_out.add(user_id)
-        self._opted_out = opted_out
+                opted_out[user_id] = revision
+        self._opted_out, self._opted_in = opted_out, opted_in
         erased = await self._pg.erasures(since=datetime.now(UTC) - ERASURE_MEMORY)
         for digest, at in erased.items():
             self._erased[digest] = max(at, self._erased.get(digest, 0.0))

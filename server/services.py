@@ -254,7 +254,7 @@ class SettingsService(rpc.SettingsServicer):
             user_id, personalization_enabled=enabled, data_sharing_consent=consent
         )
         # this process is current at once; the others hear the NOTIFY
-        self._app.optouts.apply(user_id, row.personalization_enabled)
+        self._app.optouts.apply(user_id, row.personalization_enabled, row.revision)
         if not row.personalization_enabled:
             await self._app.forget_cached(user_id)
         return _settings_message(row)

@@ -4,6 +4,7 @@ PostgreSQL: what it hears by NOTIFY, what its re-read confirms, and in which ord
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -12,7 +13,12 @@ import asyncpg
 import pytest
 
 from features.postgres import PgStore
+from jobs.steps import JobContext
+from server.api import privrank_pb2 as pb
+from server.api import privrank_pb2_grpc as rpc
+from server.config import Config
 from server.optout import OptOutRegistry
+from tests.serving import serving
 
 
 def _user() -> str:
@@ -70,3 +76,68 @@ async def test_a_lost_listen_connection_is_listened_again(
     await pg.update_settings(second, personalization_enabled=False, data_sharing_consent=None)
     heard = await _within(lambda: not optouts.personalization_allowed(second), 0.5)
     assert heard is not None, "the opt-out was not heard within 0.5 s: nothing listens"
+
+
+async def test_a_state_older_than_the_one_recorded_is_ignored(
+    registry: tuple[OptOutRegistry, asyncio.Event], pg: PgStore
+) -> None:
+    optouts, _ = registry
+    user = _user()
+    optouts.apply(user, False, 10)
+    optouts.apply(user, True, 9)  # an opt-in that took effect before the opt-out
+    assert not optouts.personalization_allowed(user)
+    optouts.apply(user, True, 11)
+    optouts.apply(user, False, 10)
+    assert optouts.personalization_allowed(user)
+
+    # revisions as PostgreSQL draws them, and kept across a re-read
+    user = _user()
+    on = await pg.update_settings(user, personalization_enabled=True, data_sharing_consent=None)
+    off = await pg.update_settings(user, personalization_enabled=False, data_sharing_consent=None)
+    assert await _within(lambda: not optouts.personalization_allowed(user), 0.5) is not None
+    await optouts.refresh()
+    optouts.apply(user, on.personalization_enabled, on.revision)  # the first update resumes last
+    assert not optouts.personalization_allowed(user)
+    assert off.revision > on.revision
+
+
+async def test_concurrent_toggles_leave_memory_as_the_database_says(
+    config: Config, pg_url: str, redis_url: str, seeded: JobContext, pg: PgStore
+) -> None:
+    """Six concurrent UpdateSettings a user, 25 users at once, no re-read to mend anything:
+    once the NOTIFYs are in, every user is personalized in memory exactly when the database
+    says so."""
+    quiet = dataclasses.replace(
+        config,
+        optout_refresh_s=3600.0,
+        optout_max_staleness_s=7200.0,
+        max_active_rpcs=256,  # every toggle at once, none refused: replies, commits and
+        max_queued_rpcs=2048,  # NOTIFYs interleave as they would on a busy server
+        max_queue_wait_s=60.0,
+        max_pending_rpcs=0,
+        store_timeout_s=30.0,  # the pool's 8 connections serve them all in turn
+    )
+    async with serving(quiet, pg_url, redis_url) as running:
+        settings = rpc.SettingsStub(running.channel)
+        optouts = running.app.optouts
+        users = [_user() for _ in range(400)]
+
+        async def toggle(user: str, enabled: bool) -> None:
+            await settings.UpdateSettings(
+                pb.UpdateSettingsRequest(user_id=user, personalization_enabled=enabled),
+                metadata=running.service,
+                timeout=10,
+            )
+
+        for start in range(0, len(users), 25):
+            batch = users[start : start + 25]
+            await asyncio.gather(*(toggle(u, n % 2 == 0) for u in batch for n in range(6)))
+        stored = {u: (await pg.get_settings(u)).personalization_enabled for u in users}
+        assert 0 < sum(stored.values()) < len(users)
+
+        def agree() -> bool:
+            return all(optouts.personalization_allowed(u) == stored[u] for u in users)
+
+        if await _within(agree, 2.0) is None:
+            wrong = [u for u in users if optouts.personalization_allowed(u) != stored[u]]
+            raise AssertionError(f"{len(wrong)} users' state in memory is not the database's")

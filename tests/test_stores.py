@@ -331,7 +331,7 @@ async def test_settings_default_update_and_optout_set(pg: PgStore) -> None:
     )
     assert not changed.personalization_enabled
     assert not changed.data_sharing_consent
-    assert user in await pg.opted_out_users()
+    assert (await pg.opted_out_users())[user] == changed.revision
     kept = await pg.update_settings(user, personalization_enabled=None, data_sharing_consent=True)
     assert not kept.personalization_enabled
     assert kept.data_sharing_consent
@@ -339,22 +339,27 @@ async def test_settings_default_update_and_optout_set(pg: PgStore) -> None:
 
 async def test_settings_changes_and_erasures_are_notified(pg: PgStore) -> None:
     user = "user-" + uuid.uuid4().hex[:8]
-    heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-    listener = await pg.listen_settings(lambda kind, subject: heard.put_nowait((kind, subject)))
+    heard: asyncio.Queue[tuple[str, int, str]] = asyncio.Queue()
+    listener = await pg.listen_settings(lambda *message: heard.put_nowait(message))
 
-    async def next_about(subject: str) -> tuple[str, str]:
-        while (got := await asyncio.wait_for(heard.get(), 5))[1] != subject:
+    async def next_about(subject: str) -> tuple[str, int, str]:
+        while (got := await asyncio.wait_for(heard.get(), 5))[2] != subject:
             pass
         return got
 
     try:
-        await pg.update_settings(user, personalization_enabled=False, data_sharing_consent=None)
-        assert await next_about(user) == ("0", user)
-        await pg.update_settings(user, personalization_enabled=True, data_sharing_consent=None)
-        assert await next_about(user) == ("1", user)
+        off = await pg.update_settings(
+            user, personalization_enabled=False, data_sharing_consent=None
+        )
+        assert await next_about(user) == ("0", off.revision, user)
+        on = await pg.update_settings(user, personalization_enabled=True, data_sharing_consent=None)
+        assert on.revision > off.revision
+        assert await next_about(user) == ("1", on.revision, user)
         await pg.delete_user(user)
+        kind, revision, _ = await next_about(user)
+        assert (kind, revision > on.revision) == ("1", True)
         # an erasure is announced by hash only, never by the ID
-        assert await next_about(user_digest(user)) == ("E", user_digest(user))
+        assert await next_about(user_digest(user)) == ("E", 0, user_digest(user))
     finally:
         await listener.stop()
 
