@@ -639,7 +639,9 @@ class PgStore:
     async def listen_settings(self, on_message: Callable[[str, int, str], None]) -> Listener:
         """Call ``on_message(kind, revision, subject)`` for every privacy change announced by
         PostgreSQL: kind ``"0"``/``"1"`` (personalization off/on; subject = user ID; revision
-        as ``UserSettingsRow.revision``) or ``"E"`` (erasure; subject = user hash; revision 0).
+        as ``UserSettingsRow.revision``), ``"G"`` (the global switch; subject ``"0"``/``"1"``;
+        revision as ``personalization_switch``'s) or ``"E"`` (erasure; subject = user hash;
+        revision 0).
 
         Uses a dedicated connection, which the returned Listener stops or reports lost.
         Raises StoreUnavailable if PostgreSQL cannot be reached.
@@ -660,6 +662,23 @@ class PgStore:
         except _DRIVER_ERRORS as exc:
             raise _unavailable(exc) from exc
         return Listener(conn, self._timeout)
+
+    async def personalization_switch(self) -> tuple[bool, int]:
+        """The stored global switch (``Admin.SetFlags``): (enabled, revision)."""
+        async with self._conn() as conn:
+            row = await conn.fetchrow("SELECT personalization_enabled, revision FROM global_flags")
+        assert row is not None  # migration 0007 inserts the one row
+        return row["personalization_enabled"], row["revision"]
+
+    async def set_personalization(self, enabled: bool) -> int:
+        """Store the global switch; returns the change's revision."""
+        async with self._conn() as conn:
+            revision: int = await conn.fetchval(
+                "UPDATE global_flags SET personalization_enabled = $1, updated_at = now()"
+                " RETURNING revision",
+                enabled,
+            )
+        return revision
 
     # -- a user's data: export and erasure -----------------------------------------------
 

@@ -60,7 +60,8 @@ class RankingCache(Protocol):
 
 class OptOutView(Protocol):
     def personalization_allowed(self, user_id: str) -> bool:
-        """False if the user opted out, or if their state cannot be confirmed (fail closed)."""
+        """False if personalization is globally off, the user opted out, or their state
+        cannot be confirmed (fail closed)."""
         ...
 
     def erased_at(self, user_id: str) -> float | None:
@@ -137,7 +138,6 @@ class Ranker:
         cache: RankingCache | None,
         optouts: OptOutView,
         *,
-        personalization_enabled: bool = True,
         executor: Executor | None = None,
         offload_min_work: int = 1_000_000,
         profiles: Mapping[str, Profile] | None = None,
@@ -148,7 +148,6 @@ class Ranker:
         self._offload_min_work = offload_min_work
         self._profiles = dict(profiles or {})
         self._scopes: dict[str, LoadedScope] = {}
-        self.personalization_enabled = personalization_enabled
 
     # -- snapshots ------------------------------------------------------------------------
 
@@ -184,13 +183,13 @@ class Ranker:
         return sum(ls.snapshot.user_position(user_id) is not None for ls in self._scopes.values())
 
     def personal(self, user_id: str, snap: Snapshot) -> bool:
-        """Whether the user may be ranked personally from ``snap``: personalization on, the
-        user's opt-out confirmed off, and ``snap`` built after any erasure of the user (until
-        then the user's vector in it stays masked)."""
+        """Whether the user may be ranked personally from ``snap``: the opt-out view allows
+        it (personalization globally on, the user's opt-out confirmed off), and ``snap`` built
+        after any erasure of the user (until then the user's vector in it stays masked)."""
         erased_at = self._optouts.erased_at(user_id)
         if erased_at is not None and snap.created_at <= erased_at:
             return False
-        return self.personalization_enabled and self._optouts.personalization_allowed(user_id)
+        return self._optouts.personalization_allowed(user_id)
 
     # -- the rungs ------------------------------------------------------------------------
 

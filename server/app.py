@@ -125,7 +125,10 @@ class App:
             breaker_cooldown_s=cooldown,
         )
         optouts = OptOutRegistry(
-            pg, refresh_s=config.optout_refresh_s, max_staleness_s=config.optout_max_staleness_s
+            pg,
+            refresh_s=config.optout_refresh_s,
+            max_staleness_s=config.optout_max_staleness_s,
+            forced_off=not config.personalization_enabled,
         )
         kernels_pool = ThreadPoolExecutor(
             max_workers=config.kernel_threads, thread_name_prefix="privrank-kernel"
@@ -133,7 +136,6 @@ class App:
         ranker = Ranker(
             cache,
             optouts,
-            personalization_enabled=(link.flags if link else config).personalization_enabled,
             executor=kernels_pool,
             offload_min_work=config.offload_min_work,
             profiles=config.profiles,
@@ -217,15 +219,14 @@ class App:
             self.link.announce_reload()
         return versions
 
-    def set_personalization(self, enabled: bool) -> None:
-        """The global switch, in this process and in every sibling worker."""
-        self.ranker.personalization_enabled = enabled
-        if self.link is not None:
-            self.link.flags.personalization_enabled = enabled
-            self.link.announce_flags()
+    async def set_personalization(self, enabled: bool) -> None:
+        """Store the global switch: this process follows it at once, every other one (sibling
+        workers, other hosts) on the NOTIFY, or at its next re-read. StoreUnavailable, and no
+        change anywhere, if PostgreSQL cannot store it."""
+        self.optouts.apply_switch(enabled, await self.pg.set_personalization(enabled))
 
     def follow_siblings(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Act on what the parent relays from a sibling worker: SIGHUP reload, SIGUSR1 flags."""
+        """Act on what the parent relays from a sibling worker: SIGHUP reload."""
         link = self.link
         if link is None:
             return
@@ -234,11 +235,7 @@ class App:
             task = loop.create_task(self.reload(), name="sibling-reload")
             task.add_done_callback(_log_failure)
 
-        def flags() -> None:
-            self.ranker.personalization_enabled = link.flags.personalization_enabled
-
         loop.add_signal_handler(signal.SIGHUP, reload)
-        loop.add_signal_handler(signal.SIGUSR1, flags)
 
     async def _every(
         self, name: str, period_s: float, step: Callable[[], Awaitable[object]]
@@ -260,7 +257,7 @@ class App:
         those sharing the Redis does it; users not to be ranked personally (opted out,
         erased) are left out, and each ranking keeps what is left of its TTL. While either
         store is unreachable it writes nothing and the next check tries again."""
-        if not (self.ranker.personalization_enabled and self.optouts.fresh):
+        if not (self.optouts.personalization_enabled and self.optouts.fresh):
             return 0  # no one is ranked personally now: refill once they are again
         written = 0
         for scope, loaded in self.ranker.loaded().items():
@@ -349,9 +346,7 @@ class App:
         allowed = [
             (e.scope, e.user_id, e.item_id)
             for e in events
-            if e.event_type in ENGAGED_EVENTS
-            and self.ranker.personalization_enabled
-            and self.optouts.personalization_allowed(e.user_id)
+            if e.event_type in ENGAGED_EVENTS and self.optouts.personalization_allowed(e.user_id)
         ]
         if not allowed:
             return
@@ -580,7 +575,7 @@ async def serve(
         await asyncio.sleep(config.shutdown_delay_s)
         await stop_server(app, server)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await app.close()
 

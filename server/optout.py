@@ -1,7 +1,8 @@
-"""The privacy state each server process keeps in memory: who opted out, who was erased.
+"""The privacy state each server process keeps in memory: who opted out, who was erased, and
+whether personalization is globally on (``Admin.SetFlags``).
 
-Kept current by PostgreSQL LISTEN/NOTIFY (triggers announce every settings change and every
-erasure) and a periodic full re-read. If the opt-out
+Kept current by PostgreSQL LISTEN/NOTIFY (triggers announce every settings change, every
+erasure and every change of the global switch) and a periodic full re-read. If the opt-out
 set has not been confirmed against PostgreSQL within ``max_staleness_s`` it fails closed:
 nobody is personalized until it is confirmed again. Erased users are remembered by hash only
 (``features.schema.user_digest``).
@@ -25,8 +26,12 @@ log = logging.getLogger(__name__)
 
 
 class OptOutRegistry:
-    def __init__(self, pg: PgStore, *, refresh_s: float, max_staleness_s: float) -> None:
+    def __init__(
+        self, pg: PgStore, *, refresh_s: float, max_staleness_s: float, forced_off: bool = False
+    ) -> None:
         self._pg = pg
+        self._forced_off = forced_off  # PRIVRANK_PERSONALIZATION_ENABLED=false
+        self._switch = (True, -1)  # the stored global switch as last heard: (enabled, revision)
         self._refresh_s = refresh_s
         self._max_staleness_s = max_staleness_s
         # user -> revision (UserSettingsRow.revision) of the state held: every opted-out user,
@@ -46,8 +51,14 @@ class OptOutRegistry:
     def fresh(self) -> bool:
         return time.monotonic() - self._confirmed_at <= self._max_staleness_s
 
+    @property
+    def personalization_enabled(self) -> bool:
+        """The global switch in this process: the stored one (as last heard while PostgreSQL
+        is unreachable), unless ``forced_off``."""
+        return self._switch[0] and not self._forced_off
+
     def personalization_allowed(self, user_id: str) -> bool:
-        return self.fresh and user_id not in self._opted_out
+        return self.fresh and self.personalization_enabled and user_id not in self._opted_out
 
     def erased_at(self, user_id: str) -> float | None:
         """When the user was erased (unix seconds), or None."""
@@ -59,6 +70,8 @@ class OptOutRegistry:
     def _on_message(self, kind: str, revision: int, subject: str) -> None:
         if kind == "E":
             self._erased[subject] = time.time()
+        elif kind == "G":
+            self.apply_switch(subject == "1", revision)
         else:
             self.apply(subject, kind == "1", revision)
 
@@ -74,6 +87,11 @@ class OptOutRegistry:
         else:
             self._opted_in.pop(user_id, None)
             self._opted_out[user_id] = revision
+
+    def apply_switch(self, enabled: bool, revision: int) -> None:
+        """Record a change of the stored global switch unless a newer one was recorded."""
+        if revision > self._switch[1]:
+            self._switch = (enabled, revision)
 
     @property
     def size(self) -> int:
@@ -98,6 +116,7 @@ class OptOutRegistry:
             else:
                 opted_out[user_id] = revision
         self._opted_out, self._opted_in = opted_out, opted_in
+        self.apply_switch(*await self._pg.personalization_switch())
         erased = await self._pg.erasures(since=datetime.now(UTC) - ERASURE_MEMORY)
         for digest, at in erased.items():
             self._erased[digest] = max(at, self._erased.get(digest, 0.0))

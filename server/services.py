@@ -464,14 +464,17 @@ class AdminService(rpc.AdminServicer):
                 )
                 for name, ls in sorted(loaded.items())
             ],
-            personalization_enabled=self._app.ranker.personalization_enabled,
+            personalization_enabled=self._app.optouts.personalization_enabled,
         )
 
     async def SetFlags(self, request: pb.SetFlagsRequest, context: aio.ServicerContext) -> pb.Flags:
         if request.HasField("personalization_enabled"):
-            self._app.set_personalization(request.personalization_enabled)
+            await self._app.set_personalization(request.personalization_enabled)
             log.warning(
-                "personalization globally %s by an admin",
+                "personalization globally %s by an admin%s",
                 "enabled" if request.personalization_enabled else "disabled",
+                ""
+                if self._app.config.personalization_enabled
+                else " (stays off in this process: PRIVRANK_PERSONALIZATION_ENABLED=false)",
             )
-        return pb.Flags(personalization_enabled=self._app.ranker.personalization_enabled)
+        return pb.Flags(personalization_enabled=self._app.optouts.personalization_enabled)

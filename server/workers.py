@@ -9,15 +9,13 @@ compiles the numba kernels, so every worker starts with them compiled (copy-on-w
 
 - serves Prometheus ``/metrics`` summed over the workers (prometheus_client's multiprocess
   mode: every worker writes its series to files in one directory, removed at exit);
-- relays SIGHUP (reload snapshots) and SIGUSR1 (flags changed) that a worker sends it after
-  ``Admin.Reload`` or ``Admin.SetFlags`` to every worker, so an admin call reaches all of them;
+- relays SIGHUP (reload snapshots) that a worker sends it after ``Admin.Reload`` to every
+  worker, so the call reaches all of them (``Admin.SetFlags`` needs no relay: the switch is
+  stored in PostgreSQL, which every worker hears, server/optout.py);
 - restarts a worker that dies after it was up (warm and listening); if one dies while starting,
   it stops the others and exits non-zero (a misconfiguration would only crash-loop);
 - on SIGTERM or SIGINT forwards it: each worker goes NOT_SERVING, keeps answering for
   ``shutdown_delay_s``, drains in-flight calls for up to ``shutdown_grace_s``, then exits.
-
-Flags (the personalization switch) live in a page of shared memory mapped before the fork, so a
-restarted worker starts with the current value.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import mmap
 import os
 import select
 import shutil
@@ -45,34 +42,11 @@ RESTART_BACKOFF_S = 1.0
 STOP_MARGIN_S = 5.0  # past delay + grace, a worker that has not exited is killed
 
 
-class SharedFlags:
-    """Global switches in anonymous shared memory: one byte each, same for every worker."""
-
-    _PERSONALIZATION = 0
-
-    def __init__(self, personalization_enabled: bool) -> None:
-        self._page = mmap.mmap(-1, mmap.PAGESIZE)
-        self.personalization_enabled = personalization_enabled
-
-    @property
-    def personalization_enabled(self) -> bool:
-        return self._page[self._PERSONALIZATION] == 1
-
-    @personalization_enabled.setter
-    def personalization_enabled(self, enabled: bool) -> None:
-        self._page[self._PERSONALIZATION] = 1 if enabled else 0
-
-
 @dataclass(frozen=True)
 class WorkerLink:
-    """What a worker holds of its siblings: the shared flags and a line to the parent."""
+    """What a worker holds of its siblings: its index and a line to the parent."""
 
     index: int
-    flags: SharedFlags
-
-    def announce_flags(self) -> None:
-        """Tell every worker to re-read the shared flags."""
-        os.kill(os.getppid(), signal.SIGUSR1)
 
     def announce_reload(self) -> None:
         """Tell every worker to load newly published snapshots now."""
@@ -109,7 +83,6 @@ class Supervisor:
         self._redis_url = redis_url
         self._count = workers
         self._metrics_dir = metrics_dir
-        self._flags = SharedFlags(config.personalization_enabled)
         self._workers: dict[int, _Worker] = {}
         self._stopping = False
         self._failed: str | None = None
@@ -121,7 +94,6 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop)
         signal.signal(signal.SIGHUP, self._relay)
-        signal.signal(signal.SIGUSR1, self._relay)
         for index in range(self._count):
             self._spawn(index)
         while self._workers:
@@ -213,8 +185,7 @@ class Supervisor:
         import asyncio
 
         # until serve() installs its own handlers, a relayed signal must not kill the worker
-        for sig in (signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
             signal.signal(sig, signal.SIG_DFL)
         from server.app import serve
@@ -229,7 +200,7 @@ class Supervisor:
                 self._database_url,
                 self._redis_url,
                 on_ready=ready,
-                link=WorkerLink(index, self._flags),
+                link=WorkerLink(index),
             )
         )
         return 0

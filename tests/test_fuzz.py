@@ -947,7 +947,7 @@ async def fuzz(client: Client, pg_url: str) -> AsyncIterator[Fuzz]:
         items = await conn.fetch("SELECT scope, item_id, first_seen FROM items")
     finally:
         await conn.close()
-    personalization = client.app.ranker.personalization_enabled
+    personalization = client.app.optouts.personalization_enabled
     minted: dict[tuple[Role, str], Metadata] = {}
 
     def tokens(role: Role, subject: str) -> Metadata:
@@ -962,7 +962,7 @@ async def fuzz(client: Client, pg_url: str) -> AsyncIterator[Fuzz]:
         yield Fuzz(client, sender)
     finally:
         sender.close()
-        client.app.ranker.personalization_enabled = personalization
+        await client.app.set_personalization(personalization)
         conn = await asyncpg.connect(pg_url)
         try:
             async with conn.transaction():

@@ -18,7 +18,7 @@ from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.config import Config
 from server.optout import OptOutRegistry
-from tests.serving import serving
+from tests.serving import Running, serving
 
 
 def _user() -> str:
@@ -141,3 +141,55 @@ async def test_concurrent_toggles_leave_memory_as_the_database_says(
         if await _within(agree, 2.0) is None:
             wrong = [u for u in users if optouts.personalization_allowed(u) != stored[u]]
             raise AssertionError(f"{len(wrong)} users' state in memory is not the database's")
+
+
+async def _recommend(running: Running) -> pb.RankedItems:
+    reply: pb.RankedItems = await rpc.RankingStub(running.channel).Recommend(
+        pb.RecommendRequest(user_id="u1", limit=5), metadata=running.service, timeout=5
+    )
+    return reply
+
+
+async def _set_flags(running: Running, enabled: bool) -> bool:
+    flags = await rpc.AdminStub(running.channel).SetFlags(
+        pb.SetFlagsRequest(personalization_enabled=enabled), metadata=running.admin, timeout=5
+    )
+    return bool(flags.personalization_enabled)
+
+
+async def test_the_global_switch_holds_in_every_process_and_across_a_restart(
+    config: Config, pg_url: str, redis_url: str, seeded: JobContext, pg: PgStore
+) -> None:
+    try:
+        async with (
+            serving(config, pg_url, redis_url) as first,
+            serving(config, pg_url, redis_url) as second,
+        ):
+            assert (await _recommend(second)).source != pb.SOURCE_POPULAR
+            assert not await _set_flags(first, False)
+            assert (await _recommend(first)).source == pb.SOURCE_POPULAR  # at once here
+            started = time.monotonic()
+            while (await _recommend(second)).source != pb.SOURCE_POPULAR:
+                assert time.monotonic() - started < 1.0, "the other process still personalizes"
+                await asyncio.sleep(0.01)
+        async with serving(config, pg_url, redis_url) as restarted:
+            assert (await _recommend(restarted)).source == pb.SOURCE_POPULAR
+            info = await rpc.AdminStub(restarted.channel).GetModelInfo(
+                pb.GetModelInfoRequest(), metadata=restarted.admin, timeout=5
+            )
+            assert not info.personalization_enabled
+            assert await _set_flags(restarted, True)
+            assert (await _recommend(restarted)).source != pb.SOURCE_POPULAR
+    finally:
+        await pg.set_personalization(True)
+
+
+async def test_the_environment_forces_personalization_off_in_its_process_only(
+    config: Config, pg_url: str, redis_url: str, seeded: JobContext, pg: PgStore
+) -> None:
+    forced = dataclasses.replace(config, personalization_enabled=False)
+    async with serving(forced, pg_url, redis_url) as off, serving(config, pg_url, redis_url) as on:
+        assert not await _set_flags(off, True)  # stored, but this process stays off
+        assert (await _recommend(off)).source == pb.SOURCE_POPULAR
+        assert (await _recommend(on)).source != pb.SOURCE_POPULAR
+        assert (await pg.personalization_switch())[0]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import asyncpg
 import pytest
 from grpc import aio
 from prometheus_client.parser import text_string_to_metric_families
@@ -276,6 +277,48 @@ async def test_a_dead_worker_is_replaced(workers: Workers) -> None:
 
     await wait_for_async(replacement_answers, "the replacement to answer", 60)
     assert "died" in workers.log.read_text()
+
+
+async def test_set_flags_reaches_a_worker_that_is_starting(workers: Workers, pg_url: str) -> None:
+    """The switch turned off while a replacement worker warms up (its App is open, it is not
+    ready, so no relay would reach it): once it answers, it personalizes nobody either. Its
+    first read of the opt-outs is held on a table lock, so the call lands in that window."""
+    before = workers.worker_pids()
+    holder, watcher = await asyncpg.connect(pg_url), await asyncpg.connect(pg_url)
+    try:
+        async with holder.transaction(), fresh_channels(workers.port, 1) as (channel,):
+            killed = await holder.fetchval("SELECT now()")
+            await holder.execute("LOCK TABLE user_settings IN ACCESS EXCLUSIVE MODE")
+            os.kill(min(before), signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while not await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND backend_start > $1 AND wait_event_type = 'Lock'",
+                killed,
+            ):
+                assert time.monotonic() < deadline, "the replacement never read the opt-outs"
+                await asyncio.sleep(0.01)
+            await rpc.AdminStub(channel).SetFlags(
+                pb.SetFlagsRequest(personalization_enabled=False), metadata=workers.admin, timeout=5
+            )
+    finally:
+        await holder.close()
+        await watcher.close()
+    (replacement,) = workers.worker_pids() - before
+    try:
+
+        async def replacement_answers() -> bool:
+            return (await connections_per_worker(workers)).get(replacement, 0) > 0
+
+        await wait_for_async(replacement_answers, "the replacement to answer", 60)
+        # the survivor (which took the call) and the replacement alike
+        replies = await recommend_all(workers)
+        assert [r.source for r in replies] == [pb.SOURCE_POPULAR] * len(replies)
+    finally:
+        async with fresh_channels(workers.port, 1) as (channel,):
+            await rpc.AdminStub(channel).SetFlags(
+                pb.SetFlagsRequest(personalization_enabled=True), metadata=workers.admin, timeout=5
+            )
 
 
 async def test_sigterm_stops_every_worker(workers: Workers) -> None:
