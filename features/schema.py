@@ -48,6 +48,7 @@ EVENT_WEIGHTS: dict[str, float] = {
     "purchase": 4.0,
 }
 EVENT_TYPES: tuple[str, ...] = tuple(EVENT_WEIGHTS)
+DEFAULT_VALUE = 1.0  # an event's value when none is given
 ENGAGED_EVENTS: tuple[str, ...] = ("click", "view", "complete", "accept", "rating", "purchase")
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.:\-/]{1,128}")
@@ -138,7 +139,8 @@ def country_code(value: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Interaction:
-    """One validated interaction event, as stored. ``value`` is > 0 for weighted events."""
+    """One validated interaction event, as stored. ``value`` scales a rating's weight in
+    training (0 or below: no positive signal); other events' weights ignore it."""
 
     scope: str
     user_id: str
@@ -159,7 +161,7 @@ def make_interaction(
     user_id: str,
     item_id: str,
     event_type: str,
-    value: float,
+    value: float | None,
     occurred_at: datetime | None,
     session_id: str = "",
     device_category: str = "",
@@ -167,11 +169,14 @@ def make_interaction(
     utc_offset_minutes: int | None = None,
     where: str = "event",
 ) -> Interaction:
-    """Validate every field of one event; the error message starts with ``where``."""
+    """Validate every field of one event; the error message starts with ``where``. A ``value``
+    of None (none given) is DEFAULT_VALUE; any other is kept as given, 0 and negatives too."""
     try:
         if event_type not in EVENT_WEIGHTS:
             raise InvalidInput(f"event_type must be one of: {', '.join(EVENT_TYPES)}")
-        if value != value or abs(value) > 1e6:
+        if value is None:
+            value = DEFAULT_VALUE
+        elif value != value or abs(value) > 1e6:
             raise InvalidInput("value must be a finite number with |value| <= 1e6")
         if session_id:
             validate_id("context.session_id", session_id)
@@ -187,7 +192,7 @@ def make_interaction(
             user_id=validate_id("user_id", user_id),
             item_id=validate_id("item_id", item_id),
             event_type=event_type,
-            value=value if value != 0 else 1.0,
+            value=value,
             occurred_at=when,
             session_id=session_id,
             device=device_code(device_category),

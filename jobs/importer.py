@@ -2,9 +2,11 @@
 before anything is kept.
 
 Columns are mapped by name; any other column is refused unless the caller names it to be
-discarded, so nothing outside the allow-list is read by accident. Timestamps are unix
-seconds or ISO 8601. Without an event column,
-rows are ``rating`` events when a value column is present and ``view`` events otherwise.
+discarded, so nothing outside the allow-list is read by accident, and a header that names a
+column twice or a row whose fields do not line up with the header is refused. Timestamps are
+unix seconds or ISO 8601. Without an event column, rows are ``rating`` events when a value
+column is present and ``view`` events otherwise; an empty value cell means 1, any other value
+is kept as written.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from features.schema import Interaction, make_interaction, validate_category, va
 
 @dataclass(frozen=True, slots=True)
 class ColumnMap:
+    """The columns to read. ``value`` and ``event`` left None read ``value`` and
+    ``event_type`` where the header has them; named, the header must have them."""
+
     user: str = "user_id"
     item: str = "item_id"
-    value: str = "value"
+    value: str | None = None
     time: str = "timestamp"
-    event: str = "event_type"
+    event: str | None = None
     sep: str = ","
     drop: frozenset[str] = frozenset()  # columns the caller explicitly discards
 
@@ -56,15 +61,20 @@ def _rows(
     drop: frozenset[str],
     kept: str,
 ) -> Iterator[tuple[str, dict[str, str]]]:
-    """Each row of the file with the place it came from (``"file line N"``), after checking
-    the header: the ``required`` columns present, and every column either ``mapped`` or
-    ``drop``-ped. ``kept`` names what privrank keeps, for the error message. Raises
-    InvalidInput naming the line (also for a file that is not UTF-8 text or not CSV)."""
+    """Each row of the file as ``{column: cell}`` with the place it came from (``"file line
+    N"``), after checking the header: no name twice, the ``required`` columns present, and
+    every column either ``mapped`` or ``drop``-ped. ``kept`` names what privrank keeps, for the
+    error message. Blank lines are skipped; any other row must have exactly the header's number
+    of fields. Raises InvalidInput naming the line (also for a file that is not UTF-8 text or
+    not CSV)."""
     try:
         # utf-8-sig: a byte-order mark (as spreadsheet exports write) is not part of the header
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle, delimiter=sep)
-            header = reader.fieldnames or []
+            reader = csv.reader(handle, delimiter=sep)
+            header = next(reader, [])
+            twice = next((name for n, name in enumerate(header) if name in header[:n]), None)
+            if twice is not None:
+                raise InvalidInput(f"{path.name}: column {twice!r} appears twice in the header")
             for name in required:
                 if name not in header:
                     raise InvalidInput(
@@ -76,10 +86,9 @@ def _rows(
                     f"{path.name}: column {extra[0]!r} is outside the allow-list; privrank "
                     f"keeps only {kept} (name columns to discard with --drop-columns)"
                 )
-            rows = iter(reader)
             while True:
                 try:
-                    row = next(rows)
+                    cells = next(reader)
                 except StopIteration:
                     return
                 except csv.Error as exc:
@@ -87,7 +96,15 @@ def _rows(
                     raise InvalidInput(
                         f"{path.name} line {line}: not readable as CSV: {exc}"
                     ) from None
-                yield f"{path.name} line {reader.line_num}", row
+                if not cells:
+                    continue
+                where = f"{path.name} line {reader.line_num}"
+                if len(cells) != len(header):
+                    # e.g. a decimal comma ("4,5") in a comma-separated file
+                    raise InvalidInput(
+                        f"{where}: {len(cells)} fields where the header has {len(header)}"
+                    )
+                yield where, dict(zip(header, cells, strict=True))
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"{path.name}: not UTF-8 text (byte {exc.start} of a block)") from None
     except csv.Error as exc:
@@ -99,13 +116,14 @@ def read_interactions(
 ) -> Iterator[list[Interaction]]:
     """Yield validated events in chunks; raise InvalidInput naming the line and field (also for
     a file that is not UTF-8 text or not CSV)."""
-    sep = _separator(columns.sep)
-    mapped = {columns.user, columns.item, columns.time, columns.value, columns.event}
+    value_col = "value" if columns.value is None else columns.value
+    event_col = "event_type" if columns.event is None else columns.event
+    named = tuple(name for name in (columns.value, columns.event) if name is not None)
     rows = _rows(
         path,
-        sep,
-        (columns.user, columns.item, columns.time),
-        mapped,
+        _separator(columns.sep),
+        (columns.user, columns.item, columns.time, *named),
+        {columns.user, columns.item, columns.time, value_col, event_col},
         columns.drop,
         "user, item, event type, value and time",
     )
@@ -114,23 +132,21 @@ def read_interactions(
     batch: list[Interaction] = []
     for n, (where, row) in enumerate(rows):
         if n == 0:
-            has_value, has_event = columns.value in row, columns.event in row
+            has_value, has_event = value_col in row, event_col in row
             default_event = "rating" if has_value else "view"
-        raw_value = row.get(columns.value) or "" if has_value else ""
+        raw_value = row[value_col].strip() if has_value else ""
         try:
-            value = float(raw_value) if raw_value else 1.0
+            value = float(raw_value) if raw_value else None
         except ValueError:
             raise InvalidInput(f"{where}: value is not a number") from None
         batch.append(
             make_interaction(
                 scope=scope,
-                user_id=(row.get(columns.user) or "").strip(),
-                item_id=(row.get(columns.item) or "").strip(),
-                event_type=(row.get(columns.event) or "").strip().lower()
-                if has_event
-                else default_event,
+                user_id=row[columns.user].strip(),
+                item_id=row[columns.item].strip(),
+                event_type=row[event_col].strip().lower() if has_event else default_event,
                 value=value,
-                occurred_at=parse_time(row.get(columns.time) or "", where),
+                occurred_at=parse_time(row[columns.time], where),
                 where=where,
             )
         )
@@ -155,10 +171,9 @@ def read_items(
     """Yield validated ``(item_id, category)`` pairs in chunks. A category is a short opaque
     label validated like an ID (an empty cell: no category), never free text; an item listed
     twice is refused. Raises InvalidInput naming the line and field."""
-    sep = _separator(columns.sep)
     rows = _rows(
         path,
-        sep,
+        _separator(columns.sep),
         (columns.item, columns.category),
         {columns.item, columns.category},
         columns.drop,
@@ -167,8 +182,8 @@ def read_items(
     first_line: dict[str, str] = {}
     batch: list[tuple[str, str]] = []
     for where, row in rows:
-        item_id = validate_id(f"{where}: item_id", (row.get(columns.item) or "").strip())
-        category = (row.get(columns.category) or "").strip()
+        item_id = validate_id(f"{where}: item_id", row[columns.item].strip())
+        category = row[columns.category].strip()
         if category:
             validate_category(f"{where}: category", category)
         if item_id in first_line:

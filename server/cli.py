@@ -59,9 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--scope", default=DEFAULT_SCOPE)
     imp.add_argument("--user-col", default="user_id")
     imp.add_argument("--item-col", default="item_id")
-    imp.add_argument("--value-col", default="value")
+    imp.add_argument(
+        "--value-col", default=None, help="default: value, if the file has it; named: required"
+    )
     imp.add_argument("--time-col", default="timestamp")
-    imp.add_argument("--event-col", default="event_type")
+    imp.add_argument(
+        "--event-col",
+        default=None,
+        help="default: event_type, if the file has it; named: required",
+    )
     imp.add_argument("--category-col", default="category", help="items: the category column")
     imp.add_argument("--sep", default=",", help="field separator; '\\t' or 'tab' for TSV")
     imp.add_argument(

@@ -97,6 +97,7 @@ async def test_import_rejects_a_bad_file_whole(config: Config, pg: PgStore, tmp_
         "pii.csv": [*good, "jane@example.com,i1,1700000000,view"],
         "time.csv": [*good, "u1,i1,yesterday,view"],
         "type.csv": [*good, "u1,i1,1700000000,teleport"],
+        "ragged.csv": [*good, "u1,i1,1700000000,view,5"],  # 5 fields, not 4
     }
     for name, rows in cases.items():
         path = _write_csv(tmp_path / name, rows)

@@ -32,7 +32,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
@@ -1202,6 +1202,9 @@ def _plausible_csv(draw: st.DrawFn) -> tuple[str, ColumnMap]:
     )
     roles = ["user", "item", "time"]
     roles += [r for r in ("value", "event") if draw(st.booleans())]
+    # a column left out of the header is left unnamed too (a named one is required)
+    unnamed = {r: None for r in ("value", "event") if r not in roles}
+    columns = replace(columns, **unnamed)
     header = [getattr(columns, r) for r in roles] + sorted(columns.drop)
     if draw(st.integers(0, 9)) == 0:
         header.append(draw(names))  # not mapped, not dropped: refused

@@ -210,10 +210,10 @@ def test_make_interaction_valid() -> None:
 
 def test_make_interaction_defaults() -> None:
     before = datetime.now(UTC)
-    got = event(occurred_at=None)
+    got = event(occurred_at=None, value=None)
     after = datetime.now(UTC)
     assert got.scope == DEFAULT_SCOPE
-    assert got.value == 1.0  # 0 means 1
+    assert got.value == 1.0  # none given means 1
     assert before <= got.occurred_at <= after
     assert got.device == 0
     assert got.country == ""
@@ -305,7 +305,7 @@ def mostly_text(valid: list[str] | tuple[str, ...]) -> st.SearchStrategy[str]:
     user_id=mostly_text(OPAQUE_IDS),
     item_id=mostly_text(OPAQUE_IDS),
     event_type=mostly_text(EVENT_TYPES),
-    value=mostly(st.floats(min_value=-1e6, max_value=1e6), st.floats()),
+    value=st.one_of(st.none(), mostly(st.floats(min_value=-1e6, max_value=1e6), st.floats())),
     occurred_at=st.one_of(
         st.none(), st.datetimes(), st.datetimes(timezones=st.just(timezone(timedelta(hours=-5))))
     ),
@@ -319,7 +319,7 @@ def test_make_interaction_returns_or_raises_invalid_input(
     user_id: str,
     item_id: str,
     event_type: str,
-    value: float,
+    value: float | None,
     occurred_at: datetime | None,
     session_id: str,
     device_category: str,
@@ -347,6 +347,5 @@ def test_make_interaction_returns_or_raises_invalid_input(
         assert got.user_id == user_id
         assert got.item_id == item_id
         assert got.event_type in EVENT_TYPES
-        assert got.value != 0
-        assert abs(got.value) <= 1e6
+        assert got.value == (1.0 if value is None else value)  # 0 and negatives kept
         assert got.occurred_at.tzinfo is not None
