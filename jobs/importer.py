@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TextIO
 
 from features.errors import InvalidInput
 from features.schema import Interaction, make_interaction, validate_category, validate_id
@@ -24,14 +25,15 @@ from features.schema import Interaction, make_interaction, validate_category, va
 @dataclass(frozen=True, slots=True)
 class ColumnMap:
     """The columns to read. ``value`` and ``event`` left None read ``value`` and
-    ``event_type`` where the header has them; named, the header must have them."""
+    ``event_type`` where the header has them; named, the header must have them. ``sep`` None
+    takes the separator from the file (see ``_separator``)."""
 
     user: str = "user_id"
     item: str = "item_id"
     value: str | None = None
     time: str = "timestamp"
     event: str | None = None
-    sep: str = ","
+    sep: str | None = None
     drop: frozenset[str] = frozenset()  # columns the caller explicitly discards
 
 
@@ -46,7 +48,17 @@ def parse_time(raw: str, where: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _separator(raw: str) -> str:
+def _separator(raw: str | None, path: Path, handle: TextIO) -> str:
+    """``raw`` as one character (``\\t`` or ``tab`` for a tab); if None, a tab for a ``.tsv``
+    file, a comma for a ``.csv`` one, and for another name a tab if the header line has one
+    and no comma, else a comma. Reads the header line of ``handle`` and rewinds it."""
+    if raw is None:
+        suffix = path.suffix.lower()
+        if suffix in (".tsv", ".csv"):
+            return "\t" if suffix == ".tsv" else ","
+        header = handle.readline(1 << 16)
+        handle.seek(0)
+        return "\t" if "\t" in header and "," not in header else ","
     sep = "\t" if raw in ("\\t", "tab") else raw
     if len(sep) != 1:
         raise InvalidInput(f"the separator must be one character, got {raw!r}")
@@ -55,7 +67,7 @@ def _separator(raw: str) -> str:
 
 def _rows(
     path: Path,
-    sep: str,
+    sep: str | None,
     required: tuple[str, ...],
     mapped: set[str],
     drop: frozenset[str],
@@ -70,7 +82,7 @@ def _rows(
     try:
         # utf-8-sig: a byte-order mark (as spreadsheet exports write) is not part of the header
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle, delimiter=sep)
+            reader = csv.reader(handle, delimiter=_separator(sep, path, handle))
             header = next(reader, [])
             twice = next((name for n, name in enumerate(header) if name in header[:n]), None)
             if twice is not None:
@@ -121,7 +133,7 @@ def read_interactions(
     named = tuple(name for name in (columns.value, columns.event) if name is not None)
     rows = _rows(
         path,
-        _separator(columns.sep),
+        columns.sep,
         (columns.user, columns.item, columns.time, *named),
         {columns.user, columns.item, columns.time, value_col, event_col},
         columns.drop,
@@ -161,7 +173,7 @@ def read_interactions(
 class ItemColumnMap:
     item: str = "item_id"
     category: str = "category"
-    sep: str = ","
+    sep: str | None = None  # None: from the file, as for ColumnMap
     drop: frozenset[str] = frozenset()  # columns the caller explicitly discards
 
 
@@ -173,7 +185,7 @@ def read_items(
     twice is refused. Raises InvalidInput naming the line and field."""
     rows = _rows(
         path,
-        _separator(columns.sep),
+        columns.sep,
         (columns.item, columns.category),
         {columns.item, columns.category},
         columns.drop,

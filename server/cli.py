@@ -69,7 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         help="default: event_type, if the file has it; named: required",
     )
     imp.add_argument("--category-col", default="category", help="items: the category column")
-    imp.add_argument("--sep", default=",", help="field separator; '\\t' or 'tab' for TSV")
+    imp.add_argument(
+        "--sep",
+        default=None,
+        help="field separator, '\\t' or 'tab' for TSV (default: tab for .tsv, comma for .csv,"
+        " else a tab if the header line has one and no comma)",
+    )
     imp.add_argument(
         "--drop-columns", default="", help="comma-separated columns to discard (never read)"
     )

@@ -131,6 +131,43 @@ async def test_import_rejects_a_bad_file_whole(config: Config, pg: PgStore, tmp_
     assert "badfile" not in await pg.scopes()
 
 
+async def test_import_takes_tsv_from_the_name_and_requires_named_columns(
+    config: Config, pg: PgStore, tmp_path: Path
+) -> None:
+    """No --sep for a .tsv; a 0 rating stays 0; a --value-col the file lacks is refused."""
+    rows = ["u1\ti1\t0\t1700000000", "u1\ti2\t4\t1700000000"]
+    tsv = _write_csv(tmp_path / "ratings.tsv", rows, header="user_id\titem_id\tvalue\ttimestamp")
+    result = privrank(config, "import", "interactions", str(tsv), "--scope", "tsv")
+    assert "imported 2 events" in result.stdout
+    pairs = await pg.training_pairs("tsv")
+    assert dict(zip(pairs.item_ids.tolist(), pairs.strength.tolist(), strict=True)) == {
+        "i1": 0.0,
+        "i2": 4.0,
+    }
+    views = _write_csv(
+        tmp_path / "views.csv", ["u1,i1,1700000000"], header="user_id,item_id,timestamp"
+    )
+    for flag in ("--value-col", "--event-col"):
+        refused = privrank(
+            config,
+            "import",
+            "interactions",
+            str(views),
+            "--scope",
+            "named",
+            flag,
+            "stars",
+            check=False,
+        )
+        assert refused.returncode == 1
+        assert (
+            refused.stderr.strip()
+            .splitlines()[-1]
+            .startswith("privrank: error: views.csv: no column 'stars'")
+        ), refused.stderr
+    assert "named" not in await pg.scopes()
+
+
 def test_job_steps_run_alone_and_via_python_m_jobs(config: Config, imported: str) -> None:
     for step in ("refresh-features", "train", "precompute", "evaluate", "cleanup"):
         started, *summaries = privrank(

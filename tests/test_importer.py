@@ -1,5 +1,5 @@
 """The CSV/TSV importer, in-process: rows line up with the header or the file is refused,
-values are kept as written, named columns are required."""
+values are kept as written, named columns are required, the separator follows the file."""
 
 from __future__ import annotations
 
@@ -98,6 +98,28 @@ def test_a_named_value_or_event_column_must_be_in_the_header(tmp_path: Path) -> 
         assert _refusal(path, columns).startswith(f"events.csv: no column {name!r}")
     # named as the default, still required
     assert _refusal(path, ColumnMap(value="value")).startswith("events.csv: no column 'value'")
+
+
+@pytest.mark.parametrize(
+    ("name", "sep", "columns"),
+    [
+        ("events.tsv", "\t", ColumnMap()),
+        ("events.TSV", "\t", ColumnMap()),
+        ("events.txt", "\t", ColumnMap()),  # sniffed: a tab and no comma in the header
+        ("events", ",", ColumnMap()),
+        ("events.tsv", ";", ColumnMap(sep=";")),  # a named separator wins over the name
+    ],
+)
+def test_the_separator_follows_the_file_unless_named(
+    tmp_path: Path, name: str, sep: str, columns: ColumnMap
+) -> None:
+    path = _write(tmp_path / name, sep.join(HEADER.split(",")), sep.join(["u1", "i1", "4", "5"]))
+    assert [(e.user_id, e.value) for e in _read(path, columns)] == [("u1", 4.0)]
+
+
+def test_a_csv_named_file_is_read_with_commas_even_if_tab_separated(tmp_path: Path) -> None:
+    path = _write(tmp_path / "events.csv", HEADER.replace(",", "\t"), "u1\ti1\t4\t5")
+    assert _refusal(path).startswith("events.csv: no column 'user_id'")
 
 
 _VALUE = st.one_of(st.floats(-1e6, 1e6, allow_subnormal=False), st.integers(-5, 5), st.none())
