@@ -10,14 +10,16 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from features.cache import RankCache
-from features.errors import JobLocked, PrivrankError, StoreUnreachable
+from features.errors import ConfigError, JobLocked, PrivrankError, StoreUnreachable
 from features.postgres import PgStore
 from features.schema import DEFAULT_SCOPE, validate_scope
 from server import embedded
@@ -398,6 +400,42 @@ def _serve_workers(config: Config, urls: embedded.EmbeddedUrls) -> int:
     return serve_workers(config, urls.database_url, urls.redis_url, config.workers)
 
 
+def _check_listen_addresses(config: Config) -> None:
+    """Refuse, before any store starts, a gRPC or metrics address that is in use (by another
+    process, or by the other of the two) or cannot be bound here: gRPC and the metrics server
+    would fail later, with a traceback, once the stores run. Port 0 (any free port) is not
+    checked. Raises ConfigError naming the variable and the address."""
+    with contextlib.ExitStack() as held:  # each probe listens until both are checked
+        for variable, address in (
+            ("PRIVRANK_LISTEN", config.listen),
+            ("PRIVRANK_METRICS_LISTEN", config.metrics_listen),
+        ):
+            host, _, port = address.rpartition(":")
+            if int(port) == 0:
+                continue
+            try:
+                places = socket.getaddrinfo(
+                    host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )
+            except socket.gaierror as exc:
+                raise ConfigError(f"{variable}: cannot resolve {host}: {exc.strerror}") from None
+            failures = []
+            for family, kind, proto, _, place in places:
+                probe = held.enter_context(socket.socket(family, kind, proto))
+                # as gRPC and http.server bind: a closed connection's TIME_WAIT is no obstacle
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(place)
+                    probe.listen()
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        raise ConfigError(f"{variable}: {address} is already in use") from None
+                    failures.append(exc.strerror)
+            # as for gRPC, one bindable address of several (localhost: 127.0.0.1, ::1) will do
+            if len(failures) == len(places):
+                raise ConfigError(f"{variable}: cannot listen on {address}: {failures[0]}")
+
+
 def _healthcheck(config: Config, args: argparse.Namespace) -> int:
     """Exit 0 if the server says SERVING (with --live: if it answers); over TLS when the
     server has it, presenting the server's own certificate where clients must present one."""
@@ -443,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve" and args.workers is not None:
             config = dataclasses.replace(config, workers=args.workers)
             config.validate()
+        if args.command in ("serve", "demo"):
+            _check_listen_addresses(config)
         if args.command == "serve" and config.workers > 1:
             with embedded.services(config.data_dir, config.database_url, config.redis_url) as urls:
                 return _serve_workers(config, urls)

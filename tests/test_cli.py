@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -166,6 +167,32 @@ async def test_import_takes_tsv_from_the_name_and_requires_named_columns(
             .startswith("privrank: error: views.csv: no column 'stars'")
         ), refused.stderr
     assert "named" not in await pg.scopes()
+
+
+@pytest.mark.parametrize(
+    ("command", "variable"),
+    [("serve", "listen"), ("serve", "metrics_listen"), ("demo", "listen")],
+)
+def test_a_busy_port_fails_in_one_line_before_any_store_starts(
+    config: Config, tmp_path: Path, command: str, variable: str
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = f"127.0.0.1:{holder.getsockname()[1]}"
+        embedded = dataclasses.replace(
+            config,
+            database_url=None,
+            redis_url=None,
+            data_dir=tmp_path / "data",
+            **{"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", variable: busy},
+        )
+        result = privrank(embedded, command, check=False)
+    assert result.returncode == 1
+    assert (
+        result.stderr == f"privrank: error: PRIVRANK_{variable.upper()}: {busy} is already in use\n"
+    )
+    assert not (tmp_path / "data" / "postgres").exists(), "the embedded PostgreSQL was started"
 
 
 def test_job_steps_run_alone_and_via_python_m_jobs(config: Config, imported: str) -> None:
