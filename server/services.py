@@ -94,11 +94,12 @@ def _timestamp(when: datetime | None) -> Timestamp:
 
 
 def _settings_message(row: UserSettingsRow) -> pb.UserSettings:
+    """The settings as answered; ``updated_at`` unset for a user who never set any."""
     return pb.UserSettings(
         user_id=row.user_id,
         personalization_enabled=row.personalization_enabled,
         data_sharing_consent=row.data_sharing_consent,
-        updated_at=_timestamp(row.updated_at),
+        updated_at=None if row.updated_at is None else _timestamp(row.updated_at),
     )
 
 

@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -487,6 +488,28 @@ async def test_export_and_delete_user_data(client: Client) -> None:
     assert not empty.features
     assert not empty.event_counts
     assert empty.cached_rankings == 0
+
+
+async def test_settings_never_set_have_no_updated_at(client: Client) -> None:
+    """No settings row: defaults with ``updated_at`` unset, not 1970-01-01; once set, the time."""
+    user = "never-set-1"
+    got = await client.settings.GetSettings(
+        pb.GetSettingsRequest(user_id=user), metadata=client.svc
+    )
+    assert got.personalization_enabled
+    assert not got.HasField("updated_at")
+    exported = await client.settings.ExportUserData(
+        pb.ExportUserDataRequest(user_id=user), metadata=client.svc
+    )
+    assert not exported.settings.HasField("updated_at")
+    before = datetime.now(UTC) - timedelta(seconds=5)
+    await client.settings.UpdateSettings(
+        pb.UpdateSettingsRequest(user_id=user, data_sharing_consent=True), metadata=client.svc
+    )
+    got = await client.settings.GetSettings(
+        pb.GetSettingsRequest(user_id=user), metadata=client.svc
+    )
+    assert got.updated_at.ToDatetime(tzinfo=UTC) >= before
 
 
 async def test_admin_metrics_model_info_and_job_history(client: Client, seeded: JobContext) -> None:
