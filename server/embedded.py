@@ -16,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +109,14 @@ def embedded_redis(data_dir: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def embedded_postgres(data_dir: Path) -> Iterator[str]:
-    import pgserver
+    with warnings.catch_warnings():
+        # pgserver asks platformdirs for a runtime dir when imported, and platformdirs warns
+        # where XDG_RUNTIME_DIR is unset (cron, containers) before falling back to a private
+        # directory of its own, which serves pgserver's lock as well
+        warnings.filterwarnings(
+            "ignore", message="XDG_RUNTIME_DIR", category=UserWarning, module="platformdirs"
+        )
+        import pgserver
 
     pgdata = (data_dir / "postgres").resolve()
     pgdata.mkdir(parents=True, exist_ok=True)

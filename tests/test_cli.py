@@ -195,6 +195,28 @@ def test_a_busy_port_fails_in_one_line_before_any_store_starts(
     assert not (tmp_path / "data" / "postgres").exists(), "the embedded PostgreSQL was started"
 
 
+def test_the_embedded_postgresql_starts_without_platformdirs_warnings(
+    config: Config, tmp_path: Path
+) -> None:
+    """Without XDG_RUNTIME_DIR (cron, containers) pgserver's import made platformdirs warn
+    on stderr, two lines before anything else."""
+    embedded = dataclasses.replace(config, database_url=None, data_dir=tmp_path / "data")
+    env = {**cli_env(embedded), "PYTHONWARNINGS": "default"}
+    env.pop("XDG_RUNTIME_DIR", None)
+    result = subprocess.run(
+        [*CLI, "db", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "applied:" in result.stdout
+    assert "XDG_RUNTIME_DIR" not in result.stderr, result.stderr
+    assert "platformdirs" not in result.stderr, result.stderr
+
+
 def test_job_steps_run_alone_and_via_python_m_jobs(config: Config, imported: str) -> None:
     for step in ("refresh-features", "train", "precompute", "evaluate", "cleanup"):
         started, *summaries = privrank(
