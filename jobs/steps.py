@@ -289,7 +289,7 @@ async def train(ctx: JobContext, scope: str) -> str:
     arrays["params"] = np.array(json.dumps(chosen, sort_keys=True))
     arrays.update(extra)
     np.savez(staging, **arrays)
-    os.replace(staging, path)
+    snapshot.replace_durably(staging, path)
     await ctx.pg.save_embeddings(scope, list(model.user_ids), model.user_vectors)
     return (
         f"{len(model.user_ids)} users x {len(model.item_ids)} items, "

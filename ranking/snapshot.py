@@ -156,6 +156,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def replace_durably(written: Path, path: Path) -> None:
+    """Move the fully written file ``written`` to ``path`` (same directory) so that after a
+    crash ``path`` holds the old content or the new, whole: ``os.replace`` is atomic but not
+    durable, so the file is fsynced before it and the directory after."""
+    _fsync(written)
+    os.replace(written, path)
+    _fsync(path.parent)
+
+
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
     """``vectors`` (float32[n, d]) with each row scaled to norm 1; zero rows stay zero."""
     vectors = np.asarray(vectors, dtype=np.float32)
@@ -294,9 +303,7 @@ def publish(
         _fsync(scope_dir)
         pointer_tmp = scope_dir / f".{POINTER}.{os.getpid()}"
         pointer_tmp.write_text(version + "\n")
-        _fsync(pointer_tmp)
-        os.replace(pointer_tmp, scope_dir / POINTER)
-        _fsync(scope_dir)
+        replace_durably(pointer_tmp, scope_dir / POINTER)
         return version
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -31,6 +31,7 @@ from features.cache import PipelinedGets, RankCache
 from features.errors import StoreUnavailable
 from jobs.runner import run_job
 from jobs.steps import JobContext
+from jobs.synth import generate
 from ranking import snapshot
 from server import embedded
 from server.api import privrank_pb2 as pb
@@ -495,6 +496,37 @@ async def test_a_job_killed_at_random_points_reruns_to_the_clean_result(
         await asyncio.to_thread(privrank, config, "jobs", "nightly", "--scope", scope)
         assert _content_hash(config.snapshot_dir, scope) == clean_hash, f"attempt {attempt}"
         assert await _ranks(pg_url, scope) == clean_ranks, f"attempt {attempt}"
+
+
+async def test_train_replaces_its_model_durably(
+    seeded: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``os.replace`` is atomic, not durable: train's new model.npz is fsynced before it
+    replaces the old one and its directory after, so a crash leaves one model or the other."""
+    scope = "durable"
+    await seeded.pg.insert_event_batches(generate(users=60, items=40, events=1500, scope=scope))
+    done: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def traced_fsync(fd: int) -> None:
+        done.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def traced_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        done.append(("replace", f"{src} -> {dst}"))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", traced_fsync)
+    monkeypatch.setattr(os, "replace", traced_replace)
+    await run_job(seeded, "train", [scope])
+    monkeypatch.undo()
+    model = seeded.model_path(scope)
+    (moved,) = [
+        n for n, (op, what) in enumerate(done) if op == "replace" and what.endswith(f" -> {model}")
+    ]
+    staging = done[moved][1].split(" -> ")[0]
+    assert ("fsync", staging) in done[:moved], "the new model was not on disk before the swap"
+    assert ("fsync", str(model.parent)) in done[moved:], "the swap itself was not made durable"
 
 
 async def test_the_pool_is_reported(
