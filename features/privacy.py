@@ -16,12 +16,12 @@ async def retract_not_personal(
     model_version: str,
     user_ids: Sequence[str],
     *,
-    built_at: float,
+    data_as_of: float,
     stored: bool,
 ) -> set[str]:
     """Delete the rankings of ``model_version`` just written for ``user_ids`` (to Redis; with
-    ``stored`` also to the ranks table) of those who have opted out, or were erased after the
-    snapshot was built (``built_at``, unix seconds). Returns those users.
+    ``stored`` also to the ranks table) of those who have opted out, or were erased at or
+    after the snapshot's data was read (``data_as_of``, unix seconds). Returns those users.
 
     A writer checks its users first, but a change can land between that check and the write.
     Run this after the writes: a change committed before its query is found here, and one
@@ -29,7 +29,7 @@ async def retract_not_personal(
     their commit), so after these writes. No interleaving leaves such a ranking behind."""
     if not user_ids:
         return set()
-    gone = await pg.not_personal(user_ids, erased_since=datetime.fromtimestamp(built_at, UTC))
+    gone = await pg.not_personal(user_ids, erased_since=datetime.fromtimestamp(data_as_of, UTC))
     if gone:
         users = sorted(gone)
         await cache.delete_rankings(scope, model_version, users)

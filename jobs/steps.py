@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -24,7 +25,7 @@ from features.cache import RankCache
 from features.errors import JobError
 from features.postgres import PgStore, TrainingPairs
 from features.privacy import retract_not_personal
-from features.schema import DEVICE_CATEGORIES, context_segment
+from features.schema import DEVICE_CATEGORIES, context_segment, user_digest
 from jobs.als import AlsParams, to_csr, train_als
 from jobs.ease import gram, train_ease
 from jobs.metrics import evaluate_rankings, ndcg_at_k
@@ -257,6 +258,7 @@ async def train(ctx: JobContext, scope: str) -> str:
     EASE_MAX_ITEMS also EASE, which serves Recommend when it wins on validation."""
     if _rules(ctx, scope):
         return "rule-based scope: no model to train"
+    data_as_of = time.time()  # before the read: an erasure from then on may not be in it
     pairs = await ctx.pg.training_pairs(scope)
     params, note, ease_lambda = ctx.als_params(), "", None
     split = _validation(pairs, params)
@@ -287,6 +289,7 @@ async def train(ctx: JobContext, scope: str) -> str:
     staging = path.with_name(f".model-{os.getpid()}.npz")
     arrays: dict[str, Any] = {k: getattr(model, k) for k in _Factorized.__dataclass_fields__}
     arrays["params"] = np.array(json.dumps(chosen, sort_keys=True))
+    arrays["data_as_of"] = np.array(data_as_of)
     arrays.update(extra)
     np.savez(staging, **arrays)
     snapshot.replace_durably(staging, path)
@@ -349,12 +352,36 @@ def _load_item_item(path: Path) -> np.ndarray | None:
         raise JobError(f"no usable trained model at {path}; run train first ({exc})") from exc
 
 
-def _load_model(path: Path) -> _Factorized:
+def _load_model(path: Path) -> tuple[_Factorized, float]:
+    """The trained model and when train read its data (unix seconds)."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            return _Factorized(**{k: data[k] for k in _Factorized.__dataclass_fields__})
+            model = _Factorized(**{k: data[k] for k in _Factorized.__dataclass_fields__})
+            return model, float(data["data_as_of"])
     except (OSError, KeyError, ValueError) as exc:
         raise JobError(f"no usable trained model at {path}; run train first ({exc})") from exc
+
+
+async def _erased_since(ctx: JobContext, user_ids: np.ndarray, data_as_of: float) -> np.ndarray:
+    """Which of ``user_ids`` (str[u]) were erased at or after ``data_as_of`` (unix seconds),
+    as bool[u]: their data may be in what train read, and no snapshot may carry it."""
+    erased = await ctx.pg.erasures(since=datetime.fromtimestamp(data_as_of, UTC))
+    if not erased:
+        return np.zeros(len(user_ids), dtype=bool)
+    return np.array([user_digest(u) in erased for u in user_ids.tolist()], dtype=bool)
+
+
+def _without_users(model: _Factorized, drop: np.ndarray) -> _Factorized:
+    """``model`` without the users where ``drop`` (bool[u]) holds: vectors and seen items."""
+    keep = np.flatnonzero(~drop)
+    seen_indptr, seen_indices = select_rows(model.seen_indptr, model.seen_indices, keep)
+    return replace(
+        model,
+        user_ids=model.user_ids[keep],
+        user_vectors=model.user_vectors[keep],
+        seen_indptr=seen_indptr,
+        seen_indices=seen_indices,
+    )
 
 
 @dataclass(frozen=True)
@@ -452,11 +479,14 @@ def _rule_arrays(items: _Items, pairs: TrainingPairs, profile: Profile) -> dict[
 async def _build_rules(ctx: JobContext, scope: str) -> str:
     """A rule scope's snapshot from its training pairs (opted-out users left out)."""
     items = await _items(ctx, scope, await _as_of(ctx, scope))
+    data_as_of = time.time()
     pairs = await ctx.pg.training_pairs(scope)
     arrays = _rule_arrays(items, pairs, ctx.config.profile(scope))
     user_ids = arrays["user_ids"]
     arrays["user_features"] = await _aligned_features(ctx, scope, user_ids)
-    version = snapshot.publish(ctx.config.snapshot_dir, scope, arrays, extra={"model": RULES})
+    version = snapshot.publish(
+        ctx.config.snapshot_dir, scope, arrays, data_as_of=data_as_of, extra={"model": RULES}
+    )
     published = snapshot.load(ctx.config.snapshot_dir / scope / version)
     await ctx.pg.record_model_version(scope, version, published.manifest)
     n, dim = len(items.ids), len(items.arrays["categories"])
@@ -503,9 +533,13 @@ def _learned_arrays(
 
 
 async def build(ctx: JobContext, scope: str) -> str:
+    """The snapshot of the last train's model, stamped with when train read its data; users
+    erased since then are left out (the server masks those erased later: data_as_of)."""
     if _rules(ctx, scope):
         return await _build_rules(ctx, scope)
-    model = _load_model(ctx.model_path(scope))
+    model, data_as_of = _load_model(ctx.model_path(scope))
+    erased = await _erased_since(ctx, model.user_ids, data_as_of)
+    model = _without_users(model, erased)
     as_of = await _as_of(ctx, scope)
     items = await _items(ctx, scope, as_of)
     profile = ctx.config.profile(scope)
@@ -541,11 +575,17 @@ async def build(ctx: JobContext, scope: str) -> str:
             write_index(index, path)
 
     version = snapshot.publish(
-        ctx.config.snapshot_dir, scope, arrays, index_writer=index_writer, extra=extra
+        ctx.config.snapshot_dir,
+        scope,
+        arrays,
+        data_as_of=data_as_of,
+        index_writer=index_writer,
+        extra=extra,
     )
     published = snapshot.load(ctx.config.snapshot_dir / scope / version)
     await ctx.pg.record_model_version(scope, version, published.manifest)
-    return f"published {version}: {kind.upper()}, {n} items, {len(model.user_ids)} users"
+    left_out = f" ({int(erased.sum())} erased since train left out)" if erased.any() else ""
+    return f"published {version}: {kind.upper()}, {n} items, {len(model.user_ids)} users{left_out}"
 
 
 async def precompute(ctx: JobContext, scope: str) -> str:
@@ -594,7 +634,7 @@ async def precompute(ctx: JobContext, scope: str) -> str:
         scope,
         snap.version,
         [user_id for user_id, _ in positions],
-        built_at=snap.created_at,
+        data_as_of=snap.data_as_of,
         stored=True,
     )
     await ctx.cache.mark_warm(scope, snap.version, ttl_s=profile.cache_ttl_s)
@@ -811,7 +851,7 @@ async def cleanup(ctx: JobContext, scope: str) -> str:
     )
     erased = await ctx.pg.latest_erasure()
     pruned = snapshot.prune(
-        ctx.config.snapshot_dir, scope, built_before=erased.timestamp() if erased else None
+        ctx.config.snapshot_dir, scope, data_before=erased.timestamp() if erased else None
     )
     parts = [f"{table} {count}" for table, count in removed.items()]
     return "removed " + ", ".join(parts) + f", snapshots {len(pruned)}"

@@ -184,10 +184,11 @@ class Ranker:
 
     def personal(self, user_id: str, snap: Snapshot) -> bool:
         """Whether the user may be ranked personally from ``snap``: the opt-out view allows
-        it (personalization globally on, the user's opt-out confirmed off), and ``snap`` built
-        after any erasure of the user (until then the user's vector in it stays masked)."""
+        it (personalization globally on, the user's opt-out confirmed off), and ``snap``'s data
+        read after any erasure of the user (until then the user's vector in it stays masked,
+        however late it was built)."""
         erased_at = self._optouts.erased_at(user_id)
-        if erased_at is not None and snap.created_at <= erased_at:
+        if erased_at is not None and snap.data_as_of <= erased_at:
             return False
         return self._optouts.personalization_allowed(user_id)
 

@@ -1,11 +1,12 @@
 """The immutable in-memory snapshot of a scope: what the jobs publish and the server ranks from.
 
 On disk a snapshot is a directory ``<root>/<scope>/<version>/`` of ``.npy`` arrays, an optional
-faiss index and ``manifest.json`` (version, counts, sha256 of every file). Publication writes
-the directory under a temporary name, fsyncs it, renames it into place and then atomically
-replaces the ``<root>/<scope>/CURRENT`` pointer, so a reader sees the old snapshot or the new
-one, never a partial one. Loading verifies every checksum before anything is used; arrays are
-memory-mapped, not copied.
+faiss index and ``manifest.json`` (version, counts, sha256 of every file, and ``data_as_of``:
+when the data its user arrays come from was read, which erasures are compared against).
+Publication writes the directory under a temporary name, fsyncs it, renames it into place and
+then atomically replaces the ``<root>/<scope>/CURRENT`` pointer, so a reader sees the old
+snapshot or the new one, never a partial one. Loading verifies every checksum before anything
+is used; arrays are memory-mapped, not copied.
 
 Items are ordered by item ID, so array positions double as the tie-break order. Users are
 ordered by user ID and found by binary search.
@@ -110,6 +111,12 @@ class Snapshot:
     @property
     def created_at(self) -> float:
         return float(self.manifest["created_at"])
+
+    @property
+    def data_as_of(self) -> float:
+        """When the data of its users was read (unix seconds): an erasure at or after it may
+        not be reflected. 0 for snapshots from before it was recorded (age unknown)."""
+        return _data_as_of(self.manifest)
 
     def user_position(self, user_id: str) -> int | None:
         pos = int(np.searchsorted(self.user_ids, user_id))
@@ -239,6 +246,7 @@ def _manifest(
     scope: str,
     version: str,
     created: float,
+    data_as_of: float,
     arrays: dict[str, np.ndarray],
     retrieval: str,
     files: dict[str, str],
@@ -249,6 +257,7 @@ def _manifest(
         "scope": scope,
         "version": version,
         "created_at": created,
+        "data_as_of": data_as_of,
         "items": len(arrays["item_ids"]),
         "users": len(arrays["user_ids"]),
         "dimensions": int(arrays["item_vectors"].shape[1]),
@@ -263,11 +272,13 @@ def publish(
     scope: str,
     arrays: dict[str, np.ndarray],
     *,
+    data_as_of: float | None = None,
     index_writer: Any = None,
     extra: dict[str, Any] | None = None,
 ) -> str:
     """Write a new snapshot of ``scope`` under ``root`` and make it current. Returns the version.
 
+    ``data_as_of`` (unix seconds): when the data of the arrays was read (default: now).
     ``index_writer(path)``, if given, writes the faiss index file. Crash-safe: until the final
     pointer swap, readers keep the previous snapshot; a leftover temporary directory is
     harmless and removed by cleanup.
@@ -291,7 +302,8 @@ def publish(
         created = time.time()
         version = _version_name(created, content, current_version(root, scope))
         retrieval = "faiss" if index_writer is not None else "exact"
-        manifest = _manifest(scope, version, created, arrays, retrieval, checksums, extra)
+        as_of = created if data_as_of is None else data_as_of
+        manifest = _manifest(scope, version, created, as_of, arrays, retrieval, checksums, extra)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         for path in staging.iterdir():
             _fsync(path)
@@ -376,7 +388,8 @@ def in_memory(
     evaluate ranks the training part of its holdout split with, through the serving code."""
     arrays = _with_unit(arrays)
     _check_arrays(arrays)
-    manifest = _manifest(scope, "unpublished", time.time(), arrays, "exact", {}, extra)
+    now = time.time()
+    manifest = _manifest(scope, "unpublished", now, now, arrays, "exact", {}, extra)
     return _assemble(Path(), manifest, arrays)
 
 
@@ -426,16 +439,21 @@ def load_current(root: Path, scope: str) -> Snapshot:
     return load(root / scope / version)
 
 
-def _created_at(path: Path) -> float:
+def _data_as_of(manifest: dict[str, Any]) -> float:
+    return float(manifest.get("data_as_of", 0.0))
+
+
+def _read_data_as_of(path: Path) -> float:
     try:
-        return float(json.loads((path / MANIFEST).read_text())["created_at"])
-    except (OSError, ValueError, KeyError):
-        return float("-inf")  # unreadable: treat as oldest
+        return _data_as_of(json.loads((path / MANIFEST).read_text()))
+    except (OSError, ValueError, TypeError):
+        return 0.0  # unreadable: treat as oldest
 
 
-def prune(root: Path, scope: str, keep: int = 3, *, built_before: float | None = None) -> list[str]:
-    """Remove all but the newest ``keep`` snapshots of a scope, and every snapshot created
-    before ``built_before`` (unix seconds; e.g. the latest erasure). Never the current one."""
+def prune(root: Path, scope: str, keep: int = 3, *, data_before: float | None = None) -> list[str]:
+    """Remove all but the newest ``keep`` snapshots of a scope, and every snapshot whose data
+    was read before ``data_before`` (unix seconds; e.g. the latest erasure). Never the
+    current one."""
     scope_dir = root / scope
     current = current_version(root, scope)
     if not scope_dir.is_dir():
@@ -449,7 +467,7 @@ def prune(root: Path, scope: str, keep: int = 3, *, built_before: float | None =
     for rank, path in enumerate(versions):
         if path.name == current:
             continue
-        stale = rank >= keep or (built_before is not None and _created_at(path) < built_before)
+        stale = rank >= keep or (data_before is not None and _read_data_as_of(path) < data_before)
         if stale:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)

@@ -298,7 +298,7 @@ class App:
                     scope,
                     snap.version,
                     [user_id for user_id, _, _ in batch],
-                    built_at=snap.created_at,
+                    data_as_of=snap.data_as_of,
                     stored=False,
                 )
                 written -= len(retracted)

@@ -418,6 +418,20 @@ def test_prune_keeps_the_newest_published_within_one_second(
     )
 
 
+def test_prune_goes_by_when_the_data_was_read_not_when_it_was_built(tmp_path: Path) -> None:
+    """A snapshot built after an erasure from data read before it may hold the erased user:
+    cleanup prunes it with the snapshots built before the erasure (never the current one)."""
+    erased_at = time.time()
+    before = snapshot.publish(tmp_path, SCOPE, make_arrays(seed=1), data_as_of=erased_at - 60)
+    late = snapshot.publish(tmp_path, SCOPE, make_arrays(seed=2), data_as_of=erased_at - 1)
+    fresh = snapshot.publish(tmp_path, SCOPE, make_arrays(seed=3), data_as_of=erased_at + 1)
+    previous = snapshot.publish(tmp_path, SCOPE, make_arrays(seed=4), data_as_of=erased_at - 1)
+    assert snapshot.load(tmp_path / SCOPE / late).data_as_of == erased_at - 1
+    removed = snapshot.prune(tmp_path, SCOPE, keep=5, data_before=erased_at)
+    assert sorted(removed) == sorted([before, late])
+    assert version_dirs(tmp_path) == {fresh, previous}  # the current one stays, masked
+
+
 def test_prune_other_scopes_untouched(tmp_path: Path) -> None:
     books = [snapshot.publish(tmp_path, "books", make_arrays(seed=s)) for s in range(3)]
     films = [snapshot.publish(tmp_path, "films", make_arrays(seed=s)) for s in range(3)]

@@ -1,0 +1,148 @@
+"""Erasure against the jobs' timeline: whatever the order of train, erasure, build,
+precompute, cleanup and reload, no snapshot made from data read before a user's erasure
+serves that user personally, and nothing Redis kept from before it is used again."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from features.postgres import PgStore, TrainingPairs
+from jobs.runner import run_job
+from jobs.steps import JobContext
+from jobs.synth import generate
+from ranking import snapshot
+from server.api import privrank_pb2 as pb
+from tests.conftest import Client
+
+PERSONAL = {pb.SOURCE_LIVE, pb.SOURCE_CACHED, pb.SOURCE_RECENT}
+
+
+async def _trained_scope(ctx: JobContext, client: Client, seed: int) -> str:
+    """A small scope of its own, through the nightly jobs and loaded by the server."""
+    scope = f"erase{uuid.uuid4().hex[:6]}"
+    await ctx.pg.insert_event_batches(
+        generate(users=80, items=50, events=2500, scope=scope, seed=seed)
+    )
+    await run_job(ctx, "nightly", [scope])
+    await client.admin.Reload(pb.ReloadRequest(), metadata=client.adm)
+    return scope
+
+
+async def _sources(client: Client, scope: str, user: str) -> tuple[int, int]:
+    """The sources of Recommend and of RankCandidates (ten items) for ``user``."""
+    recommended = await client.ranking.Recommend(
+        pb.RecommendRequest(user_id=user, scope=scope, limit=5), metadata=client.svc
+    )
+    ranked = await client.ranking.RankCandidates(
+        pb.RankCandidatesRequest(
+            user_id=user, scope=scope, candidate_item_ids=[f"i{n}" for n in range(10)]
+        ),
+        metadata=client.svc,
+    )
+    return recommended.source, ranked.source
+
+
+async def _erase(client: Client, user: str) -> None:
+    await client.settings.DeleteUserData(
+        pb.DeleteUserDataRequest(user_id=user), metadata=client.svc
+    )
+
+
+async def _assert_not_personal(ctx: JobContext, client: Client, scope: str, user: str) -> None:
+    """The erased ``user`` is served nothing personal, no ranking of them is cached for the
+    current snapshot, and no snapshot published since the erasure holds them."""
+    recommend, rank = await _sources(client, scope, user)
+    assert recommend not in PERSONAL, pb.Source.Name(recommend)
+    assert rank not in PERSONAL, pb.Source.Name(rank)
+    current = snapshot.current_version(ctx.config.snapshot_dir, scope)
+    assert current is not None
+    assert await ctx.cache.get(scope, current, user) is None
+    erased_at = client.app.optouts.erased_at(user)
+    assert erased_at is not None
+    for path in (ctx.config.snapshot_dir / scope).iterdir():
+        if path.is_dir() and not path.name.startswith("."):
+            snap = snapshot.load(path)
+            if snap.created_at > erased_at:
+                assert snap.user_position(user) is None, f"{path.name} holds the erased user"
+
+
+def _erasing_during_read(client: Client, pg: PgStore, user: str) -> Callable[..., object]:
+    """``pg.training_pairs`` that erases ``user`` once the pairs are read: the erasure lands
+    while train runs, after its read and before its model is written."""
+    read = pg.training_pairs
+
+    async def training_pairs(scope: str, **kw: object) -> TrainingPairs:
+        pairs = await read(scope, **kw)  # type: ignore[arg-type]
+        await _erase(client, user)
+        return pairs
+
+    return training_pairs
+
+
+# a timeline after nightly: "erase" is an erasure, "train~erase" a train with an erasure
+# landing after its read (before its model is written), "reload" Admin.Reload, others jobs
+TIMELINES = {
+    "rebuilt from the old model": ["erase", "build", "precompute", "cleanup", "reload"],
+    "erased while train runs": ["train~erase", "build", "reload", "precompute", "cleanup"],
+    "served, then rebuilt": ["erase", "reload", "build", "reload", "precompute", "cleanup"],
+    "retrained between builds": ["erase", "build", "reload", "train", "build", "reload"],
+}
+
+
+@pytest.mark.parametrize("timeline", TIMELINES)
+async def test_no_snapshot_of_data_read_before_an_erasure_serves_the_user(
+    client: Client, seeded: JobContext, monkeypatch: pytest.MonkeyPatch, timeline: str
+) -> None:
+    scope = await _trained_scope(seeded, client, seed=list(TIMELINES).index(timeline))
+    user = "u7"
+    assert set(await _sources(client, scope, user)) <= PERSONAL  # personal until erased
+    erased = False
+    for step in TIMELINES[timeline]:
+        if step == "erase":
+            await _erase(client, user)
+        elif step == "reload":
+            await client.admin.Reload(pb.ReloadRequest(), metadata=client.adm)
+        elif step == "train~erase":
+            with monkeypatch.context() as patch:
+                patch.setattr(
+                    seeded.pg, "training_pairs", _erasing_during_read(client, seeded.pg, user)
+                )
+                await run_job(seeded, "train", [scope])
+        else:
+            await run_job(seeded, step, [scope])
+        erased = erased or "erase" in step
+        if erased:
+            await _assert_not_personal(seeded, client, scope, user)
+
+
+async def test_an_erased_user_back_with_new_events_is_not_ranked_from_the_old_vector(
+    client: Client, seeded: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Erased while train runs, then back with new events before precompute: precompute
+    caches no ranking of the snapshot's (pre-erasure) vector, and none is served."""
+    scope = await _trained_scope(seeded, client, seed=11)
+    user = "u9"
+    with monkeypatch.context() as patch:
+        patch.setattr(seeded.pg, "training_pairs", _erasing_during_read(client, seeded.pg, user))
+        await run_job(seeded, "train", [scope])
+    await run_job(seeded, "build", [scope])
+    await client.admin.Reload(pb.ReloadRequest(), metadata=client.adm)
+    await client.ranking.RecordEvents(
+        pb.RecordEventsRequest(
+            events=[
+                pb.Event(user_id=user, item_id=f"i{n}", scope=scope, event_type=pb.CLICK)
+                for n in (1, 2)
+            ]
+        ),
+        metadata=client.svc,
+    )
+    await run_job(seeded, "precompute", [scope])
+    current = snapshot.load_current(seeded.config.snapshot_dir, scope)
+    assert current.user_position(user) is None
+    assert await seeded.cache.get(scope, current.version, user) is None
+    recommend, rank = await _sources(client, scope, user)
+    assert recommend not in {pb.SOURCE_LIVE, pb.SOURCE_CACHED}
+    assert rank != pb.SOURCE_LIVE
