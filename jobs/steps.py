@@ -371,6 +371,12 @@ async def _erased_since(ctx: JobContext, user_ids: np.ndarray, data_as_of: float
     return np.array([user_digest(u) in erased for u in user_ids.tolist()], dtype=bool)
 
 
+async def _last_erasure(ctx: JobContext) -> float | None:
+    """When anyone was last erased (unix seconds), or None."""
+    erased = await ctx.pg.latest_erasure()
+    return erased.timestamp() if erased else None
+
+
 def _without_users(model: _Factorized, drop: np.ndarray) -> _Factorized:
     """``model`` without the users where ``drop`` (bool[u]) holds: vectors and seen items."""
     keep = np.flatnonzero(~drop)
@@ -485,7 +491,12 @@ async def _build_rules(ctx: JobContext, scope: str) -> str:
     user_ids = arrays["user_ids"]
     arrays["user_features"] = await _aligned_features(ctx, scope, user_ids)
     version = snapshot.publish(
-        ctx.config.snapshot_dir, scope, arrays, data_as_of=data_as_of, extra={"model": RULES}
+        ctx.config.snapshot_dir,
+        scope,
+        arrays,
+        data_as_of=data_as_of,
+        last_erasure=await _last_erasure(ctx),
+        extra={"model": RULES},
     )
     published = snapshot.load(ctx.config.snapshot_dir / scope / version)
     await ctx.pg.record_model_version(scope, version, published.manifest)
@@ -579,6 +590,7 @@ async def build(ctx: JobContext, scope: str) -> str:
         scope,
         arrays,
         data_as_of=data_as_of,
+        last_erasure=await _last_erasure(ctx),
         index_writer=index_writer,
         extra=extra,
     )
@@ -849,10 +861,7 @@ async def cleanup(ctx: JobContext, scope: str) -> str:
         features_days=ctx.config.features_retention_d,
         events_days=ctx.config.events_retention_d,
     )
-    erased = await ctx.pg.latest_erasure()
-    pruned = snapshot.prune(
-        ctx.config.snapshot_dir, scope, data_before=erased.timestamp() if erased else None
-    )
+    pruned = snapshot.prune(ctx.config.snapshot_dir, scope, data_before=await _last_erasure(ctx))
     parts = [f"{table} {count}" for table, count in removed.items()]
     return "removed " + ", ".join(parts) + f", snapshots {len(pruned)}"
 

@@ -273,12 +273,15 @@ def publish(
     arrays: dict[str, np.ndarray],
     *,
     data_as_of: float | None = None,
+    last_erasure: float | None = None,
     index_writer: Any = None,
     extra: dict[str, Any] | None = None,
 ) -> str:
-    """Write a new snapshot of ``scope`` under ``root`` and make it current. Returns the version.
+    """Write a new snapshot of ``scope`` under ``root`` and make it current. Returns the version:
+    the current one, left as it is, if it would serve exactly as the new one (``_serves_as``).
 
-    ``data_as_of`` (unix seconds): when the data of the arrays was read (default: now).
+    ``data_as_of`` (unix seconds): when the data of the arrays was read (default: now);
+    ``last_erasure``: the latest erasure of any user (unix seconds; None: none).
     ``index_writer(path)``, if given, writes the faiss index file. Crash-safe: until the final
     pointer swap, readers keep the previous snapshot; a leftover temporary directory is
     harmless and removed by cleanup.
@@ -298,20 +301,23 @@ def publish(
         if index_writer is not None:
             index_writer(staging / INDEX_FILE)
             checksums[INDEX_FILE] = _sha256(staging / INDEX_FILE)
-        content = hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()
+        # what serving sees: the files and the build's settings (data_as_of aside)
+        identity = {"files": checksums, "extra": extra or {}}
+        content = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         created = time.time()
-        version = _version_name(created, content, current_version(root, scope))
-        retrieval = "faiss" if index_writer is not None else "exact"
         as_of = created if data_as_of is None else data_as_of
+        current = current_version(root, scope)
+        if current is not None and _serves_as(scope_dir / current, content, last_erasure):
+            shutil.rmtree(staging)
+            return current
+        version = _version_name(created, content, current)
+        retrieval = "faiss" if index_writer is not None else "exact"
         manifest = _manifest(scope, version, created, as_of, arrays, retrieval, checksums, extra)
+        manifest["content"] = content
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         for path in staging.iterdir():
             _fsync(path)
-        final = scope_dir / version
-        if final.exists():  # same content published twice: keep the existing copy
-            shutil.rmtree(staging)
-        else:
-            staging.rename(final)
+        staging.rename(scope_dir / version)
         _fsync(scope_dir)
         pointer_tmp = scope_dir / f".{POINTER}.{os.getpid()}"
         pointer_tmp.write_text(version + "\n")
@@ -320,6 +326,19 @@ def publish(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _serves_as(path: Path, content: str, last_erasure: float | None) -> bool:
+    """Whether the published snapshot at ``path`` is intact, of identical ``content``, and
+    nobody was erased since its data was read (``last_erasure`` before its data_as_of): then
+    it masks no user the new one would serve, and a re-run of build keeps it (no hot swap).
+    (Data read later to identical arrays holds no user erased in between either.)"""
+    try:
+        published = load(path)
+    except SnapshotError:
+        return False
+    unmasked = last_erasure is None or last_erasure < published.data_as_of
+    return published.manifest.get("content") == content and unmasked
 
 
 def _version_name(created: float, content: str, current: str | None) -> str:

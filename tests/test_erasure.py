@@ -146,3 +146,23 @@ async def test_an_erased_user_back_with_new_events_is_not_ranked_from_the_old_ve
     recommend, rank = await _sources(client, scope, user)
     assert recommend not in {pb.SOURCE_LIVE, pb.SOURCE_CACHED}
     assert rank != pb.SOURCE_LIVE
+
+
+async def test_a_rebuild_keeps_the_version_until_an_erasure_changes_its_users(
+    client: Client, seeded: JobContext
+) -> None:
+    """A re-run of build, or of train and build over the same data (a retried nightly),
+    publishes nothing new, so no server swaps and the cached rankings stay in use; one after
+    an erasure leaves the user out: a new version."""
+    scope = await _trained_scope(seeded, client, seed=12)
+    version = snapshot.current_version(seeded.config.snapshot_dir, scope)
+    await run_job(seeded, "build", [scope])
+    assert snapshot.current_version(seeded.config.snapshot_dir, scope) == version
+    await run_job(seeded, "train", [scope])  # a retried nightly over the same data
+    await run_job(seeded, "build", [scope])
+    assert snapshot.current_version(seeded.config.snapshot_dir, scope) == version
+    await _erase(client, "u5")
+    await run_job(seeded, "build", [scope])
+    rebuilt = snapshot.load_current(seeded.config.snapshot_dir, scope)
+    assert rebuilt.version != version
+    assert rebuilt.user_position("u5") is None

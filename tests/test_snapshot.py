@@ -10,6 +10,7 @@ import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -166,6 +167,47 @@ def test_publishing_again_moves_current_and_keeps_the_old_version(tmp_path: Path
     removed = snapshot.prune(tmp_path, SCOPE, keep=0)
     assert removed == [first]
     assert version_dirs(tmp_path) == {second}
+    assert snapshot.load_current(tmp_path, SCOPE).version == second
+
+
+def test_publishing_the_same_content_again_keeps_the_current_version(tmp_path: Path) -> None:
+    """A re-run of build (or of train and build over unchanged data): no new version, no
+    pointer swap, no second copy, while nobody was erased since the current one's data."""
+    first = snapshot.publish(tmp_path, SCOPE, make_arrays(seed=1), data_as_of=100.0)
+    pointer = (tmp_path / SCOPE / snapshot.POINTER).stat().st_mtime_ns
+    assert snapshot.publish(tmp_path, SCOPE, make_arrays(seed=1), data_as_of=100.0) == first
+    again = {"data_as_of": 200.0, "last_erasure": 99.0}
+    assert snapshot.publish(tmp_path, SCOPE, make_arrays(seed=1), **again) == first
+    assert (tmp_path / SCOPE / snapshot.POINTER).stat().st_mtime_ns == pointer
+    assert sorted(p.name for p in (tmp_path / SCOPE).iterdir()) == sorted([snapshot.POINTER, first])
+    assert snapshot.load_current(tmp_path, SCOPE).data_as_of == 100.0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # the current one would mask the user erased at 150, whom the new one may serve
+        {"data_as_of": 200.0, "last_erasure": 150.0},
+        {"extra": {"model": "ease"}},
+        {"arrays": make_arrays(seed=2)},
+        {"arrays": {**make_arrays(seed=1), "user_ids": np.array(["u000", "u001", "u009"])}},
+    ],
+    ids=["erasure since the current one's data", "other settings", "other arrays", "other users"],
+)
+def test_other_content_is_a_new_version(tmp_path: Path, change: dict[str, Any]) -> None:
+    first = snapshot.publish(tmp_path, SCOPE, make_arrays(seed=1), data_as_of=100.0)
+    args: dict[str, Any] = {"arrays": make_arrays(seed=1), "data_as_of": 100.0, **change}
+    second = snapshot.publish(tmp_path, SCOPE, args.pop("arrays"), **args)
+    assert second != first
+    assert snapshot.current_version(tmp_path, SCOPE) == second
+    assert snapshot.load_current(tmp_path, SCOPE).data_as_of == args["data_as_of"]
+
+
+def test_a_damaged_current_snapshot_is_replaced_by_its_content(tmp_path: Path) -> None:
+    first = snapshot.publish(tmp_path, SCOPE, make_arrays(seed=1))
+    flip_byte(tmp_path / SCOPE / first / "item_vectors.npy")
+    second = snapshot.publish(tmp_path, SCOPE, make_arrays(seed=1))
+    assert second != first
     assert snapshot.load_current(tmp_path, SCOPE).version == second
 
 
