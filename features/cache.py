@@ -30,7 +30,9 @@ from features.breaker import CircuitBreaker
 from features.errors import StoreUnavailable
 
 KEY_PREFIX = "privrank:rank:"
-RECENT_PREFIX = "privrank:recent:"  # privrank:recent:{scope}:{user_id} → newest item IDs first
+# privrank:recent:{scope}:{user_id} → "<unix seconds> <item ID>" of the user's events, newest
+# first: the time is when they were received, so those from before an erasure are told apart
+RECENT_PREFIX = "privrank:recent:"
 RECENT_ITEMS = 20
 RECENT_TTL_S = 7 * 24 * 3600
 RANKING_DTYPE = np.dtype([("item", "<i4"), ("score", "<f4")])
@@ -312,14 +314,14 @@ class RankCache:
             key = f"{REFILL_PREFIX}{scope}:{model_version}"
             return bool(await client.set(key, b"1", nx=True, ex=hold_s))
 
-    async def push_recent(self, events: Iterable[tuple[str, str, str]]) -> None:
-        """Remember (scope, user_id, item_id) interactions as each user's most recent items,
-        for ranking users the current model does not know yet."""
+    async def push_recent(self, events: Iterable[tuple[str, str, str]], *, at: float) -> None:
+        """Remember (scope, user_id, item_id) interactions received at ``at`` (unix seconds) as
+        each user's most recent items, for ranking users the current model does not know yet."""
         async with self._redis() as client:
             pipe = client.pipeline(transaction=False)
             for scope, user_id, item_id in events:
                 key = f"{RECENT_PREFIX}{scope}:{user_id}"
-                pipe.lpush(key, item_id)
+                pipe.lpush(key, f"{at:.6f} {item_id}")
                 pipe.ltrim(key, 0, RECENT_ITEMS - 1)
                 pipe.expire(key, RECENT_TTL_S)
             await pipe.execute()
@@ -334,11 +336,18 @@ class RankCache:
         async with self._redis() as client:
             return int(await client.delete(*keys))
 
-    async def recent(self, scope: str, user_id: str) -> list[str]:
-        """The user's most recent item IDs in the scope, newest first (possibly repeated)."""
+    async def recent(self, scope: str, user_id: str, *, after: float | None = None) -> list[str]:
+        """The user's most recent item IDs in the scope, newest first (possibly repeated); with
+        ``after`` (unix seconds, e.g. the user's erasure) only those received after it."""
         async with self._redis() as client:
             raw = await client.lrange(f"{RECENT_PREFIX}{scope}:{user_id}", 0, RECENT_ITEMS - 1)
-        return [item.decode() if isinstance(item, bytes) else str(item) for item in raw]
+        items = []
+        for entry in raw:
+            text = entry.decode() if isinstance(entry, bytes) else str(entry)
+            stamp, _, item = text.partition(" ")
+            if item and (after is None or float(stamp) > after):  # IDs hold no spaces
+                items.append(item)
+        return items
 
     async def _user_keys(self, client: aioredis.Redis, user_id: str) -> list[bytes]:
         """Every key holding data of the user: cached rankings and recent items."""

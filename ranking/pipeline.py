@@ -55,7 +55,9 @@ class RankingCache(Protocol):
         self, scope: str, model_version: str, user_id: str
     ) -> tuple[np.ndarray, np.ndarray] | None: ...
 
-    async def recent(self, scope: str, user_id: str) -> list[str]: ...
+    async def recent(
+        self, scope: str, user_id: str, *, after: float | None = None
+    ) -> list[str]: ...
 
 
 class OptOutView(Protocol):
@@ -231,11 +233,15 @@ class Ranker:
         self, snap: Snapshot, user_id: str, excluded: np.ndarray, limit: int, deadline: float
     ) -> Ranked | None:
         """For a user the model does not know yet: the items most similar to the items of
-        their events since the model was built (kept briefly in the cache)."""
+        their events since the model was built (kept briefly in the cache), none from before
+        their erasure (should its purge have failed)."""
         if self._cache is None:
             return None
+        erased_at = self._optouts.erased_at(user_id)
         try:
-            recent = snap.item_positions(await self._cache.recent(snap.scope, user_id))
+            recent = snap.item_positions(
+                await self._cache.recent(snap.scope, user_id, after=erased_at)
+            )
         except StoreUnavailable as exc:
             log.debug("recent items unavailable: %s", exc)
             return None

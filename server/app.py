@@ -335,9 +335,10 @@ class App:
         await asyncio.sleep(LOOP_LAG_SAMPLE_S)
         self.metrics.observe_loop_lag(time.monotonic() - started - LOOP_LAG_SAMPLE_S)
 
-    async def remember_recent(self, events: Sequence[Interaction]) -> None:
-        """Keep the items of fresh events for ranking users the model does not know yet; never
-        for a user who opted out. Best effort: the events themselves are already stored.
+    async def remember_recent(self, events: Sequence[Interaction], received_at: float) -> None:
+        """Keep the items of fresh events, received at ``received_at`` (unix seconds, before
+        they were stored), for ranking users the model does not know yet; never for a user who
+        opted out. Best effort: the events themselves are already stored.
 
         The opt-out set in memory may not have heard of an opt-out made a moment ago (on
         another process, or while this was writing), so the users are checked again in
@@ -351,7 +352,7 @@ class App:
         if not allowed:
             return
         try:
-            await self.cache.push_recent(allowed)
+            await self.cache.push_recent(allowed, at=received_at)
         except StoreUnavailable as exc:
             log.warning("could not remember recent items: %s", exc)
             return

@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc import aio
 
-from features.errors import InvalidInput, JobError, JobLocked, NotFound
+from features.errors import InvalidInput, JobError, JobLocked, NotFound, StoreUnavailable
 from features.postgres import UserSettingsRow
 from features.schema import (
     FEATURE_NAMES,
@@ -220,8 +220,9 @@ class RankingService(rpc.RankingServicer):
                 )
             )
         events = [self._with_variant(e) for e in events]
+        received_at = time.time()  # before the insert: an erasure that deletes them is later
         accepted = await self._app.pg.insert_events(events)
-        await self._app.remember_recent(events)
+        await self._app.remember_recent(events, received_at)
         return pb.RecordEventsResponse(accepted=accepted)
 
 
@@ -290,7 +291,13 @@ class SettingsService(rpc.SettingsServicer):
         user_id = self._user(request.user_id)
         removed = await self._app.pg.delete_user(user_id)
         self._app.optouts.mark_erased(user_id)  # other processes hear it through NOTIFY
-        removed["redis"] = await self._app.forget_cached(user_id)
+        try:
+            removed["redis"] = await self._app.cache.delete_user(user_id)
+        except StoreUnavailable as exc:
+            raise StoreUnavailable(
+                "erased in PostgreSQL, but Redis could not be purged of the user's keys; "
+                "retry DeleteUserData (it is idempotent)"
+            ) from exc
         removed["snapshot"] = self._app.ranker.holders(user_id)
         return pb.DeletionReceipt(
             user_id=user_id, removed=removed, deleted_at=_timestamp(datetime.now(UTC))

@@ -7,8 +7,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 
+import grpc
+import numpy as np
 import pytest
+from grpc import aio
 
+from features.errors import StoreUnavailable
 from features.postgres import PgStore, TrainingPairs
 from jobs.runner import run_job
 from jobs.steps import JobContext
@@ -166,3 +170,64 @@ async def test_a_rebuild_keeps_the_version_until_an_erasure_changes_its_users(
     rebuilt = snapshot.load_current(seeded.config.snapshot_dir, scope)
     assert rebuilt.version != version
     assert rebuilt.user_position("u5") is None
+
+
+async def test_an_erasure_redis_could_not_purge_is_refused_and_its_recent_items_unused(
+    client: Client, seeded: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis fails the purge: DeleteUserData answers UNAVAILABLE (retry it), and the user's
+    recent items left behind are not ranked from, even once a snapshot of data read after
+    the erasure would rank the user personally; those the user sends afterwards are."""
+    scope = await _trained_scope(seeded, client, seed=13)
+    user = "newcomer-erased"
+
+    async def click(*items: str) -> None:
+        await client.ranking.RecordEvents(
+            pb.RecordEventsRequest(
+                events=[
+                    pb.Event(user_id=user, item_id=i, scope=scope, event_type=pb.CLICK)
+                    for i in items
+                ]
+            ),
+            metadata=client.svc,
+        )
+
+    async def recommend() -> pb.RankedItems:
+        return await client.ranking.Recommend(
+            pb.RecommendRequest(user_id=user, scope=scope, limit=5), metadata=client.svc
+        )
+
+    await click("i3", "i5")
+    assert (await recommend()).source == pb.SOURCE_RECENT
+
+    async def unreachable(_user_id: str) -> int:
+        raise StoreUnavailable("Redis: connection refused")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(client.app.cache, "delete_user", unreachable)
+        with pytest.raises(aio.AioRpcError) as refused:
+            await _erase(client, user)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "retry DeleteUserData" in (refused.value.details() or "")
+    assert await seeded.cache.recent(scope, user) == ["i5", "i3"]  # left behind
+
+    await run_job(seeded, "train", [scope])  # reads data after the erasure
+    await run_job(seeded, "build", [scope])
+    await client.admin.Reload(pb.ReloadRequest(), metadata=client.adm)
+    assert (await recommend()).source == pb.SOURCE_POPULAR
+
+    await click("i8")  # back after the erasure: only this counts
+    answer = await recommend()
+    assert answer.source == pb.SOURCE_RECENT
+    snap = client.app.ranker.scope(scope).snapshot
+    (pos,) = snap.item_positions(["i8"])
+    scores = snap.item_unit @ snap.item_unit[pos]
+    scores[pos] = -np.inf
+    best = sorted(range(snap.n_items), key=lambda i: (-scores[i], i))[:5]
+    assert [i.item_id for i in answer.items] == [str(snap.item_ids[i]) for i in best]
+
+    await _erase(client, user)  # the retry purges what was left
+    exported = await client.settings.ExportUserData(
+        pb.ExportUserDataRequest(user_id=user), metadata=client.svc
+    )
+    assert exported.cached_rankings == 0
