@@ -4,6 +4,7 @@ serves that user personally, and nothing Redis kept from before it is used again
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable
 
@@ -25,10 +26,12 @@ PERSONAL = {pb.SOURCE_LIVE, pb.SOURCE_CACHED, pb.SOURCE_RECENT}
 
 
 async def _trained_scope(ctx: JobContext, client: Client, seed: int) -> str:
-    """A small scope of its own, through the nightly jobs and loaded by the server."""
+    """A small scope of its own, through the nightly jobs and loaded by the server. Its users
+    are ``<scope>-u0``..: erasing them leaves other tests' users alone."""
     scope = f"erase{uuid.uuid4().hex[:6]}"
     await ctx.pg.insert_event_batches(
-        generate(users=80, items=50, events=2500, scope=scope, seed=seed)
+        [dataclasses.replace(e, user_id=f"{scope}-{e.user_id}") for e in batch]
+        for batch in generate(users=80, items=50, events=2500, scope=scope, seed=seed)
     )
     await run_job(ctx, "nightly", [scope])
     await client.admin.Reload(pb.ReloadRequest(), metadata=client.adm)
@@ -101,7 +104,7 @@ async def test_no_snapshot_of_data_read_before_an_erasure_serves_the_user(
     client: Client, seeded: JobContext, monkeypatch: pytest.MonkeyPatch, timeline: str
 ) -> None:
     scope = await _trained_scope(seeded, client, seed=list(TIMELINES).index(timeline))
-    user = "u7"
+    user = f"{scope}-u7"
     assert set(await _sources(client, scope, user)) <= PERSONAL  # personal until erased
     erased = False
     for step in TIMELINES[timeline]:
@@ -128,7 +131,7 @@ async def test_an_erased_user_back_with_new_events_is_not_ranked_from_the_old_ve
     """Erased while train runs, then back with new events before precompute: precompute
     caches no ranking of the snapshot's (pre-erasure) vector, and none is served."""
     scope = await _trained_scope(seeded, client, seed=11)
-    user = "u9"
+    user = f"{scope}-u9"
     with monkeypatch.context() as patch:
         patch.setattr(seeded.pg, "training_pairs", _erasing_during_read(client, seeded.pg, user))
         await run_job(seeded, "train", [scope])
@@ -165,11 +168,11 @@ async def test_a_rebuild_keeps_the_version_until_an_erasure_changes_its_users(
     await run_job(seeded, "train", [scope])  # a retried nightly over the same data
     await run_job(seeded, "build", [scope])
     assert snapshot.current_version(seeded.config.snapshot_dir, scope) == version
-    await _erase(client, "u5")
+    await _erase(client, f"{scope}-u5")
     await run_job(seeded, "build", [scope])
     rebuilt = snapshot.load_current(seeded.config.snapshot_dir, scope)
     assert rebuilt.version != version
-    assert rebuilt.user_position("u5") is None
+    assert rebuilt.user_position(f"{scope}-u5") is None
 
 
 async def test_an_erasure_redis_could_not_purge_is_refused_and_its_recent_items_unused(
