@@ -181,16 +181,24 @@ class Ranker:
         return loaded
 
     def holders(self, user_id: str) -> int:
-        """How many loaded snapshots hold a vector of the user."""
-        return sum(ls.snapshot.user_position(user_id) is not None for ls in self._scopes.values())
+        """How many loaded snapshots hold a vector of the user that no erasure masks yet."""
+        return sum(
+            ls.snapshot.user_position(user_id) is not None
+            and not self._erased(user_id, ls.snapshot)
+            for ls in self._scopes.values()
+        )
+
+    def _erased(self, user_id: str, snap: Snapshot) -> bool:
+        """Whether the user was erased since ``snap``'s data was read: their vector in it stays
+        masked, however late it was built."""
+        erased_at = self._optouts.erased_at(user_id)
+        return erased_at is not None and snap.data_as_of <= erased_at
 
     def personal(self, user_id: str, snap: Snapshot) -> bool:
         """Whether the user may be ranked personally from ``snap``: the opt-out view allows
-        it (personalization globally on, the user's opt-out confirmed off), and ``snap``'s data
-        read after any erasure of the user (until then the user's vector in it stays masked,
-        however late it was built)."""
-        erased_at = self._optouts.erased_at(user_id)
-        if erased_at is not None and snap.data_as_of <= erased_at:
+        it (personalization globally on, the user's opt-out confirmed off), and the user not
+        erased since ``snap``'s data was read."""
+        if self._erased(user_id, snap):
             return False
         return self._optouts.personalization_allowed(user_id)
 

@@ -289,6 +289,7 @@ class SettingsService(rpc.SettingsServicer):
         self, request: pb.DeleteUserDataRequest, context: aio.ServicerContext
     ) -> pb.DeletionReceipt:
         user_id = self._user(request.user_id)
+        masked = self._app.ranker.holders(user_id)  # before this erasure masks them
         removed = await self._app.pg.delete_user(user_id)
         self._app.optouts.mark_erased(user_id)  # other processes hear it through NOTIFY
         try:
@@ -298,7 +299,7 @@ class SettingsService(rpc.SettingsServicer):
                 "erased in PostgreSQL, but Redis could not be purged of the user's keys; "
                 "retry DeleteUserData (it is idempotent)"
             ) from exc
-        removed["snapshot"] = self._app.ranker.holders(user_id)
+        removed["snapshot"] = masked
         return pb.DeletionReceipt(
             user_id=user_id, removed=removed, deleted_at=_timestamp(datetime.now(UTC))
         )

@@ -234,3 +234,21 @@ async def test_an_erasure_redis_could_not_purge_is_refused_and_its_recent_items_
         pb.ExportUserDataRequest(user_id=user), metadata=client.svc
     )
     assert exported.cached_rankings == 0
+
+
+async def test_a_repeated_erasure_counts_nothing_removed(
+    client: Client, seeded: JobContext
+) -> None:
+    """The receipt's ``snapshot`` counts the loaded snapshots the erasure masked the user in:
+    once masked, a repeat (nothing new to remove) counts zeros throughout."""
+    scope = await _trained_scope(seeded, client, seed=14)
+    user = f"{scope}-u3"
+    first = await client.settings.DeleteUserData(
+        pb.DeleteUserDataRequest(user_id=user), metadata=client.svc
+    )
+    assert first.removed["events"] > 0
+    assert first.removed["snapshot"] == 1
+    again = await client.settings.DeleteUserData(
+        pb.DeleteUserDataRequest(user_id=user), metadata=client.svc
+    )
+    assert dict(again.removed) == dict.fromkeys(first.removed, 0)
