@@ -320,6 +320,9 @@ class ServingInterceptor(aio.ServerInterceptor):
             except aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
+            except asyncio.CancelledError:  # the client cancelled, or the server stops
+                code = grpc.StatusCode.CANCELLED
+                raise
             except Exception:
                 code = grpc.StatusCode.INTERNAL
                 log.exception("request %s %s failed", scope.request_id, method)

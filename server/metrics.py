@@ -117,6 +117,9 @@ class ServiceMetrics:
         self._rpc_series: dict[tuple[str, str], tuple[Any, Any, bool]] = {}
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        """Count a call by method and status code; its latency goes into the histogram and,
+        for a ranking method, the percentile window, unless the call was CANCELLED (how long
+        that took is the caller's doing, not the server's)."""
         series = self._rpc_series.get((method, code))
         if series is None:  # the label lookups, once per method and code
             name = method.rsplit("/", 1)[-1]
@@ -127,6 +130,8 @@ class ServiceMetrics:
             )
         requests, latency, ranking = series
         requests.inc()
+        if code == "CANCELLED":
+            return
         latency.observe(seconds)
         if ranking:
             with self._lock:

@@ -554,6 +554,7 @@ async def _test_service(
     monkeypatch: pytest.MonkeyPatch,
     handlers: dict[str, Callable[[bytes, aio.ServicerContext], Awaitable[bytes]]],
     in_flight: InFlight | None = None,
+    metrics: ServiceMetrics | None = None,
 ) -> AsyncIterator[Callable[[str], Awaitable[bytes]]]:
     """A server with privrank's interceptor around ``handlers`` (methods of service test.T,
     callable by the service role). Yields call(method) -> the reply, with a service token."""
@@ -561,7 +562,9 @@ async def _test_service(
     for name in handlers:
         monkeypatch.setitem(auth.POLICY, f"/test.T/{name}", frozenset({auth.Role.SERVICE}))
     server = aio.server(
-        interceptors=[ServingInterceptor(ServiceMetrics(), 1.0, None, authorizer, in_flight)]
+        interceptors=[
+            ServingInterceptor(metrics or ServiceMetrics(), 1.0, None, authorizer, in_flight)
+        ]
     )
     generic = {name: grpc.unary_unary_rpc_method_handler(h) for name, h in handlers.items()}
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.T", generic)])
@@ -596,6 +599,39 @@ async def test_unexpected_errors_become_internal_without_details(
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in err.value.details()
     assert "request id" in err.value.details()
+
+
+async def test_a_cancelled_call_is_counted_cancelled_and_kept_out_of_the_latencies(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered = asyncio.Event()
+
+    async def hang(request: bytes, context: aio.ServicerContext) -> bytes:
+        entered.set()
+        await asyncio.Event().wait()
+        return b""
+
+    metrics, in_flight = ServiceMetrics(), InFlight()
+    # named like a ranking method, whose latencies make the percentiles
+    handlers = {"Recommend": hang}
+    async with _test_service(config, monkeypatch, handlers, in_flight, metrics) as call:
+        calling = asyncio.create_task(call("Recommend"))
+        await entered.wait()
+        calling.cancel()  # the client gives up: gRPC cancels the handler
+        with contextlib.suppress(asyncio.CancelledError):
+            await calling
+        assert await in_flight.close(timeout_s=10) == 0  # the interceptor has recorded it
+    requests = "privrank_requests_total"
+    cancelled = {"method": "Recommend", "code": "CANCELLED"}
+    assert metrics.registry.get_sample_value(requests, cancelled) == 1
+    assert metrics.registry.get_sample_value(requests, {**cancelled, "code": "OK"}) is None
+    latencies = metrics.registry.get_sample_value(
+        "privrank_request_seconds_count", {"method": "Recommend"}
+    )
+    assert not latencies
+    figures = metrics.figures()
+    assert figures.requests == 1
+    assert figures.p99_ms == 0.0
 
 
 async def test_a_stopping_server_refuses_new_calls_and_waits_for_those_in_flight(
