@@ -175,7 +175,10 @@ class ServiceMetrics:
         MultiProcessCollector(registry, path=self._shared_dir)
         return registry.collect()
 
-    def figures(self) -> OnlineFigures:
+    def figures(self, scope: str | None = None) -> OnlineFigures:
+        """The figures of ``scope``'s answers (by rung, by variant, the rates; every scope's
+        if None), beside the server's ranking requests and latencies, which are counted per
+        method, not per scope."""
         by_source: Tally[str] = Tally()
         by_variant: Tally[str] = Tally()
         buckets: defaultdict[float, float] = defaultdict(float)
@@ -183,6 +186,8 @@ class ServiceMetrics:
         for family in self._families():
             for sample in family.samples:
                 labels, value = sample.labels, sample.value
+                if scope is not None and labels.get("scope", scope) != scope:
+                    continue
                 if sample.name == "privrank_served_total":
                     by_source[labels["source"]] += int(value)
                     by_variant[labels["variant"]] += int(value)

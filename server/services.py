@@ -315,7 +315,9 @@ class AdminService(rpc.AdminServicer):
     ) -> pb.Metrics:
         scope = validate_scope(request.scope)
         stored = await self._app.pg.evaluations(scope)
-        figures = self._app.metrics.figures()
+        if not stored and scope not in self._app.ranker.loaded():
+            raise InvalidInput(f"unknown scope {scope!r}: no snapshot loaded, nothing evaluated")
+        figures = self._app.metrics.figures(scope)
         feedback = await self._app.pg.feedback_by_variant(
             scope, since=datetime.now(UTC) - FEEDBACK_WINDOW
         )

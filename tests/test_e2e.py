@@ -548,6 +548,19 @@ async def test_admin_metrics_model_info_and_job_history(client: Client, seeded: 
     )
 
 
+async def test_admin_metrics_of_a_scope_are_its_own(client: Client) -> None:
+    await client.ranking.Recommend(pb.RecommendRequest(user_id="u1"), metadata=client.svc)
+    served = client.app.metrics.figures("default").served_by_source
+    metrics = await client.admin.GetMetrics(
+        pb.GetMetricsRequest(scope="default"), metadata=client.adm
+    )
+    assert dict(metrics.online.served_by_source) == served
+    code = await _code(
+        client.admin.GetMetrics(pb.GetMetricsRequest(scope="nosuch"), metadata=client.adm)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
 @contextlib.asynccontextmanager
 async def _test_service(
     config: Config,

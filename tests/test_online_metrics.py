@@ -51,6 +51,25 @@ def test_figures_count_what_was_observed() -> None:
     assert figures.opt_out_rate == pytest.approx(1 / 3)
 
 
+def test_figures_of_a_scope_count_only_its_answers() -> None:
+    metrics = ServiceMetrics()
+    metrics.observe_rpc("/privrank.v1.Ranking/Recommend", "OK", 0.001)
+    metrics.observe_answer("default", "cached", blocked=False, variant="control")
+    metrics.observe_answer("shop", "popular", blocked=True, variant="control")
+    metrics.observe_answer("shop", "live", blocked=False, variant="b")
+    shop = metrics.figures("shop")
+    assert shop.served_by_source == {"popular": 1, "live": 1}
+    assert shop.served_by_variant == {"control": 1, "b": 1}
+    assert (shop.cache_hit_rate, shop.fallback_rate, shop.opt_out_rate) == (0.0, 0.5, 0.5)
+    default = metrics.figures("default")
+    assert default.served_by_source == {"cached": 1}
+    assert (default.cache_hit_rate, default.opt_out_rate) == (1.0, 0.0)
+    assert metrics.figures("nosuch").served_by_source == {}
+    # requests and latencies carry no scope: the server's, whichever scope is asked for
+    assert shop.requests == default.requests == 1
+    assert sum(metrics.figures().served_by_source.values()) == 3
+
+
 def test_the_process_own_figures_are_exported() -> None:
     cpu = ServiceMetrics().registry.get_sample_value("process_cpu_seconds_total")
     assert cpu is not None
