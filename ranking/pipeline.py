@@ -464,19 +464,28 @@ class Ranker:
         return dataclasses.replace(answer, variant=variant)
 
     async def similar_items(self, item_id: str, scope: str, limit: int, deadline: float) -> Ranked:
-        """Items nearest to ``item_id`` by cosine similarity of their embeddings."""
-        snap = self.scope(scope).snapshot
+        """Items nearest to ``item_id`` by cosine similarity of their embeddings, never the
+        item itself nor the scope's ``exclude_items``. An item nobody has interacted with yet
+        has no embedding (a zero vector, near to nothing): it gets the scope's popular items.
+        An excluded item is NotFound, like one the scope does not hold: it is never served."""
+        loaded = self.scope(scope)
+        snap = loaded.snapshot
         pos = snap.item_position(item_id)
-        if pos is None:
+        excluded = snap.item_positions(list(self._profile(scope).exclude_items))
+        if pos is None or pos in excluded:
             raise NotFound(f"item {item_id!r} is not in scope {scope!r}")
+        excluded = np.union1d(excluded, [pos]).astype(np.int64)
+        query = snap.item_unit[pos]
+        if not query.any():
+            return self.popular(snap, excluded, limit, scoring=loaded.scoring(CONTROL))
         items, scores = await self._compute(
             deadline,
             snap.n_items * snap.dim,
             scan_top_k,
-            snap.item_unit[pos],
+            query,
             snap.item_unit,
             snap.zero_bias,
-            np.array([pos], np.int64),
+            excluded,
             limit,
             deadline,
         )
