@@ -6,10 +6,10 @@ TTL reclaims them. Values are the ranking packed as little-endian int32 item pos
 snapshot followed by float32 scores (``RANKING_DTYPE`` pairs).
 
 Every call carries the configured socket timeout and passes a circuit breaker; errors become
-``StoreUnavailable``. The GET of a cached ranking, once per cached answer, goes through
-``PipelinedGets`` (one connection, requests pipelined, replies parsed by hiredis) rather than
-redis-py's pooled client, whose Python per command was the largest cost of a cached answer;
-every other command goes through redis-py.
+``StoreUnavailable``. The GET of a cached ranking, with the LRANGE of the user's recent items
+beside it in the same round trip, goes through ``PipelinedGets`` (one connection, requests
+pipelined, replies parsed by hiredis) rather than redis-py's pooled client, whose Python per
+command was the largest cost of a cached answer; every other command goes through redis-py.
 """
 
 from __future__ import annotations
@@ -43,6 +43,22 @@ REFILL_PREFIX = "privrank:refill:"  # privrank:refill:{scope}:{model_version}: o
 
 def rank_key(scope: str, model_version: str, user_id: str) -> str:
     return f"{KEY_PREFIX}{scope}:{model_version}:{user_id}"
+
+
+def recent_key(scope: str, user_id: str) -> str:
+    return f"{RECENT_PREFIX}{scope}:{user_id}"
+
+
+def _item_ids(raw: list[Any], after: float | None = None) -> list[str]:
+    """The item IDs of an LRANGE reply of a recent list (entries "unix-seconds item-id"), in
+    its order; with ``after``, only those received after it."""
+    items = []
+    for entry in raw:
+        text = entry.decode() if isinstance(entry, bytes) else str(entry)
+        stamp, _, item = text.partition(" ")
+        if item and (after is None or float(stamp) > after):  # IDs hold no spaces
+            items.append(item)
+    return items
 
 
 def pack_ranking(items: np.ndarray, scores: np.ndarray) -> bytes:
@@ -103,12 +119,14 @@ class _Replies(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def send(self, request: bytes, give_up_at: float) -> asyncio.Future[Any]:
+    def send(self, request: bytes, replies: int, give_up_at: float) -> list[asyncio.Future[Any]]:
+        """Write ``request`` (``replies`` commands) in one go; a future for each reply."""
         assert self.transport is not None
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(replies)]
         self.transport.write(request)
-        self.waiting.append((future, give_up_at))
-        return future
+        self.waiting.extend((future, give_up_at) for future in futures)
+        return futures
 
 
 class PipelinedGets:
@@ -143,14 +161,21 @@ class PipelinedGets:
 
     async def get(self, key: str) -> bytes | None:
         """The value at ``key``, or None. ConnectionError, TimeoutError or ResponseError."""
+        (reply,) = await self.pipeline(_command(b"GET", key.encode()))
+        assert reply is None or isinstance(reply, bytes)
+        return reply
+
+    async def pipeline(self, *commands: bytes) -> list[Any]:
+        """The replies to ``commands`` (RESP-encoded), written together: one round trip.
+        ConnectionError, TimeoutError, or ResponseError if Redis refused one of them."""
         conn = self._conn
         if conn is None or conn.failed is not None:
             conn = await self._connect()
-        reply = await self._send(conn, _command(b"GET", key.encode()))
-        if isinstance(reply, hiredis.ReplyError):
-            raise ResponseError(str(reply))
-        assert reply is None or isinstance(reply, bytes)
-        return reply
+        replies = await asyncio.gather(*self._send(conn, b"".join(commands), len(commands)))
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                raise ResponseError(str(reply))
+        return replies
 
     async def close(self) -> None:
         if self._timer is not None:
@@ -160,12 +185,12 @@ class PipelinedGets:
             self._conn.fail(ConnectionError("closed"))
             self._conn = None
 
-    def _send(self, conn: _Replies, request: bytes) -> asyncio.Future[Any]:
+    def _send(self, conn: _Replies, request: bytes, replies: int = 1) -> list[asyncio.Future[Any]]:
         loop = asyncio.get_running_loop()
-        future = conn.send(request, loop.time() + self._timeout)
+        futures = conn.send(request, replies, loop.time() + self._timeout)
         if self._timer is None:
             self._timer = loop.call_at(conn.waiting[0][1], self._check_overdue)
-        return future
+        return futures
 
     def _check_overdue(self) -> None:
         """The one timer: fail the connection if its oldest request is overdue, else wait
@@ -196,7 +221,7 @@ class PipelinedGets:
                 raise TimeoutError(f"Redis: no connection within {self._timeout:g}s") from None
             self._conn = conn
             for request in self._setup:  # AUTH, SELECT: pipelined ahead of any GET
-                reply = await self._send(conn, request)
+                (reply,) = await asyncio.gather(*self._send(conn, request))
                 if isinstance(reply, hiredis.ReplyError):
                     conn.fail(ConnectionError(str(reply)))
                     raise ResponseError(f"Redis refused the connection's setup: {reply}")
@@ -270,6 +295,24 @@ class RankCache:
         assert isinstance(raw, bytes)  # the client is created without decode_responses
         return unpack_ranking(raw)
 
+    async def get_with_recent(
+        self, scope: str, model_version: str, user_id: str, *, after: float | None = None
+    ) -> tuple[tuple[np.ndarray, np.ndarray] | None, list[str]]:
+        """``get`` and ``recent`` (with ``after``) of the user in one round trip (pipelined)."""
+        key, recent = rank_key(scope, model_version, user_id), recent_key(scope, user_id)
+        async with self._redis() as client:
+            if self._gets is None:
+                pipe = client.pipeline(transaction=False)
+                pipe.get(key)
+                pipe.lrange(recent, 0, RECENT_ITEMS - 1)
+                raw, items = await pipe.execute()
+            else:
+                raw, items = await self._gets.pipeline(
+                    _command(b"GET", key.encode()),
+                    _command(b"LRANGE", recent.encode(), b"0", b"%d" % (RECENT_ITEMS - 1)),
+                )
+        return (None if raw is None else unpack_ranking(raw)), _item_ids(items, after)
+
     async def put_many(
         self,
         scope: str,
@@ -320,7 +363,7 @@ class RankCache:
         async with self._redis() as client:
             pipe = client.pipeline(transaction=False)
             for scope, user_id, item_id in events:
-                key = f"{RECENT_PREFIX}{scope}:{user_id}"
+                key = recent_key(scope, user_id)
                 pipe.lpush(key, f"{at:.6f} {item_id}")
                 pipe.ltrim(key, 0, RECENT_ITEMS - 1)
                 pipe.expire(key, RECENT_TTL_S)
@@ -328,7 +371,7 @@ class RankCache:
 
     async def delete_recent(self, pairs: Iterable[tuple[str, str]]) -> int:
         """Delete the recent items of (scope, user_id) pairs; how many lists there were."""
-        return await self._delete([f"{RECENT_PREFIX}{scope}:{user_id}" for scope, user_id in pairs])
+        return await self._delete([recent_key(scope, user_id) for scope, user_id in pairs])
 
     async def _delete(self, keys: list[str]) -> int:
         if not keys:
@@ -340,14 +383,8 @@ class RankCache:
         """The user's most recent item IDs in the scope, newest first (possibly repeated); with
         ``after`` (unix seconds, e.g. the user's erasure) only those received after it."""
         async with self._redis() as client:
-            raw = await client.lrange(f"{RECENT_PREFIX}{scope}:{user_id}", 0, RECENT_ITEMS - 1)
-        items = []
-        for entry in raw:
-            text = entry.decode() if isinstance(entry, bytes) else str(entry)
-            stamp, _, item = text.partition(" ")
-            if item and (after is None or float(stamp) > after):  # IDs hold no spaces
-                items.append(item)
-        return items
+            raw = await client.lrange(recent_key(scope, user_id), 0, RECENT_ITEMS - 1)
+        return _item_ids(raw, after)
 
     async def _user_keys(self, client: aioredis.Redis, user_id: str) -> list[bytes]:
         """Every key holding data of the user: cached rankings and recent items."""

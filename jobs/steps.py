@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from features.cache import RankCache
+from features.cache import RECENT_ITEMS, RankCache
 from features.errors import JobError
 from features.postgres import PgStore, TrainingPairs
 from features.privacy import retract_not_personal
@@ -627,7 +627,8 @@ async def precompute(ctx: JobContext, scope: str) -> str:
         for start in range(0, len(positions), BATCH_USERS):
             chunk = positions[start : start + BATCH_USERS]
             users = np.array([p for _, p in chunk], dtype=np.int64)
-            items, scores, counts = top_k_for_users(snap, users, k, scoring)
+            # RECENT_ITEMS more: serving leaves out the user's newest items, and still has k
+            items, scores, counts = top_k_for_users(snap, users, k + RECENT_ITEMS, scoring)
             batch = [
                 (user_id, items[r, : counts[r]], scores[r, : counts[r]])
                 for r, (user_id, _) in enumerate(chunk)

@@ -51,13 +51,17 @@ class Source(enum.IntEnum):
 
 
 class RankingCache(Protocol):
-    async def get(
-        self, scope: str, model_version: str, user_id: str
-    ) -> tuple[np.ndarray, np.ndarray] | None: ...
+    async def get_with_recent(
+        self, scope: str, model_version: str, user_id: str, *, after: float | None = None
+    ) -> tuple[tuple[np.ndarray, np.ndarray] | None, list[str]]:
+        """The user's precomputed ranking (positions, scores) or None, and ``recent``, in
+        one round trip."""
+        ...
 
-    async def recent(
-        self, scope: str, user_id: str, *, after: float | None = None
-    ) -> list[str]: ...
+    async def recent(self, scope: str, user_id: str, *, after: float | None = None) -> list[str]:
+        """The item IDs of the user's events since the model was built, newest first; with
+        ``after`` (unix seconds) only those received after it."""
+        ...
 
 
 class OptOutView(Protocol):
@@ -238,21 +242,10 @@ class Ranker:
         return _answer(snap, picked, scores, source, blocked)
 
     async def _recent_neighbours(
-        self, snap: Snapshot, user_id: str, excluded: np.ndarray, limit: int, deadline: float
+        self, snap: Snapshot, recent: np.ndarray, excluded: np.ndarray, limit: int, deadline: float
     ) -> Ranked | None:
         """For a user the model does not know yet: the items most similar to the items of
-        their events since the model was built (kept briefly in the cache), none from before
-        their erasure (should its purge have failed)."""
-        if self._cache is None:
-            return None
-        erased_at = self._optouts.erased_at(user_id)
-        try:
-            recent = snap.item_positions(
-                await self._cache.recent(snap.scope, user_id, after=erased_at)
-            )
-        except StoreUnavailable as exc:
-            log.debug("recent items unavailable: %s", exc)
-            return None
+        their events since the model was built (``recent``, positions)."""
         if len(recent) == 0:
             return None
         # Σ_j cos(item_j, i) = (Σ_j unit_j) · unit_i: one query scores all items
@@ -264,27 +257,45 @@ class Ranker:
             query,
             snap.item_unit,
             snap.zero_bias,
-            np.union1d(recent, excluded),
+            excluded,
             limit,
             deadline,
         )
         return _answer(snap, items, scores, Source.RECENT) if len(items) else None
 
-    async def _cached(
-        self, snap: Snapshot, user_id: str, excluded: np.ndarray, limit: int, scoring: Scoring
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        """The user's precomputed ranking minus ``excluded``, if it still holds ``limit``.
-        Precompute ranks as control scores: a variant that scores otherwise skips the cache."""
-        if self._cache is None or not scoring.cacheable:
-            return None
+    async def _lookup(
+        self, snap: Snapshot, user_id: str, ranking: bool
+    ) -> tuple[tuple[np.ndarray, np.ndarray] | None, np.ndarray]:
+        """From the cache, in one round trip: the user's precomputed ranking if ``ranking``
+        (else None), and the positions of their recent items (sorted int64); (None, EMPTY)
+        while Redis is unreachable (its socket timeout bounds the wait, its breaker skips a
+        dead one)."""
+        if self._cache is None:
+            return None, EMPTY
+        after = self._optouts.erased_at(user_id)  # none from before an erasure whose purge failed
         try:
-            # the cache's own socket timeout bounds this, and its breaker skips a dead Redis
-            hit = await self._cache.get(snap.scope, snap.version, user_id)
+            if ranking:
+                hit, recent = await self._cache.get_with_recent(
+                    snap.scope, snap.version, user_id, after=after
+                )
+            else:
+                hit, recent = None, await self._cache.recent(snap.scope, user_id, after=after)
         except StoreUnavailable as exc:
             log.debug("rank cache unavailable: %s", exc)
-            return None
-        if hit is None:
-            return None
+            return None, EMPTY
+        return hit, snap.item_positions(recent)
+
+    @staticmethod
+    def _cached(
+        snap: Snapshot,
+        hit: tuple[np.ndarray, np.ndarray],
+        excluded: np.ndarray,
+        limit: int,
+        depth: int,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The precomputed ranking ``hit`` minus ``excluded``, if it still holds ``limit``,
+        cut to the ``depth`` the live ranking would re-rank (precompute stores some more, for
+        the exclusions)."""
         items, scores = hit
         if len(items) and (items.max() >= snap.n_items or items.min() < 0):
             log.warning("cached ranking for scope %s does not fit its snapshot", snap.scope)
@@ -294,7 +305,7 @@ class Ranker:
             items, scores = items[keep], scores[keep]
         if len(items) < limit:
             return None
-        return items, scores
+        return items[:depth], scores[:depth]
 
     def _finish(
         self,
@@ -360,21 +371,25 @@ class Ranker:
                 snap, caller_excluded, limit, blocked=True, segment=segment, scoring=scoring
             )
         user = snap.user_position(user_id)
+        # precompute ranks as control scores: a variant that scores otherwise skips the cache
+        hit, recent = await self._lookup(snap, user_id, user is not None and scoring.cacheable)
+        # the user's events since the model was built are interactions too: never served
+        fresh_excluded = np.union1d(caller_excluded, recent).astype(np.int64)
         if user is None:
-            recent = None
+            neighbours = None
             if scoring.kind != RULES:
-                recent = await self._recent_neighbours(
-                    snap, user_id, caller_excluded, limit, deadline
+                neighbours = await self._recent_neighbours(
+                    snap, recent, fresh_excluded, limit, deadline
                 )
-            return recent or self.popular(
-                snap, caller_excluded, limit, segment=segment, scoring=scoring
+            return neighbours or self.popular(
+                snap, fresh_excluded, limit, segment=segment, scoring=scoring
             )
-        cached = await self._cached(snap, user_id, caller_excluded, limit, scoring)
+        depth = max(limit, profile.candidates) if profile.diversity > 0 else limit
+        cached = None if hit is None else self._cached(snap, hit, fresh_excluded, limit, depth)
         if cached is not None:
             return self._finish(snap, *cached, limit, Source.CACHED, profile)
-        depth = max(limit, profile.candidates) if profile.diversity > 0 else limit
         seen = snap.seen(user)
-        excluded = np.union1d(seen, caller_excluded).astype(np.int64)
+        excluded = np.union1d(seen, fresh_excluded).astype(np.int64)
         if scoring.kind == ITEM_ITEM:  # EASE: the user's items' rows of the item-item matrix
             assert snap.item_item is not None
             items, scores = await self._compute(
@@ -400,7 +415,7 @@ class Ranker:
                 deadline,
             )
         if len(items) == 0:
-            return self.popular(snap, caller_excluded, limit, scoring=scoring)
+            return self.popular(snap, excluded, limit, scoring=scoring)
         return self._finish(snap, items, scores, limit, Source.LIVE, profile)
 
     async def rank_candidates(

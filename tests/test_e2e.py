@@ -18,6 +18,8 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from features.cache import RECENT_ITEMS
+from features.errors import StoreUnavailable
 from jobs.runner import run_job
 from jobs.steps import JobContext
 from jobs.synth import generate
@@ -176,11 +178,56 @@ async def test_active_users_are_served_from_the_cache_identically(
     assert cached.source == pb.SOURCE_CACHED
     # the same user beyond the cached depth is ranked live, and agrees on the shared prefix
     live = await client.ranking.Recommend(
-        pb.RecommendRequest(user_id=user, limit=client.config.precompute_top_k + 1),
+        pb.RecommendRequest(user_id=user, limit=client.config.precompute_top_k + RECENT_ITEMS + 1),
         metadata=client.svc,
     )
     assert live.source == pb.SOURCE_LIVE
     assert [i.item_id for i in live.items[:10]] == [i.item_id for i in cached.items]
+
+
+async def test_items_just_interacted_with_are_not_recommended_again(
+    client: Client, seeded: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    active = await seeded.pg.active_users("default", now=datetime.now(UTC))
+
+    async def recommend(user: str, limit: int) -> pb.RankedItems:
+        request = pb.RecommendRequest(user_id=user, limit=limit)
+        return await client.ranking.Recommend(request, metadata=client.svc)
+
+    async def purchase(user: str, item: str) -> None:
+        event = pb.Event(user_id=user, item_id=item, event_type=pb.PURCHASE)
+        request = pb.RecordEventsRequest(events=[event])
+        await client.ranking.RecordEvents(request, metadata=client.svc)
+
+    # cached: what precompute stored, less the purchase, still ten items from the cache
+    user = active[-1]
+    before = [i.item_id for i in (await recommend(user, 10)).items]
+    await purchase(user, before[0])
+    after = await recommend(user, 10)
+    assert after.source == pb.SOURCE_CACHED
+    assert [i.item_id for i in after.items][:9] == before[1:]
+    # live: deeper than the cache holds
+    user, deep = active[-2], client.config.precompute_top_k + RECENT_ITEMS + 1
+    first = await recommend(user, deep)
+    assert first.source == pb.SOURCE_LIVE
+    await purchase(user, first.items[0].item_id)
+    again = await recommend(user, deep)
+    assert again.source == pb.SOURCE_LIVE
+    assert [i.item_id for i in again.items] == [i.item_id for i in first.items[1:]]
+
+    # Redis unreachable: still an answer, without the snapshot's seen items
+    async def unreachable(*args: object) -> None:
+        raise StoreUnavailable("Redis: down")
+
+    monkeypatch.setattr(client.app.cache, "get_with_recent", unreachable)
+    snap = client.app.ranker.scope("default").snapshot
+    position = snap.user_position(user)
+    assert position is not None
+    seen = {str(snap.item_ids[i]) for i in snap.seen(position)}
+    down = await recommend(user, deep)
+    assert down.source == pb.SOURCE_LIVE
+    assert [i.item_id for i in down.items] == [i.item_id for i in first.items]
+    assert not seen & {i.item_id for i in down.items}
 
 
 async def test_recommend_honours_exclusions(client: Client) -> None:
