@@ -386,9 +386,11 @@ def topk_dense_batch(
 def warm_up() -> None:
     """Compile and run every kernel once, so no request pays for JIT compilation.
 
-    Each kernel runs on writable and on read-only arrays in the mixes callers pass (a loaded
+    Each kernel runs on writable and on read-only arrays in common mixes (a loaded
     snapshot's arrays are read-only memory maps, a distinct signature to numba; a query row
-    of them meets writable item arrays in the retriever's popular head).
+    of them meets writable item arrays in the retriever's popular head). The exact mixes a
+    loaded snapshot's paths pass are compiled when it is prepared
+    (``ranking.pipeline.warm_paths``).
     """
     rng = np.random.default_rng(0)
     writable = rng.standard_normal((8, 4)).astype(np.float32)

@@ -11,11 +11,12 @@ import asyncio
 import dataclasses
 import enum
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import numpy as np
 
@@ -37,7 +38,6 @@ from ranking.snapshot import Snapshot
 log = logging.getLogger(__name__)
 
 EMPTY = np.empty(0, dtype=np.int64)
-_T = TypeVar("_T")
 
 
 class Source(enum.IntEnum):
@@ -136,6 +136,71 @@ def _answer(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Work:
+    """One ranking computation, ``fn(*args)`` → (positions, scores): about ``size``
+    multiply-adds. Each path below builds its own, for requests and warm-up alike."""
+
+    size: int
+    fn: Callable[..., tuple[np.ndarray, np.ndarray]]
+    args: tuple[object, ...]
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.fn(*self.args)
+
+
+def _live(
+    snap: Snapshot, scoring: Scoring, user: int, excluded: np.ndarray, depth: int, deadline: float
+) -> _Work:
+    """Recommend's live top ``depth`` for snapshot user ``user`` minus ``excluded``."""
+    if scoring.kind == ITEM_ITEM:  # EASE: the user's items' rows of the item-item matrix
+        assert snap.item_item is not None
+        seen = snap.seen(user)
+        args = (snap.item_item, scoring.bias, seen, excluded, depth, scoring.relevance)
+        return _Work(len(seen) * snap.n_items, item_item_top_k, args)
+    assert scoring.retriever is not None
+    query = scoring.query(snap.user_vectors[user])
+    return _Work(
+        snap.n_items * snap.dim, scoring.retriever.top_k, (query, excluded, depth, deadline)
+    )
+
+
+def _candidates(
+    snap: Snapshot, scoring: Scoring, user: int | None, candidates: np.ndarray, limit: int
+) -> _Work:
+    """RankCandidates' top ``limit`` of ``candidates`` for snapshot user ``user``, or by the
+    non-personalized scores for None."""
+    work = len(candidates) * snap.dim
+    args: tuple[object, ...]
+    if user is None:
+        query = np.zeros(snap.dim, dtype=np.float32)
+        args = (query, snap.item_vectors, scoring.popular_scores, candidates, EMPTY, limit)
+        return _Work(work, kernels.topk_candidates, args)
+    if scoring.kind == ITEM_ITEM:
+        assert snap.item_item is not None
+        seen = snap.seen(user)
+        args = (snap.item_item, scoring.bias, seen, candidates, limit, scoring.relevance)
+        return _Work(len(seen) * snap.n_items + len(candidates), item_item_candidates, args)
+    query = scoring.query(snap.user_vectors[user])
+    args = (query, snap.item_vectors, scoring.bias, candidates, EMPTY, limit)
+    return _Work(work, kernels.topk_candidates, args)
+
+
+def _nearest(
+    snap: Snapshot, query: np.ndarray, excluded: np.ndarray, limit: int, deadline: float
+) -> _Work:
+    """The top ``limit`` items by ``query`` (float32[d]) · their unit vectors, minus
+    ``excluded``: cosine similarity for a unit ``query``."""
+    args = (query, snap.item_unit, snap.zero_bias, excluded, limit, deadline)
+    return _Work(snap.n_items * snap.dim, scan_top_k, args)
+
+
+def _recent_query(snap: Snapshot, recent: np.ndarray) -> np.ndarray:
+    """Σ_j cos(item_j, i) = (Σ_j unit_j) · unit_i: one query (float32[d]) scores every item
+    by its summed similarity to the ``recent`` positions."""
+    return np.ascontiguousarray(snap.item_unit[recent].sum(axis=0), dtype=np.float32)
+
+
 class Ranker:
     """Serves rankings from the loaded snapshots of every scope."""
 
@@ -158,10 +223,13 @@ class Ranker:
     # -- snapshots ------------------------------------------------------------------------
 
     def prepare(self, loaded: LoadedScope) -> LoadedScope:
-        """``loaded`` with the scoring of each variant of its scope's profile: an install's
-        costly part (catalog-sized passes, e.g. 0.12 s a variant at 1M items), so that it can
-        run off the event loop."""
-        return loaded.with_profile(self._profile(loaded.snapshot.scope))
+        """``loaded`` with the scoring of each variant of its scope's profile, each ranking
+        path run once on it: an install's costly part (catalog-sized passes, e.g. 0.12 s a
+        variant at 1M items; numba compiling a kernel for array types or flags it has not
+        met yet, seconds), so that it can run off the event loop."""
+        prepared = loaded.with_profile(self._profile(loaded.snapshot.scope))
+        warm_paths(prepared)
+        return prepared
 
     def install(self, loaded: LoadedScope) -> None:
         """Make ``loaded``, as ``prepare`` returned it, the scope's serving snapshot: one
@@ -248,18 +316,9 @@ class Ranker:
         their events since the model was built (``recent``, positions)."""
         if len(recent) == 0:
             return None
-        # Σ_j cos(item_j, i) = (Σ_j unit_j) · unit_i: one query scores all items
-        query = np.ascontiguousarray(snap.item_unit[recent].sum(axis=0), dtype=np.float32)
+        query = _recent_query(snap, recent)
         items, scores = await self._compute(
-            deadline,
-            snap.n_items * snap.dim,
-            scan_top_k,
-            query,
-            snap.item_unit,
-            snap.zero_bias,
-            excluded,
-            limit,
-            deadline,
+            deadline, _nearest(snap, query, excluded, limit, deadline)
         )
         return _answer(snap, items, scores, Source.RECENT) if len(items) else None
 
@@ -388,32 +447,9 @@ class Ranker:
         cached = None if hit is None else self._cached(snap, hit, fresh_excluded, limit, depth)
         if cached is not None:
             return self._finish(snap, *cached, limit, Source.CACHED, profile)
-        seen = snap.seen(user)
-        excluded = np.union1d(seen, fresh_excluded).astype(np.int64)
-        if scoring.kind == ITEM_ITEM:  # EASE: the user's items' rows of the item-item matrix
-            assert snap.item_item is not None
-            items, scores = await self._compute(
-                deadline,
-                len(seen) * snap.n_items,
-                item_item_top_k,
-                snap.item_item,
-                scoring.bias,
-                seen,
-                excluded,
-                depth,
-                scoring.relevance,
-            )
-        else:
-            assert scoring.retriever is not None
-            items, scores = await self._compute(
-                deadline,
-                snap.n_items * snap.dim,
-                scoring.retriever.top_k,
-                scoring.query(snap.user_vectors[user]),
-                excluded,
-                depth,
-                deadline,
-            )
+        excluded = np.union1d(snap.seen(user), fresh_excluded).astype(np.int64)
+        work = _live(snap, scoring, user, excluded, depth, deadline)
+        items, scores = await self._compute(deadline, work)
         if len(items) == 0:
             return self.popular(snap, excluded, limit, scoring=scoring)
         return self._finish(snap, items, scores, limit, Source.LIVE, profile)
@@ -433,48 +469,11 @@ class Ranker:
         limit = limit or len(candidates)
         personal = self.personal(user_id, snap)
         user = snap.user_position(user_id) if personal else None
-        work = len(candidates) * snap.dim
+        work = _candidates(snap, scoring, user, candidates, limit)
+        items, scores = await self._compute(deadline, work)
         if user is None:
-            query = np.zeros(snap.dim, dtype=np.float32)
-            items, scores = await self._compute(
-                deadline,
-                work,
-                kernels.topk_candidates,
-                query,
-                snap.item_vectors,
-                scoring.popular_scores,
-                candidates,
-                EMPTY,
-                limit,
-            )
             answer = _answer(snap, items, scores, Source.POPULAR, blocked=not personal)
-        elif scoring.kind == ITEM_ITEM:
-            assert snap.item_item is not None
-            seen = snap.seen(user)
-            items, scores = await self._compute(
-                deadline,
-                len(seen) * snap.n_items + len(candidates),
-                item_item_candidates,
-                snap.item_item,
-                scoring.bias,
-                seen,
-                candidates,
-                limit,
-                scoring.relevance,
-            )
-            answer = _answer(snap, items, scores, Source.LIVE)
         else:
-            items, scores = await self._compute(
-                deadline,
-                work,
-                kernels.topk_candidates,
-                scoring.query(snap.user_vectors[user]),
-                snap.item_vectors,
-                scoring.bias,
-                candidates,
-                EMPTY,
-                limit,
-            )
             answer = _answer(snap, items, scores, Source.LIVE)
         return dataclasses.replace(answer, variant=variant)
 
@@ -494,25 +493,34 @@ class Ranker:
         if not query.any():
             return self.popular(snap, excluded, limit, scoring=loaded.scoring(CONTROL))
         items, scores = await self._compute(
-            deadline,
-            snap.n_items * snap.dim,
-            scan_top_k,
-            query,
-            snap.item_unit,
-            snap.zero_bias,
-            excluded,
-            limit,
-            deadline,
+            deadline, _nearest(snap, query, excluded, limit, deadline)
         )
         return _answer(snap, items, scores, Source.LIVE)
 
-    async def _compute(
-        self, deadline: float, work: int, fn: Callable[..., _T], *args: object
-    ) -> _T:
+    async def _compute(self, deadline: float, work: _Work) -> tuple[np.ndarray, np.ndarray]:
         """Run CPU work (a kernel or a retrieval) unless the deadline has passed: inline when
-        small, else on the kernel pool, so the event loop keeps accepting and shedding calls.
-        ``work`` is the number of multiply-adds, roughly."""
+        small, else on the kernel pool, so the event loop keeps accepting and shedding calls."""
         _check_deadline(deadline)
-        if self._executor is None or work < self._offload_min_work:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        if self._executor is None or work.size < self._offload_min_work:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+
+def warm_paths(loaded: LoadedScope) -> None:
+    """Run every ranking path once on ``loaded`` (with its scorings), as requests run them.
+
+    numba compiles a kernel for each combination of its arguments' types and flags, and a
+    snapshot's arrays are read-only memory maps where a variant's scores or a request's
+    query are not: only the paths' own arrays compile exactly what requests will call, so no
+    request compiles (seconds, holding every other call up)."""
+    snap = loaded.snapshot
+    if snap.n_items == 0:
+        return
+    some = np.arange(min(2, snap.n_items), dtype=np.int64)  # as exclusions and candidates are
+    _nearest(snap, snap.item_unit[0], some, 1, math.inf)()  # SimilarItems
+    _nearest(snap, _recent_query(snap, some), some, 1, math.inf)()  # a newcomer's recent items
+    for scoring in loaded.scorings.values():
+        _candidates(snap, scoring, None, some, 1)()
+        if snap.n_users:
+            _live(snap, scoring, 0, some, 1, math.inf)()
+            _candidates(snap, scoring, 0, some, 1)()
