@@ -188,7 +188,13 @@ async def test_active_users_are_served_from_the_cache_identically(
 async def test_items_just_interacted_with_are_not_recommended_again(
     client: Client, seeded: JobContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    active = await seeded.pg.active_users("default", now=datetime.now(UTC))
+    # active users the served model knows (other tests record events of newcomers too)
+    snap = client.app.ranker.scope("default").snapshot
+    active = [
+        user
+        for user in await seeded.pg.active_users("default", now=datetime.now(UTC))
+        if snap.user_position(user) is not None
+    ]
 
     async def recommend(user: str, limit: int) -> pb.RankedItems:
         request = pb.RecommendRequest(user_id=user, limit=limit)
@@ -201,7 +207,9 @@ async def test_items_just_interacted_with_are_not_recommended_again(
 
     # cached: what precompute stored, less the purchase, still ten items from the cache
     user = active[-1]
-    before = [i.item_id for i in (await recommend(user, 10)).items]
+    cached = await recommend(user, 10)
+    assert cached.source == pb.SOURCE_CACHED
+    before = [i.item_id for i in cached.items]
     await purchase(user, before[0])
     after = await recommend(user, 10)
     assert after.source == pb.SOURCE_CACHED
@@ -216,11 +224,10 @@ async def test_items_just_interacted_with_are_not_recommended_again(
     assert [i.item_id for i in again.items] == [i.item_id for i in first.items[1:]]
 
     # Redis unreachable: still an answer, without the snapshot's seen items
-    async def unreachable(*args: object) -> None:
+    async def unreachable(*args: object, **kwargs: object) -> None:
         raise StoreUnavailable("Redis: down")
 
     monkeypatch.setattr(client.app.cache, "get_with_recent", unreachable)
-    snap = client.app.ranker.scope("default").snapshot
     position = snap.user_position(user)
     assert position is not None
     seen = {str(snap.item_ids[i]) for i in snap.seen(position)}

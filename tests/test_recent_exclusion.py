@@ -4,6 +4,7 @@ scope ranks a user it does not know by its base scores, without what they just e
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -52,7 +53,7 @@ async def test_a_stranger_in_a_rule_scope_is_not_served_their_recent_items(
     ranker.install(ranker.prepare(LoadedScope.of(_rule_snapshot())))
     before = await ranker.recommend("stranger", SCOPE, N_ITEMS, [], math.inf)
     assert before.source == Source.POPULAR
-    await cache.push_recent([(SCOPE, "stranger", before.item_ids[0])])
+    await cache.push_recent([(SCOPE, "stranger", before.item_ids[0])], at=time.time())
     after = await ranker.recommend("stranger", SCOPE, N_ITEMS, [], math.inf)
     assert after.source == Source.POPULAR
     assert after.item_ids == before.item_ids[1:]
