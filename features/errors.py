@@ -77,5 +77,8 @@ class JobLocked(JobError):
     """Another job run holds the lock."""
 
 
+EXIT_LOCKED = 75  # a job's exit code on JobLocked (EX_TEMPFAIL): cron may retry later
+
+
 class ConfigError(PrivrankError):
     """A setting is missing or malformed."""

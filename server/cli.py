@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from features.cache import RankCache
-from features.errors import ConfigError, JobLocked, PrivrankError, StoreUnreachable
+from features.errors import EXIT_LOCKED, ConfigError, JobLocked, PrivrankError, StoreUnreachable
 from features.postgres import PgStore
 from features.schema import DEFAULT_SCOPE, validate_scope
 from server import embedded
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("privrank")
 
 EXIT_FAILURE = 1
-EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the lock; cron may retry later
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -21,7 +21,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc import aio
 
-from features.errors import InvalidInput, JobError, JobLocked, NotFound, StoreUnavailable
+from features.errors import (
+    EXIT_LOCKED,
+    InvalidInput,
+    JobError,
+    JobLocked,
+    NotFound,
+    StoreUnavailable,
+)
 from features.postgres import UserSettingsRow
 from features.schema import (
     FEATURE_NAMES,
@@ -36,7 +43,6 @@ from jobs.runner import JOB_NAMES, started_run_id
 from ranking.pipeline import Ranked
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
-from server.cli import EXIT_LOCKED
 from server.interceptors import current
 
 if TYPE_CHECKING:
