@@ -499,7 +499,8 @@ class Ranker:
 
     async def _compute(self, deadline: float, work: _Work) -> tuple[np.ndarray, np.ndarray]:
         """Run CPU work (a kernel or a retrieval) unless the deadline has passed: inline when
-        small, else on the kernel pool, so the event loop keeps accepting and shedding calls."""
+        small, else on the kernel pool, so the event loop answers other calls meanwhile (on
+        another core where there is one)."""
         _check_deadline(deadline)
         if self._executor is None or work.size < self._offload_min_work:
             return work()

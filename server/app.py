@@ -43,7 +43,7 @@ from server.interceptors import Admission, InFlight, ServingInterceptor
 from server.metrics import ServiceMetrics, core_calls, core_connections
 from server.optout import OptOutRegistry
 from server.services import AdminService, RankingService, SettingsService
-from server.threads import lower_grpc_threads
+from server.threads import lower_grpc_threads, usable_cores
 from server.tls import CertificateFiles
 
 if TYPE_CHECKING:
@@ -131,7 +131,8 @@ class App:
             forced_off=not config.personalization_enabled,
         )
         kernels_pool = ThreadPoolExecutor(
-            max_workers=config.kernel_threads, thread_name_prefix="privrank-kernel"
+            max_workers=config.kernel_thread_count(usable_cores()),
+            thread_name_prefix="privrank-kernel",
         )
         ranker = Ranker(
             cache,

@@ -98,7 +98,9 @@ class Config:
     grpc_transport: str = "chttp2"
     # niceness of gRPC core's own threads, below the event loop's (server/threads.py); 0: as is
     grpc_threads_nice: int = 10
-    kernel_threads: int = 2  # threads scoring large requests off the event loop (numba nogil)
+    # threads scoring large requests off the event loop (numba nogil), so cheap calls go on
+    # meanwhile; 0: one fewer than the cores each worker may use, at least one
+    kernel_threads: int = 0
     offload_min_work: int = 1_000_000  # multiply-adds above which scoring leaves the loop
     breaker_failures: int = 5  # consecutive store failures that open its circuit
     breaker_cooldown_s: float = 1.0  # then one probe call per cooldown
@@ -158,7 +160,6 @@ class Config:
             "MAX_ACTIVE_RPCS": self.max_active_rpcs,
             "MAX_QUEUED_RPCS": self.max_queued_rpcs,
             "MAX_QUEUE_WAIT_S": self.max_queue_wait_s,
-            "KERNEL_THREADS": self.kernel_threads,
             "BREAKER_FAILURES": self.breaker_failures,
             "BREAKER_COOLDOWN_S": self.breaker_cooldown_s,
             "STORE_TIMEOUT_S": self.store_timeout_s,
@@ -187,6 +188,8 @@ class Config:
                 f"{PREFIX}TLS_CLIENT_CA_FILE needs {PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE"
                 " (client certificates are checked during the server's TLS handshake)"
             )
+        if self.kernel_threads < 0:
+            raise ConfigError(f"{PREFIX}KERNEL_THREADS: must be >= 0 (0: automatic)")
         if self.max_pending_rpcs < 0:
             raise ConfigError(f"{PREFIX}MAX_PENDING_RPCS: must be >= 0 (0: gRPC core's own)")
         if self.grpc_transport not in GRPC_TRANSPORTS:
@@ -211,6 +214,11 @@ class Config:
             raise ConfigError(f"{PREFIX}DATABASE_URL: expected a postgresql:// DSN")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"{PREFIX}REDIS_URL: expected a redis:// or unix:// URL")
+
+    def kernel_thread_count(self, cores: int) -> int:
+        """KERNEL_THREADS, or where it is 0, one fewer than the ``cores`` this process may use
+        per worker, at least one."""
+        return self.kernel_threads or max(cores // self.workers - 1, 1)
 
     @property
     def concurrent_rpc_cap(self) -> int:

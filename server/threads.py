@@ -1,13 +1,17 @@
-"""The scheduling priority of gRPC core's own threads (Linux; elsewhere nothing happens)."""
+"""How a server process shares its cores (Linux; elsewhere nothing happens): the scheduling
+priority of gRPC core's own threads, and how many cores the process may use."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 # the names gRPC core gives its threads: the event engine's pool, timers, executors
 GRPC_THREAD_PREFIXES = ("event_engine", "grpc_")
+# cgroup v2: "<quota> <period>" in microseconds, or "max <period>" for no limit
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 def threads(pid: int | None = None) -> Iterator[tuple[int, str]]:
@@ -45,3 +49,17 @@ def lower_grpc_threads(nice: int) -> int:
         except OSError:  # the thread ended meanwhile
             continue
     return changed
+
+
+def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The cores this process may run on: its CPU affinity (taskset, cpusets), capped by its
+    cgroup's CPU quota (``cpu.max``, as a container's CPU limit sets it), rounded up; >= 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):  # no cgroup v2 here, or no quota file in it
+        pass
+    return max(cores, 1)

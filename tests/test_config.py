@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from features.errors import ConfigError
 from server.config import Config, grpc_experiments
+from server.threads import usable_cores
 
 
 def test_defaults_are_valid() -> None:
@@ -34,6 +36,7 @@ def test_defaults_are_valid() -> None:
         ({"PRIVRANK_GRPC_TRANSPORT": "h3"}, "PRIVRANK_GRPC_TRANSPORT"),
         ({"PRIVRANK_GRPC_THREADS_NICE": "20"}, "PRIVRANK_GRPC_THREADS_NICE"),
         ({"PRIVRANK_GRPC_THREADS_NICE": "-1"}, "PRIVRANK_GRPC_THREADS_NICE"),
+        ({"PRIVRANK_KERNEL_THREADS": "-1"}, "PRIVRANK_KERNEL_THREADS"),
         (
             {"PRIVRANK_MAX_CONCURRENT_RPCS": "100", "PRIVRANK_MAX_QUEUED_RPCS": "92"},
             "must exceed",
@@ -43,6 +46,57 @@ def test_defaults_are_valid() -> None:
 def test_bad_values_fail_fast_naming_the_key(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Config.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("setting", "workers", "cores", "threads"),
+    [
+        ("0", "1", 1, 1),  # a worker with one core keeps one, for large requests
+        ("0", "1", 2, 1),
+        ("0", "2", 2, 1),
+        ("0", "1", 4, 3),
+        ("0", "1", 8, 7),
+        ("0", "2", 8, 3),
+        ("3", "1", 1, 3),  # a setting is taken as it is
+    ],
+)
+def test_kernel_threads_follow_the_cores_each_worker_may_use(
+    setting: str, workers: str, cores: int, threads: int
+) -> None:
+    config = Config.from_env({"PRIVRANK_KERNEL_THREADS": setting, "PRIVRANK_WORKERS": workers})
+    assert config.kernel_thread_count(cores) == threads
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "cores"),
+    [("max 100000", None), ("50000 100000", 1), ("100000 100000", 1), ("not a quota", None)],
+)
+def test_usable_cores_follow_a_cgroup_cpu_quota(
+    tmp_path: Path, cpu_max: str, cores: int | None
+) -> None:
+    """A quota caps the cores (rounded up); no quota, or one unreadable, leaves the affinity."""
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores(tmp_path / "cpu.max") == (cores or affinity)
+    assert usable_cores(tmp_path / "missing") == affinity
+    (tmp_path / "cpu.max").write_text(f"{150000 * affinity} 100000\n")  # 1.5 x the cores
+    assert usable_cores(tmp_path / "cpu.max") == affinity
+
+
+def test_usable_cores_follow_the_cpu_affinity() -> None:
+    assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
+    pinned = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from server.threads import usable_cores; print(usable_cores())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert pinned.stdout.strip() == "1"
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.app import App, stop_server
 from server.config import Config
-from server.threads import GRPC_THREAD_PREFIXES, threads
+from server.threads import GRPC_THREAD_PREFIXES, threads, usable_cores
 from tests.conftest import ROOT, cli_env, privrank
 from tests.serving import Running, serving
 
@@ -225,7 +225,8 @@ def _one_slot(config: Config, max_queue_wait_s: float) -> Config:
 
 def _hold_kernel_threads(app: App, release: threading.Event) -> list[Future[bool]]:
     """Occupy every kernel thread until ``release`` is set (each returns True then)."""
-    return [app.kernels_pool.submit(release.wait, 30) for _ in range(app.config.kernel_threads)]
+    threads = app.config.kernel_thread_count(usable_cores())
+    return [app.kernels_pool.submit(release.wait, 30) for _ in range(threads)]
 
 
 async def test_overload_is_shed_at_once_and_queued_calls_respect_deadlines(

@@ -75,7 +75,7 @@ from server import embedded
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.config import Config
-from server.threads import GRPC_THREAD_PREFIXES, threads
+from server.threads import GRPC_THREAD_PREFIXES, threads, usable_cores
 
 # -- targets and fixed choices (no measured figure lives here) ---------------------------------
 DEADLINE_S = 1.0  # every Recommend carries this deadline
@@ -1194,16 +1194,19 @@ async def setup(b: Bench) -> None:
         f"{snap.dim} dims; what a LIVE answer costs the server besides gRPC and Python)"
     )
     cfg = Config.from_env(b.env())
+    cores = 1 if b.server_pin else usable_cores()
+    kernel_threads = cfg.kernel_thread_count(cores)
+    offloaded = kernel_threads and snap.n_items * snap.dim >= cfg.offload_min_work
     settings = ", ".join(f"{k}={v}" for k, v in b.settings.items())
     say(
         f"  server settings ({f'--set {settings}, the rest' if settings else 'all'} defaults): "
         f"GRPC_TRANSPORT={cfg.grpc_transport} MAX_ACTIVE_RPCS={cfg.max_active_rpcs} "
         f"MAX_QUEUED_RPCS={cfg.max_queued_rpcs} "
         f"MAX_CONCURRENT_RPCS={cfg.concurrent_rpc_cap} MAX_PENDING_RPCS={cfg.max_pending_rpcs} "
-        f"KERNEL_THREADS={cfg.kernel_threads} "
+        f"KERNEL_THREADS={cfg.kernel_threads} ({kernel_threads} on the server's {cores} core(s)) "
         f"OFFLOAD_MIN_WORK={cfg.offload_min_work} (a LIVE Recommend is "
         f"{snap.n_items * snap.dim} multiply-adds: "
-        f"{'offloaded' if snap.n_items * snap.dim >= cfg.offload_min_work else 'inline'}) "
+        f"{'offloaded' if offloaded else 'inline'}) "
         f"REDIS_TIMEOUT_S={cfg.redis_timeout_s} STORE_TIMEOUT_S={cfg.store_timeout_s} "
         f"BREAKER_FAILURES={cfg.breaker_failures} BREAKER_COOLDOWN_S={cfg.breaker_cooldown_s}"
     )
