@@ -258,7 +258,7 @@ class ServingInterceptor(aio.ServerInterceptor):
             if noted is not None:
                 noted.refused += 1
                 noted.last_refused = time.monotonic()
-            metrics.observe_rpc(method, code.name, 0.0)
+            metrics.observe_rpc(method, code.name, None)
             await context.abort(code, message)
 
         return grpc.unary_unary_rpc_method_handler(refuse)

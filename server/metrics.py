@@ -116,10 +116,12 @@ class ServiceMetrics:
         self._shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         self._rpc_series: dict[tuple[str, str], tuple[Any, Any, bool]] = {}
 
-    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+    def observe_rpc(self, method: str, code: str, seconds: float | None) -> None:
         """Count a call by method and status code; its latency goes into the histogram and,
         for a ranking method, the percentile window, unless the call was CANCELLED (how long
-        that took is the caller's doing, not the server's)."""
+        that took is the caller's doing, not the server's) or ``seconds`` is None: a call
+        refused before any work, whose zeros would hide how long the answered calls took
+        just when the server is overloaded."""
         series = self._rpc_series.get((method, code))
         if series is None:  # the label lookups, once per method and code
             name = method.rsplit("/", 1)[-1]
@@ -130,7 +132,7 @@ class ServiceMetrics:
             )
         requests, latency, ranking = series
         requests.inc()
-        if code == "CANCELLED":
+        if code == "CANCELLED" or seconds is None:
             return
         latency.observe(seconds)
         if ranking:

@@ -51,6 +51,25 @@ def test_figures_count_what_was_observed() -> None:
     assert figures.opt_out_rate == pytest.approx(1 / 3)
 
 
+def test_refusals_are_counted_but_not_timed() -> None:
+    """Calls refused before any work (admission full, stopping) would otherwise put zeros in
+    the percentiles and the histogram just when the answered calls are slow."""
+    metrics = ServiceMetrics()
+    recommend = "/privrank.v1.Ranking/Recommend"
+    metrics.observe_rpc(recommend, "OK", 0.2)
+    for _ in range(10):
+        metrics.observe_rpc(recommend, "RESOURCE_EXHAUSTED", None)
+    figures = metrics.figures()
+    assert figures.requests == 11
+    assert figures.p50_ms == pytest.approx(200.0)
+    refused = {"method": "Recommend", "code": "RESOURCE_EXHAUSTED"}
+    assert metrics.registry.get_sample_value("privrank_requests_total", refused) == 10
+    timed = metrics.registry.get_sample_value(
+        "privrank_request_seconds_count", {"method": "Recommend"}
+    )
+    assert timed == 1
+
+
 def test_figures_of_a_scope_count_only_its_answers() -> None:
     metrics = ServiceMetrics()
     metrics.observe_rpc("/privrank.v1.Ranking/Recommend", "OK", 0.001)
