@@ -214,7 +214,7 @@ class RankingService(rpc.RankingServicer):
                     user_id=event.user_id,
                     item_id=event.item_id,
                     event_type=pb.EventType.Name(event.event_type).lower(),
-                    value=event.value or None,  # proto3 cannot tell 0 from unset: 0 means 1
+                    value=event.value if event.HasField("value") else None,
                     occurred_at=occurred,
                     session_id=ctx.session_id,
                     device_category=ctx.device_category,

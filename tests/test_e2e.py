@@ -341,6 +341,26 @@ async def test_similar_items(client: Client) -> None:
     assert code == grpc.StatusCode.NOT_FOUND
 
 
+async def test_recorded_ratings_train_as_their_value_an_explicit_0_included(
+    client: Client, seeded: JobContext
+) -> None:
+    """``value`` has presence: unset means 1, a 0 sent is a 0 rating (adds nothing)."""
+    scope = "ratings0"
+
+    def rating(item: str, **value: float) -> pb.Event:
+        return pb.Event(user_id="r1", item_id=item, scope=scope, event_type=pb.RATING, **value)
+
+    request = pb.RecordEventsRequest(
+        events=[rating("i4", value=4.0), rating("i0", value=0.0), rating("i1")]
+    )
+    assert request.events[1].HasField("value")
+    accepted = await client.ranking.RecordEvents(request, metadata=client.svc)
+    assert accepted.accepted == 3
+    pairs = await seeded.pg.training_pairs(scope)
+    strength = dict(zip(pairs.item_ids.tolist(), pairs.strength.tolist(), strict=True))
+    assert strength == {"i4": 4.0, "i0": 0.0, "i1": 1.0}
+
+
 async def test_recorded_events_change_the_next_ranking(client: Client, seeded: JobContext) -> None:
     scope = "evolving"
     await seeded.pg.insert_event_batches(
