@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from features.cache import RankCache
-from features.errors import NotReady, SnapshotError, StoreUnavailable
+from features.errors import ConfigError, NotReady, SnapshotError, StoreUnavailable
 from features.postgres import PgStore
 from features.privacy import retract_not_personal
 from features.schema import ENGAGED_EVENTS, Interaction
@@ -508,15 +508,18 @@ def create_server(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = listen or config.listen
-    if config.tls_cert_file is not None and config.tls_key_file is not None:
-        files = CertificateFiles(
-            config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file
-        )
-        port = server.add_secure_port(address, files.credentials())
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
+    try:
+        if config.tls_cert_file is not None and config.tls_key_file is not None:
+            files = CertificateFiles(
+                config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file
+            )
+            port = server.add_secure_port(address, files.credentials())
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio's "Failed to bind to address"
+        port = 0
+    if port == 0:  # taken since the CLI checked it (the check cannot hold it for gRPC)
+        raise ConfigError(f"PRIVRANK_LISTEN: cannot listen on {address}: in use or not bindable")
     return server, port
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import shutil
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +20,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from features.cache import RECENT_ITEMS
-from features.errors import StoreUnavailable
+from features.errors import ConfigError, StoreUnavailable
 from jobs.runner import run_job
 from jobs.steps import JobContext
 from jobs.synth import generate
@@ -60,6 +61,19 @@ async def test_health_is_not_serving_until_warm(
     finally:
         await server.stop(1)
         await app.close()
+
+
+async def test_a_port_taken_after_the_cli_checked_it_is_a_one_line_config_error(
+    client: Client,
+) -> None:
+    """The CLI's check cannot hold the port for gRPC: a process that takes it in between
+    makes the bind a ConfigError (one line from the CLI), not grpcio's RuntimeError."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(ConfigError, match=f"PRIVRANK_LISTEN: cannot listen on {address}"):
+            create_server(client.app, address)
 
 
 async def test_a_server_without_any_snapshot_is_not_ready_until_one_is_loaded(
