@@ -219,8 +219,17 @@ async def test_set_flags_reaches_every_worker(workers: Workers) -> None:
 
 
 async def test_reload_reaches_every_worker(workers: Workers, config: Config) -> None:
-    before = {reply.model_version for reply in await recommend_all(workers)}
+    replies = await recommend_all(workers)
+    before = {reply.model_version for reply in replies}
     assert len(before) == 1
+    # new data since the served snapshot's, or the build keeps its version (same content)
+    event = pb.Event(
+        user_id="w-reload", item_id=replies[0].items[0].item_id, event_type=pb.PURCHASE
+    )
+    async with fresh_channels(workers.port, 1) as (channel,):
+        await rpc.RankingStub(channel).RecordEvents(
+            pb.RecordEventsRequest(events=[event]), metadata=workers.service, timeout=5
+        )
     result = subprocess.run(
         [*CLI, "jobs", "build", "--scope", "default"],
         env=workers.env,
