@@ -56,7 +56,7 @@ def test_refusals_are_counted_but_not_timed() -> None:
     the percentiles and the histogram just when the answered calls are slow."""
     metrics = ServiceMetrics()
     recommend = "/privrank.v1.Ranking/Recommend"
-    metrics.observe_rpc(recommend, "OK", 0.2)
+    metrics.observe_rpc(recommend, "OK", 0.2)  # given, not timed, as above
     for _ in range(10):
         metrics.observe_rpc(recommend, "RESOURCE_EXHAUSTED", None)
     figures = metrics.figures()
