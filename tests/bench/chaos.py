@@ -1240,8 +1240,7 @@ async def capacity(b: Bench) -> None:
     server = await b.start_server("capacity")
     try:
         async with b.clients(server) as clients:
-            await b.saturate(clients, 1.0)  # warm-up
-            run = await b.saturate(clients, b.p.capacity_s)
+            run = await closed_loop_c(b, clients)
     finally:
         await server.stop()
     dump(b, "capacity", run)
@@ -1257,6 +1256,12 @@ async def capacity(b: Bench) -> None:
     )
 
 
+async def closed_loop_c(b: Bench, clients: Clients) -> Run:
+    """The closed loop that measures C: 1 s of warm-up, then the capacity window's calls."""
+    await b.saturate(clients, 1.0)
+    return await b.saturate(clients, b.p.capacity_s)
+
+
 async def capacity_again(b: Bench, clients: Clients) -> float:
     """C measured again on this scenario's server, as scenario 1 measured it (answers/s).
 
@@ -1264,8 +1269,7 @@ async def capacity_again(b: Bench, clients: Clients) -> float:
     run's scenarios 1 and 6): a scenario meant to run below capacity takes the smaller of
     this and scenario 1's, so that a fast moment in scenario 1 does not make it an
     overload test."""
-    await b.saturate(clients, 1.0)
-    again = await b.saturate(clients, b.p.capacity_s)
+    again = await closed_loop_c(b, clients)
     capacity = stats(again.calls, again.window).goodput
     say(
         f"  C measured again just now (closed loop, concurrency {CAPACITY_CONCURRENCY}):"
@@ -1889,8 +1893,7 @@ async def _overload_variant(
     server = await b.start_server(name, env)
     try:
         async with b.clients(server, deadline_s) as clients:
-            await b.saturate(clients, 1.0)
-            own = await b.saturate(clients, b.p.capacity_s)
+            own = await closed_loop_c(b, clients)
             calm = await b.offer(clients, 0.5 * capacity, CALM_S)
             loaded = await b.offer(clients, OVERLOAD_LEVELS[-1] * capacity, b.p.overload_s)
     finally:
