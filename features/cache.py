@@ -1,9 +1,10 @@
 """Redis, the cache of precomputed rankings. The only module that imports redis.
 
-Keys are ``privrank:rank:{scope}:{model_version}:{user_id}`` with a TTL, so a ranking is only
-ever read for the model version that produced it; a swap makes older keys unreachable and the
-TTL reclaims them. Values are the ranking packed as little-endian int32 item positions in the
-snapshot followed by float32 scores (``RANKING_DTYPE`` pairs).
+Keys are ``{prefix}rank:{scope}:{model_version}:{user_id}`` with a TTL (``CacheKeys``; the
+prefix is ``privrank:`` unless configured), so a ranking is only ever read for the model
+version that produced it; a swap makes older keys unreachable and the TTL reclaims them.
+Values are the ranking packed as little-endian int32 item positions in the snapshot followed
+by float32 scores (``RANKING_DTYPE`` pairs).
 
 Every call carries the configured socket timeout and passes a circuit breaker; errors become
 ``StoreUnavailable``. The GET of a cached ranking, with the LRANGE of the user's recent items
@@ -18,6 +19,7 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import hiredis
@@ -29,24 +31,46 @@ from redis.exceptions import RedisError, ResponseError
 from features.breaker import CircuitBreaker
 from features.errors import StoreUnavailable
 
-KEY_PREFIX = "privrank:rank:"
-# privrank:recent:{scope}:{user_id} → "<unix seconds> <item ID>" of the user's events, newest
-# first: the time is when they were received, so those from before an erasure are told apart
-RECENT_PREFIX = "privrank:recent:"
 RECENT_ITEMS = 20
 RECENT_TTL_S = 7 * 24 * 3600
 RANKING_DTYPE = np.dtype([("item", "<i4"), ("score", "<f4")])
-# privrank:warm:{scope}:{model_version}: every precomputed ranking of that version is in Redis
-WARM_PREFIX = "privrank:warm:"
-REFILL_PREFIX = "privrank:refill:"  # privrank:refill:{scope}:{model_version}: one refills it
+DEFAULT_KEY_PREFIX = "privrank:"
 
 
-def rank_key(scope: str, model_version: str, user_id: str) -> str:
-    return f"{KEY_PREFIX}{scope}:{model_version}:{user_id}"
+@dataclass(frozen=True)
+class CacheKeys:
+    """The names of privrank's keys, all starting with ``prefix`` (so several deployments, or test
+    runs, can share one Redis database). Scopes hold no ':', user IDs may."""
 
+    prefix: str = DEFAULT_KEY_PREFIX
 
-def recent_key(scope: str, user_id: str) -> str:
-    return f"{RECENT_PREFIX}{scope}:{user_id}"
+    def rank(self, scope: str, model_version: str, user_id: str) -> str:
+        """A user's precomputed ranking of one model version."""
+        return f"{self.prefix}rank:{scope}:{model_version}:{user_id}"
+
+    def recent(self, scope: str, user_id: str) -> str:
+        """ "<unix seconds> <item ID>" of the user's events, newest first: the time is when
+        they were received, so those from before an erasure are told apart."""
+        return f"{self.prefix}recent:{scope}:{user_id}"
+
+    def warm(self, scope: str, model_version: str) -> str:
+        """Set when every precomputed ranking of that version is in Redis."""
+        return f"{self.prefix}warm:{scope}:{model_version}"
+
+    def refill(self, scope: str, model_version: str) -> str:
+        """Held by the one process that refills that version's rankings."""
+        return f"{self.prefix}refill:{scope}:{model_version}"
+
+    def user_patterns(self, user_id: str) -> list[tuple[str, int]]:
+        """SCAN patterns of the keys holding the user's data (rankings, recent items), each
+        with the number of ':'-separated fields after the prefix, the user's ID last."""
+        return [(f"{self.prefix}rank:*:*:{user_id}", 4), (f"{self.prefix}recent:*:{user_id}", 3)]
+
+    def holds_user(self, key: str, fields: int, user_id: str) -> bool:
+        """Whether ``key`` (matched by a pattern of ``user_patterns``) is the user's own; a glob
+        '*' also matches ':', so the user part is confirmed exactly."""
+        parts = key.removeprefix(self.prefix).split(":", fields - 1)
+        return len(parts) == fields and parts[-1] == user_id
 
 
 def _item_ids(raw: list[Any], after: float | None = None) -> list[str]:
@@ -237,7 +261,9 @@ class RankCache:
         ttl_s: int,
         breaker: CircuitBreaker,
         gets: PipelinedGets | None = None,
+        keys: CacheKeys | None = None,
     ) -> None:
+        self.keys = keys or CacheKeys()
         self._client = client
         self._ttl = ttl_s
         self._breaker = breaker
@@ -252,6 +278,7 @@ class RankCache:
         ttl_s: int,
         breaker_failures: int = 5,
         breaker_cooldown_s: float = 1.0,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
     ) -> RankCache:
         client = aioredis.Redis.from_url(
             url,
@@ -260,7 +287,8 @@ class RankCache:
             health_check_interval=0,
         )
         breaker = CircuitBreaker("Redis", failures=breaker_failures, cooldown_s=breaker_cooldown_s)
-        return cls(client, ttl_s, breaker, PipelinedGets.for_url(url, timeout_s))
+        gets = PipelinedGets.for_url(url, timeout_s)
+        return cls(client, ttl_s, breaker, gets, CacheKeys(key_prefix))
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -287,7 +315,7 @@ class RankCache:
     async def get(
         self, scope: str, model_version: str, user_id: str
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        key = rank_key(scope, model_version, user_id)
+        key = self.keys.rank(scope, model_version, user_id)
         async with self._redis() as client:
             raw = await (client.get(key) if self._gets is None else self._gets.get(key))
         if raw is None:
@@ -299,7 +327,10 @@ class RankCache:
         self, scope: str, model_version: str, user_id: str, *, after: float | None = None
     ) -> tuple[tuple[np.ndarray, np.ndarray] | None, list[str]]:
         """``get`` and ``recent`` (with ``after``) of the user in one round trip (pipelined)."""
-        key, recent = rank_key(scope, model_version, user_id), recent_key(scope, user_id)
+        key, recent = (
+            self.keys.rank(scope, model_version, user_id),
+            self.keys.recent(scope, user_id),
+        )
         async with self._redis() as client:
             if self._gets is None:
                 pipe = client.pipeline(transaction=False)
@@ -328,7 +359,7 @@ class RankCache:
         async with self._redis() as client:
             pipe = client.pipeline(transaction=False)
             for user_id, items, scores in rankings:
-                key = rank_key(scope, model_version, user_id)
+                key = self.keys.rank(scope, model_version, user_id)
                 pipe.set(key, pack_ranking(items, scores), ex=ttl_s or self._ttl)
                 written += 1
                 if written % batch == 0:
@@ -338,23 +369,23 @@ class RankCache:
 
     async def delete_rankings(self, scope: str, model_version: str, user_ids: Sequence[str]) -> int:
         """Delete the users' cached rankings of one model version; how many there were."""
-        return await self._delete([rank_key(scope, model_version, u) for u in user_ids])
+        return await self._delete([self.keys.rank(scope, model_version, u) for u in user_ids])
 
     async def is_warm(self, scope: str, model_version: str) -> bool:
         """Whether every precomputed ranking of the version is here (``mark_warm``); a
         restarted Redis has lost the mark with the rankings."""
         async with self._redis() as client:
-            return bool(await client.exists(f"{WARM_PREFIX}{scope}:{model_version}"))
+            return bool(await client.exists(self.keys.warm(scope, model_version)))
 
     async def mark_warm(self, scope: str, model_version: str, ttl_s: int | None = None) -> None:
         async with self._redis() as client:
-            await client.set(f"{WARM_PREFIX}{scope}:{model_version}", b"1", ex=ttl_s or self._ttl)
+            await client.set(self.keys.warm(scope, model_version), b"1", ex=ttl_s or self._ttl)
 
     async def claim_refill(self, scope: str, model_version: str, hold_s: int) -> bool:
         """True for the one process (of all sharing this Redis) that may refill the version's
         rankings in the next ``hold_s`` seconds."""
         async with self._redis() as client:
-            key = f"{REFILL_PREFIX}{scope}:{model_version}"
+            key = self.keys.refill(scope, model_version)
             return bool(await client.set(key, b"1", nx=True, ex=hold_s))
 
     async def push_recent(self, events: Iterable[tuple[str, str, str]], *, at: float) -> None:
@@ -363,7 +394,7 @@ class RankCache:
         async with self._redis() as client:
             pipe = client.pipeline(transaction=False)
             for scope, user_id, item_id in events:
-                key = recent_key(scope, user_id)
+                key = self.keys.recent(scope, user_id)
                 pipe.lpush(key, f"{at:.6f} {item_id}")
                 pipe.ltrim(key, 0, RECENT_ITEMS - 1)
                 pipe.expire(key, RECENT_TTL_S)
@@ -371,7 +402,7 @@ class RankCache:
 
     async def delete_recent(self, pairs: Iterable[tuple[str, str]]) -> int:
         """Delete the recent items of (scope, user_id) pairs; how many lists there were."""
-        return await self._delete([recent_key(scope, user_id) for scope, user_id in pairs])
+        return await self._delete([self.keys.recent(scope, user_id) for scope, user_id in pairs])
 
     async def _delete(self, keys: list[str]) -> int:
         if not keys:
@@ -383,22 +414,15 @@ class RankCache:
         """The user's most recent item IDs in the scope, newest first (possibly repeated); with
         ``after`` (unix seconds, e.g. the user's erasure) only those received after it."""
         async with self._redis() as client:
-            raw = await client.lrange(recent_key(scope, user_id), 0, RECENT_ITEMS - 1)
+            raw = await client.lrange(self.keys.recent(scope, user_id), 0, RECENT_ITEMS - 1)
         return _item_ids(raw, after)
 
     async def _user_keys(self, client: aioredis.Redis, user_id: str) -> list[bytes]:
         """Every key holding data of the user: cached rankings and recent items."""
         keys: list[bytes] = []
-        patterns = {
-            KEY_PREFIX: f"{KEY_PREFIX}*:*:{user_id}",
-            RECENT_PREFIX: f"{RECENT_PREFIX}*:{user_id}",
-        }
-        for prefix, pattern in patterns.items():
-            fields = 5 if prefix == KEY_PREFIX else 4
+        for pattern, fields in self.keys.user_patterns(user_id):
             async for key in client.scan_iter(match=pattern, count=1000):
-                # a glob '*' also matches ':', so confirm the exact user part of the key
-                parts = key.decode().split(":", fields - 1)
-                if len(parts) == fields and parts[-1] == user_id:
+                if self.keys.holds_user(key.decode(), fields, user_id):
                     keys.append(key)
         return keys
 

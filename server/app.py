@@ -121,6 +121,7 @@ class App:
             redis_url,
             timeout_s=config.redis_timeout_s,
             ttl_s=config.cache_ttl_s,
+            key_prefix=config.redis_key_prefix,
             breaker_failures=failures,
             breaker_cooldown_s=cooldown,
         )

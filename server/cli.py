@@ -152,7 +152,10 @@ async def _stores(
     await _migrate_schema(urls.database_url)
     pg = await PgStore.connect(urls.database_url, timeout_s=max(config.store_timeout_s, 5.0))
     cache = RankCache.from_url(
-        urls.redis_url, timeout_s=max(config.redis_timeout_s, 5.0), ttl_s=config.cache_ttl_s
+        urls.redis_url,
+        timeout_s=max(config.redis_timeout_s, 5.0),
+        ttl_s=config.cache_ttl_s,
+        key_prefix=config.redis_key_prefix,
     )
     try:
         yield pg, cache

@@ -8,12 +8,14 @@ name. Secrets are masked in ``repr``.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from features.cache import DEFAULT_KEY_PREFIX
 from features.errors import ConfigError
 from ranking.profiles import DEFAULT_PROFILE, Profile, load_profiles
 
@@ -22,6 +24,7 @@ PREFIX = "PRIVRANK_"
 # one is the gRPC experiment of this name
 GRPC_TRANSPORTS = ("chttp2", "ph2")
 PH2_SERVER_EXPERIMENT = "ph2_server"
+_KEY_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:\-/]{1,64}")
 
 
 def _parse_bool(key: str, raw: str) -> bool:
@@ -110,6 +113,9 @@ class Config:
     # measured on the event loop, so it must cover the loop's own lag under load, not only
     # Redis: a tighter one fails healthy calls when busy and opens the breaker (all LIVE)
     redis_timeout_s: float = 0.25
+    # every key privrank writes in Redis starts with this, so deployments sharing one Redis
+    # database stay apart (letters, digits and _ . : - /)
+    redis_key_prefix: str = DEFAULT_KEY_PREFIX
     cache_ttl_s: int = 24 * 3600
     optout_refresh_s: float = 5.0
     optout_max_staleness_s: float = 30.0
@@ -214,6 +220,12 @@ class Config:
             raise ConfigError(f"{PREFIX}DATABASE_URL: expected a postgresql:// DSN")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"{PREFIX}REDIS_URL: expected a redis:// or unix:// URL")
+        if not _KEY_PREFIX_RE.fullmatch(self.redis_key_prefix):
+            # no glob characters: the prefix starts the SCAN patterns that find a user's keys
+            raise ConfigError(
+                f"{PREFIX}REDIS_KEY_PREFIX: 1-64 letters, digits and _ . : - /, "
+                f"got {self.redis_key_prefix!r}"
+            )
 
     def kernel_thread_count(self, cores: int) -> int:
         """KERNEL_THREADS, or where it is 0, one fewer than the ``cores`` this process may use

@@ -97,15 +97,21 @@ async def pg_url(server_pg_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_url(stores_dir: Path) -> Iterator[str]:
-    """A Redis database; every privrank key in it is removed at the end of the session."""
+def redis_key_prefix() -> str:
+    """This session's own key prefix, so test runs sharing a Redis database stay apart."""
+    return f"privrank-test-{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture(scope="session")
+def redis_url(stores_dir: Path, redis_key_prefix: str) -> Iterator[str]:
+    """A Redis database; every key of this session in it is removed at the end."""
     url = os.environ.get("PRIVRANK_TEST_REDIS_URL")
     with contextlib.ExitStack() as stack:
         if not url:
             url = stack.enter_context(embedded.embedded_redis(stores_dir))
         yield url
         client = redis.Redis.from_url(url)
-        for key in client.scan_iter(match="privrank:*", count=1000):
+        for key in client.scan_iter(match=f"{redis_key_prefix}*", count=1000):
             client.delete(key)
         client.close()
 
@@ -116,12 +122,13 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def config(data_dir: Path, pg_url: str, redis_url: str) -> Config:
+def config(data_dir: Path, pg_url: str, redis_url: str, redis_key_prefix: str) -> Config:
     return Config.from_env(
         {
             "PRIVRANK_DATA_DIR": str(data_dir),
             "PRIVRANK_DATABASE_URL": pg_url,
             "PRIVRANK_REDIS_URL": redis_url,
+            "PRIVRANK_REDIS_KEY_PREFIX": redis_key_prefix,
             "PRIVRANK_LISTEN": "127.0.0.1:0",
             "PRIVRANK_METRICS_LISTEN": "127.0.0.1:0",
             "PRIVRANK_AUTH_SECRET": "test-secret-" + "x" * 32,
@@ -149,8 +156,8 @@ async def pg(owner_pg: PgStore, pg_url: str) -> AsyncIterator[PgStore]:
 
 
 @pytest.fixture(scope="session")
-async def cache(redis_url: str) -> AsyncIterator[RankCache]:
-    store = RankCache.from_url(redis_url, timeout_s=5, ttl_s=3600)
+async def cache(redis_url: str, redis_key_prefix: str) -> AsyncIterator[RankCache]:
+    store = RankCache.from_url(redis_url, timeout_s=5, ttl_s=3600, key_prefix=redis_key_prefix)
     yield store
     await store.close()
 

@@ -37,6 +37,9 @@ def test_defaults_are_valid() -> None:
         ({"PRIVRANK_GRPC_THREADS_NICE": "20"}, "PRIVRANK_GRPC_THREADS_NICE"),
         ({"PRIVRANK_GRPC_THREADS_NICE": "-1"}, "PRIVRANK_GRPC_THREADS_NICE"),
         ({"PRIVRANK_KERNEL_THREADS": "-1"}, "PRIVRANK_KERNEL_THREADS"),
+        ({"PRIVRANK_REDIS_KEY_PREFIX": "app*:"}, "PRIVRANK_REDIS_KEY_PREFIX"),  # a glob
+        ({"PRIVRANK_REDIS_KEY_PREFIX": "my app:"}, "PRIVRANK_REDIS_KEY_PREFIX"),
+        ({"PRIVRANK_REDIS_KEY_PREFIX": "p" * 65}, "PRIVRANK_REDIS_KEY_PREFIX"),
         (
             {"PRIVRANK_MAX_CONCURRENT_RPCS": "100", "PRIVRANK_MAX_QUEUED_RPCS": "92"},
             "must exceed",

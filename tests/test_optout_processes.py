@@ -40,13 +40,17 @@ def own_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
 
 @pytest.fixture(scope="module")
 def optout_config(
-    own_postgres: tuple[str, Path], redis_url: str, tmp_path_factory: pytest.TempPathFactory
+    own_postgres: tuple[str, Path],
+    redis_url: str,
+    redis_key_prefix: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Config:
     config = Config.from_env(
         {
             "PRIVRANK_DATA_DIR": str(tmp_path_factory.mktemp("optout-data")),
             "PRIVRANK_DATABASE_URL": own_postgres[0],
             "PRIVRANK_REDIS_URL": redis_url,
+            "PRIVRANK_REDIS_KEY_PREFIX": redis_key_prefix,
             "PRIVRANK_AUTH_SECRET": "optout-secret-" + "q" * 32,
             "PRIVRANK_LISTEN": "127.0.0.1:0",
             "PRIVRANK_METRICS_LISTEN": "127.0.0.1:0",

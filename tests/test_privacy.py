@@ -319,7 +319,7 @@ async def test_erasure_leaves_no_row_key_or_vector(
     store = redis.Redis.from_url(redis_url)
     keys = [
         k
-        for k in store.scan_iter(match="privrank:*", count=1000)
+        for k in store.scan_iter(match=f"{client.config.redis_key_prefix}*", count=1000)
         if k.endswith(b":" + user.encode())
     ]
     store.close()

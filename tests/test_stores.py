@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from features import postgres
-from features.cache import PipelinedGets, RankCache, pack_ranking, rank_key, unpack_ranking
+from features.cache import PipelinedGets, RankCache, pack_ranking, unpack_ranking
 from features.errors import JobLocked, StoreUnavailable
 from features.postgres import _MIGRATION_LOCK_KEY, FEEDBACK_SQL, PgStore
 from features.schema import FEATURE_NAMES, make_interaction, user_digest
@@ -480,7 +480,7 @@ async def test_cache_round_trip_ttl_and_user_deletion(cache: RankCache, redis_ur
     assert hit[0].tolist() == [1, 2]
     assert await cache.get(scope, "v3", user) is None  # another model version never matches
     client = redis.Redis.from_url(redis_url)
-    assert 0 < client.ttl(rank_key(scope, "v1", user)) <= 3600
+    assert 0 < client.ttl(cache.keys.rank(scope, "v1", user)) <= 3600
     client.close()
     assert await cache.count_user(user) == 2
     assert await cache.delete_rankings(scope, "v2", [user, "nobody"]) == 1  # that version only
@@ -501,6 +501,45 @@ async def test_cache_warm_mark_and_one_refill_claim(cache: RankCache) -> None:
     assert await cache.claim_refill(scope, "v2", hold_s=30)
     assert not await cache.claim_refill(scope, "v2", hold_s=30)  # one claimant at a time
     assert await cache.claim_refill(scope, "v3", hold_s=30)
+
+
+async def test_caches_with_other_key_prefixes_share_a_database_without_meeting(
+    cache: RankCache, redis_url: str
+) -> None:
+    """Two deployments on one Redis database, told apart by their key prefixes (one a prefix
+    of the other's): neither reads, marks, claims or erases the other's keys, and every key
+    each writes starts with its own prefix."""
+    import redis
+
+    scope, user = _scope(), "u:" + uuid.uuid4().hex[:6]
+    # "<ours>other:" starts with ours: a SCAN of a bare prefix would reach into it
+    other = RankCache.from_url(
+        redis_url, timeout_s=5, ttl_s=3600, key_prefix=f"{cache.keys.prefix}other:"
+    )
+    try:
+        ranking = [(user, np.array([3]), np.array([0.5], np.float32))]
+        for store in (cache, other):
+            assert await store.put_many(scope, "v1", ranking) == 1
+            await store.push_recent([(scope, user, "i9")], at=time.time())
+        await other.mark_warm(scope, "v1")
+        assert await other.claim_refill(scope, "v1", hold_s=30)
+        assert not await cache.is_warm(scope, "v1")
+        assert await cache.claim_refill(scope, "v1", hold_s=30)  # not held by the other
+        assert await cache.count_user(user) == 2  # a ranking and a recent list, its own
+        assert await cache.delete_user(user) == 2
+        assert await cache.get(scope, "v1", user) is None
+        assert await cache.recent(scope, user) == []
+        assert await other.get(scope, "v1", user) is not None
+        assert await other.recent(scope, user) == ["i9"]
+        client = redis.Redis.from_url(redis_url)
+        written = [k.decode() for k in client.scan_iter(match=f"*{scope}*", count=1000)]
+        client.close()
+        assert written
+        assert all(k.startswith(cache.keys.prefix) for k in written)
+        assert sum(k.startswith(other.keys.prefix) for k in written) == 4  # and its own
+    finally:
+        await other.delete_user(user)
+        await other.close()
 
 
 async def test_pipelined_gets_answer_each_caller_its_own_value(redis_url: str) -> None:

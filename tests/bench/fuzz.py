@@ -147,7 +147,9 @@ async def _serve(work: Path, users: int, items: int, events: int, conn: Connecti
         await owner.migrate()
         await owner.close()
         pg = await PgStore.connect(database_url, timeout_s=10)
-        cache = RankCache.from_url(redis_url, timeout_s=5, ttl_s=3600)
+        cache = RankCache.from_url(
+            redis_url, timeout_s=5, ttl_s=3600, key_prefix=config.redis_key_prefix
+        )
         try:
             batches = generate(users=users, items=items, events=events, scope="default", seed=3)
             await pg.insert_event_batches(batches)

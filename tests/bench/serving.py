@@ -412,7 +412,9 @@ async def bench_precompute(st: Stores, args: argparse.Namespace) -> None:
         top_k_for_users(snap, sample[start : start + BATCH_USERS], 100, scoring)
     retrieval_rate = len(sample) / (time.perf_counter() - started)
     pg = await PgStore.connect(st.database_url, timeout_s=60)
-    cache = RankCache.from_url(st.redis_url, timeout_s=60, ttl_s=config.cache_ttl_s)
+    cache = RankCache.from_url(
+        st.redis_url, timeout_s=60, ttl_s=config.cache_ttl_s, key_prefix=config.redis_key_prefix
+    )
     try:
         started = time.perf_counter()
         summary = await precompute(JobContext(config, pg, cache), SCOPE)
