@@ -8,6 +8,7 @@ driver errors leave this module translated into the error tree (``StoreUnavailab
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -892,39 +893,35 @@ class PgStore:
             )
         return [(r["user_id"], r["item_ids"], r["scores"], r["computed_at"]) for r in rows]
 
-    async def replace_ranks(
-        self,
-        scope: str,
-        model_version: str,
-        rows: Sequence[tuple[str, list[str], list[float]]],
-    ) -> None:
-        """Upsert the precomputed rankings of a scope in one transaction."""
-        async with self._conn() as conn, conn.transaction():
-            await conn.execute(
-                "CREATE TEMP TABLE ranks_in (user_id text, item_ids text[], scores real[])"
-                " ON COMMIT DROP"
-            )
-            # encoded here in bulk: asyncpg's record encoder checks every array element in
-            # Python, most of the precompute step's time at 100k users x 100 items
-            await conn.copy_to_table(
-                "ranks_in",
-                source=io.BytesIO(_ranks_copy_binary(rows)),
-                format="binary",
-                timeout=600,
-            )
-            await conn.execute(
-                "INSERT INTO ranks (scope, user_id, model_version, item_ids, scores, computed_at)"
-                " SELECT $1, r.user_id, $2, r.item_ids, r.scores, now() FROM ranks_in r"
-                " WHERE NOT EXISTS (SELECT 1 FROM user_settings s"
-                "                   WHERE s.user_id = r.user_id AND NOT s.personalization_enabled)"
-                " ON CONFLICT (scope, user_id) DO UPDATE SET"
-                "  model_version = EXCLUDED.model_version,"
-                "  item_ids = EXCLUDED.item_ids, scores = EXCLUDED.scores,"
-                "  computed_at = EXCLUDED.computed_at",
-                scope,
-                model_version,
-                timeout=600,
-            )
+    @asynccontextmanager
+    async def replacing_ranks(
+        self, scope: str, model_version: str
+    ) -> AsyncIterator[RanksReplacement]:
+        """One transaction that upserts the scope's precomputed rankings, ``add``ed batch by
+        batch (so PostgreSQL stores one while the caller computes the next), committed when
+        the block ends without an error: until then readers see the previous set. It holds
+        one connection throughout, outside the circuit breaker (errors of the block's other
+        work must not count against PostgreSQL); its statements are translated as usual."""
+        async with _translated():  # only around its own statements, not the caller's block
+            conn = await self._pool.acquire(timeout=self._timeout)
+        try:
+            transaction = conn.transaction()
+            async with _translated():
+                await transaction.start()
+                await conn.execute(
+                    "CREATE TEMP TABLE ranks_in (user_id text, item_ids text[], scores real[])"
+                    " ON COMMIT DROP"
+                )
+            try:
+                yield RanksReplacement(conn, scope, model_version)
+            except BaseException:
+                with contextlib.suppress(*_DRIVER_ERRORS):  # a dead connection rolls back
+                    await transaction.rollback()
+                raise
+            async with _translated():
+                await transaction.commit()
+        finally:
+            await self._pool.release(conn)
 
     async def record_model_version(
         self, scope: str, version: str, manifest: dict[str, Any]
@@ -1080,6 +1077,42 @@ def _binary_array(oid: int, elements: bytes, count: int) -> bytes:
     NULL) of element type ``oid``, length prefix included."""
     header = struct.pack("!iiiii", 1, 0, oid, count, 1) if count else struct.pack("!iii", 0, 0, oid)
     return struct.pack("!i", len(header) + len(elements)) + header + elements
+
+
+class RanksReplacement:
+    """The batches of ``PgStore.replacing_ranks``; one ``add`` at a time."""
+
+    def __init__(self, conn: PoolConnectionProxy, scope: str, model_version: str) -> None:
+        self._conn = conn
+        self._scope = scope
+        self._version = model_version
+
+    async def add(self, rows: Iterable[tuple[str, Sequence[str], Sequence[float]]]) -> None:
+        """Upsert (user_id, item_ids, scores) rows, each user at most once per call; users
+        who have opted out are left out."""
+        async with _translated():
+            # encoded here in bulk: asyncpg's record encoder checks every array element in
+            # Python, most of the precompute step's time at 100k users x 100 items
+            await self._conn.copy_to_table(
+                "ranks_in",
+                source=io.BytesIO(_ranks_copy_binary(rows)),
+                format="binary",
+                timeout=600,
+            )
+            await self._conn.execute(
+                "INSERT INTO ranks (scope, user_id, model_version, item_ids, scores, computed_at)"
+                " SELECT $1, r.user_id, $2, r.item_ids, r.scores, now() FROM ranks_in r"
+                " WHERE NOT EXISTS (SELECT 1 FROM user_settings s"
+                "                   WHERE s.user_id = r.user_id AND NOT s.personalization_enabled)"
+                " ON CONFLICT (scope, user_id) DO UPDATE SET"
+                "  model_version = EXCLUDED.model_version,"
+                "  item_ids = EXCLUDED.item_ids, scores = EXCLUDED.scores,"
+                "  computed_at = EXCLUDED.computed_at",
+                self._scope,
+                self._version,
+                timeout=600,
+            )
+            await self._conn.execute("TRUNCATE ranks_in")
 
 
 def _ranks_copy_binary(rows: Iterable[tuple[str, Sequence[str], Sequence[float]]]) -> bytes:

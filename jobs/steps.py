@@ -6,6 +6,8 @@ returns a one-line summary; failures raise from the error tree.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from features.cache import RECENT_ITEMS, RankCache
 from features.errors import JobError
-from features.postgres import PgStore, TrainingPairs
+from features.postgres import PgStore, RanksReplacement, TrainingPairs
 from features.privacy import retract_not_personal
 from features.schema import DEVICE_CATEGORIES, context_segment, user_digest
 from jobs.als import AlsParams, to_csr, train_als
@@ -621,26 +623,48 @@ async def precompute(ctx: JobContext, scope: str) -> str:
         if (p := snap.user_position(u)) is not None and profile.variant_of(scope, u) not in live
     ]
     k = ctx.config.precompute_top_k
+
+    def rank(chunk: list[tuple[str, int]]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(user_id, items, scores) of a batch: serving's ranking, k + RECENT_ITEMS deep
+        (serving leaves out the user's newest items, and still has k)."""
+        users = np.array([p for _, p in chunk], dtype=np.int64)
+        items, scores, counts = top_k_for_users(snap, users, k + RECENT_ITEMS, scoring)
+        return [
+            (user_id, items[r, : counts[r]], scores[r, : counts[r]])
+            for r, (user_id, _) in enumerate(chunk)
+        ]
+
+    async def store(
+        ranks: RanksReplacement, batch: list[tuple[str, np.ndarray, np.ndarray]]
+    ) -> int:
+        """The batch into Redis, then into the ranks table's transaction; how many."""
+        written = await ctx.cache.put_many(scope, snap.version, batch, ttl_s=profile.cache_ttl_s)
+        await ranks.add(
+            (user_id, snap.item_ids[its].tolist(), scs.tolist()) for user_id, its, scs in batch
+        )
+        return written
+
     written = 0
-    rows: list[tuple[str, list[str], list[float]]] = []
-    with tqdm(total=len(positions), desc=f"precompute {scope}", unit="user", disable=None) as bar:
-        for start in range(0, len(positions), BATCH_USERS):
-            chunk = positions[start : start + BATCH_USERS]
-            users = np.array([p for _, p in chunk], dtype=np.int64)
-            # RECENT_ITEMS more: serving leaves out the user's newest items, and still has k
-            items, scores, counts = top_k_for_users(snap, users, k + RECENT_ITEMS, scoring)
-            batch = [
-                (user_id, items[r, : counts[r]], scores[r, : counts[r]])
-                for r, (user_id, _) in enumerate(chunk)
-            ]
-            written += await ctx.cache.put_many(
-                scope, snap.version, batch, ttl_s=ctx.config.profile(scope).cache_ttl_s
-            )
-            rows.extend(
-                (user_id, snap.item_ids[its].tolist(), scs.tolist()) for user_id, its, scs in batch
-            )
-            bar.update(len(chunk))
-    await ctx.pg.replace_ranks(scope, snap.version, rows)
+    storing: asyncio.Future[int] | None = None  # the previous batch's
+    bar = tqdm(total=len(positions), desc=f"precompute {scope}", unit="user", disable=None)
+    async with ctx.pg.replacing_ranks(scope, snap.version) as ranks:
+        try:
+            for start in range(0, len(positions), BATCH_USERS):
+                # ranked off the loop (faiss and the kernels release the GIL) while the loop
+                # stores the previous batch, and PostgreSQL and Redis take it in
+                batch = await asyncio.to_thread(rank, positions[start : start + BATCH_USERS])
+                if storing is not None:
+                    written += await storing
+                storing = asyncio.ensure_future(store(ranks, batch))
+                bar.update(len(batch))
+            if storing is not None:
+                written += await storing
+        finally:
+            bar.close()
+            if storing is not None:  # unfinished only after an error: stopped, and its own
+                storing.cancel()  # error (if any) retrieved, so none goes unheard
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await storing
     retracted = await retract_not_personal(
         ctx.pg,
         ctx.cache,

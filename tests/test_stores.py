@@ -369,7 +369,8 @@ async def test_delete_user_removes_every_row(pg: PgStore) -> None:
     await pg.insert_events([_event(scope, user, "x"), _event(scope, user, "y")])
     await pg.refresh_features(scope, now=datetime.now(UTC))
     await pg.update_settings(user, personalization_enabled=True, data_sharing_consent=True)
-    await pg.replace_ranks(scope, "v1", [(user, ["x"], [1.0])])
+    async with pg.replacing_ranks(scope, "v1") as ranks:
+        await ranks.add([(user, ["x"], [1.0])])
     removed = await pg.delete_user(user)
     assert removed == {"events": 2, "user_features": 1, "ranks": 1, "user_settings": 1}
     assert await pg.delete_user(user) == {
@@ -395,7 +396,9 @@ async def test_ranks_round_trip_whatever_the_ids_hold(pg: PgStore, pg_url: str) 
         ("NULL", ["NULL"], [float("inf")]),
         ("ünï-cödé ✓", ["ïtem-✓", "i1"], [float(np.float32(1 / 3)), float(np.float32(-1e-38))]),
     ]
-    await pg.replace_ranks(scope, "v1", rows)
+    async with pg.replacing_ranks(scope, "v1") as ranks:
+        await ranks.add(rows[:2])
+        await ranks.add(rows[2:])  # batch by batch, in one transaction
     conn = await asyncpg.connect(pg_url)
     try:
         stored = {
@@ -417,6 +420,41 @@ async def test_ranks_round_trip_whatever_the_ids_hold(pg: PgStore, pg_url: str) 
     assert await pg.ranks_page(scope, "v0", after="", limit=10) == []  # another version
 
 
+async def test_replacing_ranks_shows_nothing_until_the_block_ends_and_nothing_after_an_error(
+    pg: PgStore,
+) -> None:
+    """Readers see the previous rankings while a replacement is fed, the new ones once its
+    block ends; a block that fails leaves the previous ones as they were, and an error of the
+    block's own work comes out as itself, not as PostgreSQL's."""
+    scope = _scope()
+
+    async def stored() -> dict[str, tuple[str, list[str]]]:
+        """user → (model version, item IDs) of every stored ranking of the scope"""
+        return {
+            user: (version, items)
+            for version in ("v1", "v2", "v3")
+            for user, items, *_ in await pg.ranks_page(scope, version, after="", limit=10)
+        }
+
+    async with pg.replacing_ranks(scope, "v1") as ranks:
+        await ranks.add([("a", ["i1"], [1.0]), ("b", ["i2"], [1.0])])
+    async with pg.replacing_ranks(scope, "v2") as ranks:
+        await ranks.add([("a", ["i3"], [1.0])])
+        await ranks.add([("c", ["i4"], [1.0])])
+        assert await stored() == {"a": ("v1", ["i1"]), "b": ("v1", ["i2"])}  # not yet
+    assert await stored() == {"a": ("v2", ["i3"]), "b": ("v1", ["i2"]), "c": ("v2", ["i4"])}
+    before = await stored()
+
+    async def fails_midway() -> None:
+        async with pg.replacing_ranks(scope, "v3") as ranks:
+            await ranks.add([("a", ["i5"], [1.0]), ("d", ["i6"], [1.0])])
+            raise TimeoutError  # e.g. the caller's own deadline, not PostgreSQL's
+
+    with pytest.raises(TimeoutError):
+        await fails_midway()
+    assert await stored() == before
+
+
 async def test_users_not_to_rank_personally_and_dropping_their_ranks(pg: PgStore) -> None:
     scope, tag = _scope(), uuid.uuid4().hex[:8]
     kept, quitter, erased, erased_long_ago = (f"{n}-{tag}" for n in ("kept", "quit", "gone", "old"))
@@ -429,7 +467,8 @@ async def test_users_not_to_rank_personally_and_dropping_their_ranks(pg: PgStore
     assert await pg.not_personal(users, erased_since=since) == {quitter, erased}
     assert await pg.not_personal([kept], erased_since=since) == set()
     assert await pg.not_personal([], erased_since=since) == set()
-    await pg.replace_ranks(scope, "v1", [(u, ["i1"], [1.0]) for u in users])
+    async with pg.replacing_ranks(scope, "v1") as ranks:
+        await ranks.add([(u, ["i1"], [1.0]) for u in users])
     assert await pg.drop_ranks(scope, [erased, erased_long_ago]) == 2
     assert await pg.drop_ranks(_scope(), [kept]) == 0  # another scope's ranks are not touched
     assert [user for user, *_ in await pg.ranks_page(scope, "v1", after="", limit=10)] == [kept]
