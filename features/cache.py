@@ -39,8 +39,8 @@ DEFAULT_KEY_PREFIX = "privrank:"
 
 @dataclass(frozen=True)
 class CacheKeys:
-    """The names of privrank's keys, all starting with ``prefix`` (so several deployments, or test
-    runs, can share one Redis database). Scopes hold no ':', user IDs may."""
+    """The names of privrank's keys, all starting with ``prefix`` (so several deployments,
+    or test runs, can share one Redis database). Scopes hold no ':', user IDs may."""
 
     prefix: str = DEFAULT_KEY_PREFIX
 
@@ -49,8 +49,8 @@ class CacheKeys:
         return f"{self.prefix}rank:{scope}:{model_version}:{user_id}"
 
     def recent(self, scope: str, user_id: str) -> str:
-        """ "<unix seconds> <item ID>" of the user's events, newest first: the time is when
-        they were received, so those from before an erasure are told apart."""
+        """The user's recent events, newest first, each as "<unix seconds> <item ID>": the
+        time is when it was received, so those from before an erasure are told apart."""
         return f"{self.prefix}recent:{scope}:{user_id}"
 
     def warm(self, scope: str, model_version: str) -> str:
