@@ -1,7 +1,7 @@
 """Redis, the cache of precomputed rankings. The only module that imports redis.
 
 Keys are ``{prefix}rank:{scope}:{model_version}:{user_id}`` with a TTL (``CacheKeys``; the
-prefix is ``privrank:`` unless configured), so a ranking is only ever read for the model
+prefix is ``Config.redis_key_prefix``), so a ranking is only ever read for the model
 version that produced it; a swap makes older keys unreachable and the TTL reclaims them.
 Values are the ranking packed as little-endian int32 item positions in the snapshot followed
 by float32 scores (``RANKING_DTYPE`` pairs).
@@ -34,7 +34,6 @@ from features.errors import StoreUnavailable
 RECENT_ITEMS = 20
 RECENT_TTL_S = 7 * 24 * 3600
 RANKING_DTYPE = np.dtype([("item", "<i4"), ("score", "<f4")])
-DEFAULT_KEY_PREFIX = "privrank:"
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class CacheKeys:
     """The names of privrank's keys, all starting with ``prefix`` (so several deployments,
     or test runs, can share one Redis database). Scopes hold no ':', user IDs may."""
 
-    prefix: str = DEFAULT_KEY_PREFIX
+    prefix: str
 
     def rank(self, scope: str, model_version: str, user_id: str) -> str:
         """A user's precomputed ranking of one model version."""
@@ -260,10 +259,10 @@ class RankCache:
         client: aioredis.Redis,
         ttl_s: int,
         breaker: CircuitBreaker,
-        gets: PipelinedGets | None = None,
-        keys: CacheKeys | None = None,
+        gets: PipelinedGets | None,
+        keys: CacheKeys,
     ) -> None:
-        self.keys = keys or CacheKeys()
+        self.keys = keys
         self._client = client
         self._ttl = ttl_s
         self._breaker = breaker
@@ -276,9 +275,9 @@ class RankCache:
         *,
         timeout_s: float,
         ttl_s: int,
+        key_prefix: str,
         breaker_failures: int = 5,
         breaker_cooldown_s: float = 1.0,
-        key_prefix: str = DEFAULT_KEY_PREFIX,
     ) -> RankCache:
         client = aioredis.Redis.from_url(
             url,

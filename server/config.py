@@ -15,7 +15,6 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from features.cache import DEFAULT_KEY_PREFIX
 from features.errors import ConfigError
 from ranking.profiles import DEFAULT_PROFILE, Profile, load_profiles
 
@@ -115,7 +114,7 @@ class Config:
     redis_timeout_s: float = 0.25
     # every key privrank writes in Redis starts with this, so deployments sharing one Redis
     # database stay apart (letters, digits and _ . : - /)
-    redis_key_prefix: str = DEFAULT_KEY_PREFIX
+    redis_key_prefix: str = "privrank:"
     cache_ttl_s: int = 24 * 3600
     optout_refresh_s: float = 5.0
     optout_max_staleness_s: float = 30.0

@@ -27,7 +27,7 @@ import redis
 from grpc import aio
 
 from features.breaker import CircuitBreaker
-from features.cache import PipelinedGets, RankCache
+from features.cache import CacheKeys, PipelinedGets, RankCache
 from features.errors import StoreUnavailable
 from jobs.runner import run_job
 from jobs.steps import JobContext
@@ -173,6 +173,7 @@ async def test_pipelined_gets_give_up_on_a_hung_redis_and_reconnect(tmp_path: Pa
             60,
             CircuitBreaker("Redis", failures=100, cooldown_s=1),
             gets,
+            CacheKeys("privrank-test:"),
         )
         try:
             assert await gets.get("k") == b"v"

@@ -612,7 +612,9 @@ async def test_pipelined_gets_answer_each_caller_its_own_value(redis_url: str) -
 
 
 async def test_unreachable_redis_is_store_unavailable() -> None:
-    dead = RankCache.from_url("redis://127.0.0.1:1/0", timeout_s=0.2, ttl_s=10)
+    dead = RankCache.from_url(
+        "redis://127.0.0.1:1/0", timeout_s=0.2, ttl_s=10, key_prefix="privrank-test:"
+    )
     try:
         with pytest.raises(StoreUnavailable):
             await dead.get("default", "v1", "u1")
