@@ -332,6 +332,76 @@ def topk_candidates(
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def topk_rescore(
+    queries: np.ndarray,
+    rows: np.ndarray,
+    found: np.ndarray,
+    found_counts: np.ndarray,
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    head: np.ndarray,
+    head_vectors: np.ndarray,
+    head_bias: np.ndarray,
+    cold: np.ndarray,
+    excluded_indptr: np.ndarray,
+    excluded_indices: np.ndarray,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An ANN search's candidates re-scored exactly, for rows ``rows`` (int64[m]) of
+    ``queries`` (float32[b, d]) and of the exclusion CSR (as in ``topk_dense_batch``).
+
+    Row i of the answer is ``topk_candidates`` for query ``rows[i]`` over the union of
+    ``found[i, :found_counts[i]]`` (int64[m, w], the index's candidates, -1 for none), the
+    best k of the popular head (``head``: int64[h] ascending positions, whose rows are
+    ``head_vectors`` float32[h, d] and ``head_bias`` float32[h]; exclusions apply) and
+    ``cold[:k + e]`` (int64[c], zero-vector items by bias descending: at most e of them are
+    excluded, e being the row's exclusion count). Returns (positions int64[m, min(k, n)],
+    scores float32[m, min(k, n)], counts int64[m]).
+    """
+    m = rows.shape[0]
+    width = min(k, vectors.shape[0])
+    out_i = np.full((m, max(width, 0)), -1, dtype=np.int64)
+    out_s = np.zeros((m, max(width, 0)), dtype=np.float32)
+    counts = np.zeros(m, dtype=np.int64)
+    if width <= 0:
+        return out_i, out_s, counts
+    h = head.shape[0]
+    for i in range(m):
+        r = rows[i]
+        query = queries[r]
+        excluded = excluded_indices[excluded_indptr[r] : excluded_indptr[r + 1]]
+        e = excluded.shape[0]
+        n_cold = min(cold.shape[0], k + e)
+        candidates = np.empty(found_counts[i] + min(k, h) + n_cold, dtype=np.int64)
+        size = 0
+        for j in range(found_counts[i]):
+            if found[i, j] >= 0:
+                candidates[size] = found[i, j]
+                size += 1
+        if h:
+            # the exclusions that fall in the head, as head slots (ascending, as they are)
+            local = np.empty(e, dtype=np.int64)
+            n_local = 0
+            for x in range(e):
+                slot = np.searchsorted(head, excluded[x])
+                if slot < h and head[slot] == excluded[x]:
+                    local[n_local] = slot
+                    n_local += 1
+            best, _ = topk_dense(query, head_vectors, head_bias, local[:n_local], k)
+            for j in range(best.shape[0]):
+                candidates[size] = head[best[j]]
+                size += 1
+        candidates[size : size + n_cold] = cold[:n_cold]
+        size += n_cold
+        items, scores = topk_candidates(query, vectors, bias, candidates[:size], excluded, k)
+        got = items.shape[0]
+        out_i[i, :got] = items
+        out_s[i, :got] = scores
+        counts[i] = got
+    return out_i, out_s, counts
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def topk_dense_batch(
     queries: np.ndarray,
     vectors: np.ndarray,
@@ -410,3 +480,21 @@ def warm_up() -> None:
             size = topk_dense_chunk(query, vectors, bias, excluded, 3, 4, 8, heap_s, heap_i, size)
             topk_finalize(heap_s, heap_i, size)
         topk_dense_batch(vectors[:2].copy(), vectors, bias, indptr, excluded, 3)
+        found = np.array([[2, -1, 6], [0, 1, 7]], dtype=np.int64)
+        head = np.array([0, 4], dtype=np.int64)
+        for queries in (writable[:2], read_only[:2]):
+            topk_rescore(
+                queries,
+                np.arange(2, dtype=np.int64),
+                found,
+                np.array([3, 2], dtype=np.int64),
+                vectors,
+                bias,
+                head,
+                writable[head],
+                bias[head].copy(),
+                np.array([5, 3], dtype=np.int64),
+                indptr,
+                excluded,
+                3,
+            )

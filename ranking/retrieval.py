@@ -62,6 +62,7 @@ IVF_DEFAULT_NPROBE = 8
 DEFAULT_HEAD = 1000
 # MANIFEST key under which a build job may record tuned SearchParams (see retriever_for)
 SEARCH_PARAMS_KEY = "search"
+ONE_ROW = np.zeros(1, dtype=np.int64)  # ``rows`` of a one-query batch
 
 
 class Retriever(Protocol):
@@ -255,39 +256,31 @@ class FaissRetriever:
             cold=self._cold,
         )
 
-    def _search(self, augmented: np.ndarray, wanted: int) -> np.ndarray:
-        """faiss's candidates (int64[b, m], may hold -1) for augmented queries (float32[b,
-        d + 1]), each row best first."""
-        params = self.params
+    @property
+    def _oversampling(self) -> int:
+        """How many results a search asks faiss for per candidate wanted."""
         if isinstance(self._index, faiss.IndexIVF):
-            nprobe = params.nprobe or int(self._index.nprobe)
+            return 1
+        if isinstance(self._index, faiss.IndexHNSW) and self.params.ef_search:
+            return 1
+        return self._oversample  # HNSW by the earlier rule, and any other index
+
+    def _search(self, augmented: np.ndarray, wanted: int) -> np.ndarray:
+        """faiss's candidates (int64[b, wanted * _oversampling], may hold -1) for augmented
+        queries (float32[b, d + 1]), each row best first."""
+        params = self.params
+        wanted *= self._oversampling
+        if isinstance(self._index, faiss.IndexIVF):
             search = faiss.SearchParametersIVF()
-            search.nprobe = nprobe
+            search.nprobe = params.nprobe or int(self._index.nprobe)
         elif isinstance(self._index, faiss.IndexHNSW):
-            if params.ef_search:
-                search = faiss.SearchParametersHNSW(efSearch=max(params.ef_search, wanted))  # type: ignore[attr-defined]
-            else:  # the earlier rule: oversample, with a beam at least as wide
-                wanted *= self._oversample
-                search = faiss.SearchParametersHNSW(efSearch=max(wanted, 64))  # type: ignore[attr-defined]
+            # tuned: the beam at least as wide as the results; by the earlier rule, at least 64
+            search = faiss.SearchParametersHNSW(efSearch=max(params.ef_search or 64, wanted))  # type: ignore[attr-defined]
         else:
-            wanted *= self._oversample
             search = None
         _, found = self._index.search(augmented, wanted, params=search)
         candidates: np.ndarray = found
         return candidates
-
-    def _head_top_k(self, query: np.ndarray, excluded: np.ndarray, k: int) -> np.ndarray:
-        """Positions (int64) of the head's best k items, excluded ones left out: the only
-        head items that can make the answer."""
-        head = self._head
-        slots = np.searchsorted(head, excluded)
-        inside = slots < len(head)
-        inside[inside] = head[slots[inside]] == excluded[inside]
-        local, _ = kernels.topk_dense(
-            query, self._head_vectors, self._head_bias, slots[inside].astype(np.int64), k
-        )
-        chosen: np.ndarray = head[local]
-        return chosen
 
     def top_k(
         self, query: np.ndarray, excluded: np.ndarray, k: int, deadline: float | None = None
@@ -296,12 +289,17 @@ class FaissRetriever:
             return self._exact.top_k(query, excluded, 0)
         # excluded items may take slots among the index's answers
         wanted = k + len(excluded)
+        queries = query.reshape(1, -1)
         try:
-            found = self._search(_augment(query.reshape(1, -1)), wanted)[0]
+            found = self._search(_augment(queries), wanted)
         except (RuntimeError, ValueError):
             log.exception("faiss search failed; using the exact scan")
             return self._exact.top_k(query, excluded, k, deadline)
-        return self._rescore(query, found, excluded, k, deadline)
+        indptr = np.array([0, len(excluded)], dtype=np.int64)
+        items, scores, counts = self._rescore(
+            queries, ONE_ROW, found, np.array([found.shape[1]]), indptr, excluded, k, deadline
+        )
+        return items[0, : counts[0]], scores[0, : counts[0]]
 
     def top_k_batch(
         self, queries: np.ndarray, excluded_indptr: np.ndarray, excluded_indices: np.ndarray, k: int
@@ -320,43 +318,61 @@ class FaissRetriever:
             return out_i, out_s, counts
         wanted = k + np.diff(excluded_indptr)
         size_class = np.ceil(np.log2(wanted)).astype(np.int64)
-        found: list[np.ndarray] = [np.empty(0, np.int64)] * b
         try:
             augmented = _augment(queries)
             for members in (np.flatnonzero(size_class == c) for c in np.unique(size_class)):
-                rows = self._search(augmented[members], int(wanted[members].max()))
-                for member, row in zip(members.tolist(), rows, strict=True):
-                    found[member] = row
+                found = self._search(augmented[members], int(wanted[members].max()))
+                out_i[members], out_s[members], counts[members] = self._rescore(
+                    queries,
+                    members,
+                    found,
+                    wanted[members] * self._oversampling,
+                    excluded_indptr,
+                    excluded_indices,
+                    k,
+                )
         except (RuntimeError, ValueError):
             log.exception("faiss search failed; using the exact scan")
             return self._exact.top_k_batch(queries, excluded_indptr, excluded_indices, k)
-        for r in range(b):
-            excluded = excluded_indices[excluded_indptr[r] : excluded_indptr[r + 1]]
-            items, scores = self._rescore(queries[r], found[r][: wanted[r]], excluded, k)
-            out_i[r, : len(items)], out_s[r, : len(items)], counts[r] = items, scores, len(items)
         return out_i, out_s, counts
 
     def _rescore(
         self,
-        query: np.ndarray,
+        queries: np.ndarray,
+        rows: np.ndarray,
         found: np.ndarray,
-        excluded: np.ndarray,
+        found_counts: np.ndarray,
+        excluded_indptr: np.ndarray,
+        excluded_indices: np.ndarray,
         k: int,
         deadline: float | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The exact top k among faiss's candidates ``found``, the popular head and the best
-        cold items; the exact scan if they hold too few."""
-        candidates = found[found >= 0].astype(np.int64)
-        if len(self._head):
-            candidates = np.concatenate([candidates, self._head_top_k(query, excluded, k)])
-        if len(self._cold_by_bias):  # at most len(excluded) of these are excluded
-            candidates = np.concatenate([candidates, self._cold_by_bias[: k + len(excluded)]])
-        items, scores = kernels.topk_candidates(
-            query, self._vectors, self._bias, candidates, excluded, k
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The exact top k among faiss's candidates (row i: ``found[i, :found_counts[i]]``
+        for query ``rows[i]``), the popular head and the best cold items
+        (``kernels.topk_rescore``); the exact scan for a row where they hold too few."""
+        items, scores, counts = kernels.topk_rescore(
+            queries,
+            rows,
+            found,
+            found_counts,
+            self._vectors,
+            self._bias,
+            self._head,
+            self._head_vectors,
+            self._head_bias,
+            self._cold_by_bias,
+            excluded_indptr,
+            excluded_indices,
+            k,
         )
-        if len(items) < min(k, len(self._vectors) - len(excluded)):
-            return self._exact.top_k(query, excluded, k, deadline)
-        return items, scores
+        n_excluded = excluded_indptr[rows + 1] - excluded_indptr[rows]
+        for i in np.flatnonzero(counts < np.minimum(k, len(self._vectors) - n_excluded)):
+            r = rows[i]
+            excluded = excluded_indices[excluded_indptr[r] : excluded_indptr[r + 1]]
+            exact_items, exact_scores = self._exact.top_k(queries[r], excluded, k, deadline)
+            items[i, : len(exact_items)], scores[i, : len(exact_items)] = exact_items, exact_scores
+            counts[i] = len(exact_items)
+        return items, scores, counts
 
 
 def _augment(queries: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -128,18 +129,39 @@ def test_topk_candidates_matches_numpy(problem: Problem, data: st.DataObject) ->
     assert len(np.unique(got[0])) == len(got[0]), "a duplicated candidate was returned twice"
 
 
-@SETTINGS
-@given(st.data())
-def test_topk_dense_batch_equals_single_per_row(data: st.DataObject) -> None:
+@dataclass(frozen=True)
+class BatchProblem:
+    """Queries float32[b, d] over a catalog (vectors, bias), each with its exclusions:
+    ``excluded`` as sorted lists, and the same as a CSR (``indptr``, ``indices``)."""
+
+    vectors: np.ndarray
+    bias: np.ndarray
+    queries: np.ndarray
+    excluded: list[list[int]]
+    indptr: np.ndarray
+    indices: np.ndarray
+
+
+def draw_batch_problem(data: st.DataObject, max_queries: int) -> BatchProblem:
     n = data.draw(st.integers(min_value=0, max_value=20), label="n")
     d = data.draw(st.integers(min_value=1, max_value=5), label="d")
-    b = data.draw(st.integers(min_value=0, max_value=6), label="b")
+    b = data.draw(st.integers(min_value=0, max_value=max_queries), label="b")
     vectors = _float32(data.draw(hnp.arrays(np.int8, (n, d), elements=SMALL), label="vectors"))
     bias = _float32(data.draw(hnp.arrays(np.int8, (n,), elements=SMALL), label="bias"))
     queries = _float32(data.draw(hnp.arrays(np.int8, (b, d), elements=SMALL), label="queries"))
     rows = [sorted(data.draw(position_lists(n, n + 2), label=f"excluded[{r}]")) for r in range(b)]
     indptr = _positions(np.cumsum([0, *map(len, rows)]))
     indices = _positions([p for row in rows for p in row])
+    return BatchProblem(vectors, bias, queries, rows, indptr, indices)
+
+
+@SETTINGS
+@given(st.data())
+def test_topk_dense_batch_equals_single_per_row(data: st.DataObject) -> None:
+    problem = draw_batch_problem(data, max_queries=6)
+    vectors, bias, queries = problem.vectors, problem.bias, problem.queries
+    rows, indptr, indices = problem.excluded, problem.indptr, problem.indices
+    (n, d), b = vectors.shape, len(queries)
     k = data.draw(st.integers(min_value=0, max_value=n + 3), label="k")
     # from one-item tiles (every query visits every tile) to one tile for the whole catalog
     tile_bytes = data.draw(st.sampled_from([1, 4 * d, 12 * d, 1 << 18]), label="tile_bytes")
@@ -166,6 +188,51 @@ def test_topk_dense_batch_equals_single_per_row(data: st.DataObject) -> None:
         # padding past the row's count
         assert (out_i[r, m:] == -1).all()
         assert (out_s[r, m:] == 0).all()
+
+
+@SETTINGS
+@given(st.data())
+def test_topk_rescore_matches_numpy(data: st.DataObject) -> None:
+    # the ANN re-score: per row, the exact top k over faiss's candidates, the head's best k
+    # and the first k + e cold items, computed here set by set in plain numpy
+    p = draw_batch_problem(data, max_queries=5)
+    n, b = len(p.vectors), len(p.queries)
+    rows = _positions(
+        data.draw(st.lists(st.integers(0, b - 1), max_size=6), label="rows") if b else []
+    )
+    width = data.draw(st.integers(min_value=0, max_value=n + 2), label="width")
+    found = _positions(
+        data.draw(
+            hnp.arrays(np.int64, (len(rows), width), elements=st.integers(-1, max(n - 1, -1))),
+            label="found",
+        )
+    )
+    found_counts = _positions(
+        [data.draw(st.integers(0, width), label=f"found_counts[{i}]") for i in range(len(rows))]
+    )
+    head = _positions(sorted(set(data.draw(position_lists(n, n), label="head"))))
+    cold = _positions(data.draw(st.permutations(range(n)), label="cold")[: n // 2])
+    k = data.draw(st.integers(min_value=0, max_value=n + 3), label="k")
+
+    out_i, out_s, counts = kernels.topk_rescore(
+        p.queries, rows, found, found_counts, p.vectors, p.bias, head,
+        _float32(p.vectors[head]), _float32(p.bias[head]), cold, p.indptr, p.indices, k,
+    )  # fmt: skip
+
+    assert out_i.shape == out_s.shape == (len(rows), min(k, n))
+    for i, r in enumerate(rows.tolist()):
+        excluded = _positions(p.excluded[r])
+        local_excluded = np.flatnonzero(np.isin(head, excluded))
+        head_allowed = np.setdiff1d(np.arange(len(head)), local_excluded)
+        head_best, _ = reference_topk(p.queries[r], p.vectors[head], p.bias[head], head_allowed, k)
+        candidates = np.concatenate(
+            [found[i, : found_counts[i]], head[head_best], cold[: k + len(excluded)]]
+        )
+        allowed = np.setdiff1d(candidates[candidates >= 0], excluded)
+        want = reference_topk(p.queries[r], p.vectors, p.bias, allowed, k)
+        m = int(counts[i])
+        assert_topk_equal((out_i[i, :m], out_s[i, :m]), want)
+        assert (out_i[i, m:] == -1).all()
 
 
 @SETTINGS
