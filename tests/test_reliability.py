@@ -27,7 +27,7 @@ import redis
 from grpc import aio
 
 from features.breaker import CircuitBreaker
-from features.cache import CacheKeys, PipelinedGets, RankCache
+from features.cache import CacheKeys, PipelinedConnection, RankCache
 from features.errors import StoreUnavailable
 from jobs.runner import run_job
 from jobs.steps import JobContext
@@ -167,7 +167,7 @@ async def test_pipelined_gets_give_up_on_a_hung_redis_and_reconnect(tmp_path: Pa
     with _own_redis(tmp_path) as (redis_url, pid):
         client = redis.Redis.from_url(redis_url)
         client.set("k", b"v")
-        gets = PipelinedGets(redis_url, timeout_s=0.3)
+        gets = PipelinedConnection(redis_url, timeout_s=0.3)
         cache = RankCache(
             redis.asyncio.Redis.from_url(redis_url),
             60,
@@ -193,8 +193,10 @@ async def test_pipelined_gets_give_up_on_a_hung_redis_and_reconnect(tmp_path: Pa
 
             client.config_set("requirepass", "sesame")
             await gets.close()
-            assert await PipelinedGets(_with_password(redis_url, "sesame"), 1).get("k") == b"v"
-            refused = PipelinedGets(_with_password(redis_url, "wrong"), 1)
+            with_password = PipelinedConnection(_with_password(redis_url, "sesame"), 1)
+            assert await with_password.get("k") == b"v"
+            await with_password.close()
+            refused = PipelinedConnection(_with_password(redis_url, "wrong"), 1)
             with pytest.raises(redis.exceptions.ResponseError, match="setup"):
                 await refused.get("k")
             await refused.close()

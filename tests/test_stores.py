@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from features import postgres
-from features.cache import PipelinedGets, RankCache, pack_ranking, unpack_ranking
+from features.breaker import CircuitBreaker
+from features.cache import PipelinedConnection, RankCache, pack_ranking, unpack_ranking
 from features.errors import JobLocked, StoreUnavailable
 from features.postgres import _MIGRATION_LOCK_KEY, FEEDBACK_SQL, PgStore
 from features.schema import FEATURE_NAMES, make_interaction, user_digest
@@ -503,17 +504,43 @@ def test_ranking_packing_round_trips_and_is_little_endian() -> None:
     assert got_scores.tolist() == [0.5, 0.25, -1.0]
 
 
-async def test_cache_round_trip_ttl_and_user_deletion(cache: RankCache, redis_url: str) -> None:
+@pytest.fixture(params=["pipelined", "redis-py"])
+async def either_cache(
+    request: pytest.FixtureRequest, cache: RankCache, redis_url: str
+) -> AsyncIterator[RankCache]:
+    """The cache through its own pipelined connections, and through redis-py alone (as for
+    a rediss:// URL, which the pipelined connections leave to redis-py)."""
+    if request.param == "pipelined":
+        yield cache
+        return
+    import redis.asyncio
+
+    plain = RankCache(
+        redis.asyncio.Redis.from_url(redis_url),
+        3600,
+        CircuitBreaker("Redis", failures=5, cooldown_s=1),
+        None,
+        cache.keys,
+    )
+    yield plain
+    await plain.close()
+
+
+async def test_cache_round_trip_ttl_and_user_deletion(
+    either_cache: RankCache, redis_url: str
+) -> None:
     import redis
 
+    cache = either_cache
     scope = _scope()
     user, other = "u:" + uuid.uuid4().hex[:6], uuid.uuid4().hex[:6]
     rankings = [
         (user, np.array([1, 2]), np.array([0.9, 0.8], np.float32)),
         (other, np.array([2]), np.array([0.7], np.float32)),
     ]
-    assert await cache.put_many(scope, "v1", rankings) == 2
+    assert await cache.put_many(scope, "v1", rankings, batch=1) == 2  # a round trip each
     assert await cache.put_many(scope, "v2", rankings[:1]) == 1
+    assert await cache.put_many(scope, "v2", []) == 0
     hit = await cache.get(scope, "v1", user)
     assert hit is not None
     assert hit[0].tolist() == [1, 2]
@@ -593,7 +620,7 @@ async def test_pipelined_gets_answer_each_caller_its_own_value(redis_url: str) -
     }
     client = redis.Redis.from_url(redis_url)
     client.mset(values)
-    gets = PipelinedGets(redis_url, timeout_s=5)
+    gets = PipelinedConnection(redis_url, timeout_s=5)
     try:
         keys = [*values, f"{prefix}missing"] * 3
         assert await gets.get(keys[0]) == values[keys[0]]  # connected
