@@ -634,14 +634,14 @@ async def precompute(ctx: JobContext, scope: str) -> str:
             for r, (user_id, _) in enumerate(chunk)
         ]
 
+    item_ids = np.asarray(snap.item_ids)  # a plain view: a memmap's indexing costs more
+
     async def store(
         ranks: RanksReplacement, batch: list[tuple[str, np.ndarray, np.ndarray]]
     ) -> int:
         """The batch into Redis, then into the ranks table's transaction; how many."""
         written = await ctx.cache.put_many(scope, snap.version, batch, ttl_s=profile.cache_ttl_s)
-        await ranks.add(
-            (user_id, snap.item_ids[its].tolist(), scs.tolist()) for user_id, its, scs in batch
-        )
+        await ranks.add((user_id, item_ids[its], scs) for user_id, its, scs in batch)
         return written
 
     written = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,6 +13,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from features import postgres
 from features.breaker import CircuitBreaker
@@ -384,6 +387,22 @@ async def test_delete_user_removes_every_row(pg: PgStore) -> None:
     assert exported == {"features": [], "event_counts": [], "ranks": 0}
 
 
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    st.lists(
+        st.text(st.characters(exclude_characters="\x00", exclude_categories=["Cs"]), max_size=9),
+        max_size=12,
+    )
+)
+def test_copy_text_elements_are_each_ids_utf8_after_its_length(ids: list[str]) -> None:
+    # the ranks COPY's ID encoder, ASCII read off the array and the rest through UTF-8,
+    # against Python's own encoding, ID by ID
+    blob, sizes = postgres._text_elements(np.asarray(ids, dtype=np.str_))
+    want = [struct.pack("!i", len(i.encode())) + i.encode() for i in ids]
+    assert blob == b"".join(want)
+    assert sizes.tolist() == [len(w) for w in want]
+
+
 async def test_ranks_round_trip_whatever_the_ids_hold(pg: PgStore, pg_url: str) -> None:
     # precompute writes ranks through a binary COPY it encodes itself: IDs that a text
     # format would have to quote or escape, and scores no decimal form holds, come back as
@@ -396,6 +415,8 @@ async def test_ranks_round_trip_whatever_the_ids_hold(pg: PgStore, pg_url: str) 
         ("empty-user", [], []),
         ("NULL", ["NULL"], [float("inf")]),
         ("ünï-cödé ✓", ["ïtem-✓", "i1"], [float(np.float32(1 / 3)), float(np.float32(-1e-38))]),
+        # as precompute passes them: a slice of the snapshot's IDs and float32 scores
+        ("numpy-user", np.array(["i2", "ïtem-✓", ""]), np.array([2.5, 0.1, -0.0], np.float32)),
     ]
     async with pg.replacing_ranks(scope, "v1") as ranks:
         await ranks.add(rows[:2])
@@ -410,7 +431,9 @@ async def test_ranks_round_trip_whatever_the_ids_hold(pg: PgStore, pg_url: str) 
         }
     finally:
         await conn.close()
-    assert stored == {user: (items, scores) for user, items, scores in rows}
+    assert stored == {
+        user: (list(items), [float(s) for s in scores]) for user, items, scores in rows
+    }
     # read back a page at a time in user order, as the cache refill reads them
     paged, after = [], ""
     while page := await pg.ranks_page(scope, "v1", after=after, limit=3):
