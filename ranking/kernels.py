@@ -352,52 +352,78 @@ def topk_rescore(
 
     Row i of the answer is ``topk_candidates`` for query ``rows[i]`` over the union of
     ``found[i, :found_counts[i]]`` (int64[m, w], the index's candidates, -1 for none), the
-    best k of the popular head (``head``: int64[h] ascending positions, whose rows are
-    ``head_vectors`` float32[h, d] and ``head_bias`` float32[h]; exclusions apply) and
-    ``cold[:k + e]`` (int64[c], zero-vector items by bias descending: at most e of them are
-    excluded, e being the row's exclusion count). Returns (positions int64[m, min(k, n)],
-    scores float32[m, min(k, n)], counts int64[m]).
+    popular head ``head`` (int64[h] ascending positions, whose rows are ``head_vectors``
+    float32[h, d] and ``head_bias`` float32[h]) and ``cold[:k + e]`` (int64[c], zero-vector
+    items by bias descending: at most e of them are excluded, e being the row's exclusion
+    count). Returns (positions int64[m, min(k, n)], scores float32[m, min(k, n)], counts
+    int64[m]).
+
+    One heap per row: the head is scanned first (contiguous rows, its exclusions skipped),
+    then the other candidates are offered once each, in position order, skipping the head's
+    and the excluded ones.
     """
     m = rows.shape[0]
-    width = min(k, vectors.shape[0])
-    out_i = np.full((m, max(width, 0)), -1, dtype=np.int64)
-    out_s = np.zeros((m, max(width, 0)), dtype=np.float32)
+    width = max(min(k, vectors.shape[0]), 0)
+    out_i = np.full((m, width), -1, dtype=np.int64)
+    out_s = np.zeros((m, width), dtype=np.float32)
     counts = np.zeros(m, dtype=np.int64)
-    if width <= 0:
+    if width == 0:
         return out_i, out_s, counts
     h = head.shape[0]
+    heap_s, heap_i = topk_init(width)
     for i in range(m):
         r = rows[i]
         query = queries[r]
         excluded = excluded_indices[excluded_indptr[r] : excluded_indptr[r + 1]]
         e = excluded.shape[0]
+        # the exclusions that fall in the head, as head slots (ascending, as they are)
+        local = np.empty(e, dtype=np.int64)
+        n_local = 0
+        slot = 0
+        for x in range(e):
+            while slot < h and head[slot] < excluded[x]:
+                slot += 1
+            if slot < h and head[slot] == excluded[x]:
+                local[n_local] = slot
+                n_local += 1
+        size = topk_dense_chunk(
+            query, head_vectors, head_bias, local[:n_local], width, 0, h, heap_s, heap_i, 0
+        )
+        for j in range(size):  # head slots to positions: the same order, so still a heap
+            heap_i[j] = head[heap_i[j]]
         n_cold = min(cold.shape[0], k + e)
-        candidates = np.empty(found_counts[i] + min(k, h) + n_cold, dtype=np.int64)
-        size = 0
+        others = np.empty(found_counts[i] + n_cold, dtype=np.int64)
+        n_others = 0
         for j in range(found_counts[i]):
             if found[i, j] >= 0:
-                candidates[size] = found[i, j]
-                size += 1
-        if h:
-            # the exclusions that fall in the head, as head slots (ascending, as they are)
-            local = np.empty(e, dtype=np.int64)
-            n_local = 0
-            for x in range(e):
-                slot = np.searchsorted(head, excluded[x])
-                if slot < h and head[slot] == excluded[x]:
-                    local[n_local] = slot
-                    n_local += 1
-            best, _ = topk_dense(query, head_vectors, head_bias, local[:n_local], k)
-            for j in range(best.shape[0]):
-                candidates[size] = head[best[j]]
-                size += 1
-        candidates[size : size + n_cold] = cold[:n_cold]
-        size += n_cold
-        items, scores = topk_candidates(query, vectors, bias, candidates[:size], excluded, k)
-        got = items.shape[0]
-        out_i[i, :got] = items
-        out_s[i, :got] = scores
-        counts[i] = got
+                others[n_others] = found[i, j]
+                n_others += 1
+        others[n_others : n_others + n_cold] = cold[:n_cold]
+        ordered = np.sort(others[: n_others + n_cold])
+        previous = -1
+        at_excluded = 0
+        at_head = 0
+        for c in range(ordered.shape[0]):
+            item = ordered[c]
+            if item == previous:
+                continue
+            previous = item
+            # candidates ascend, so both cursors only move forward
+            while at_excluded < e and excluded[at_excluded] < item:
+                at_excluded += 1
+            if at_excluded < e and excluded[at_excluded] == item:
+                continue
+            while at_head < h and head[at_head] < item:
+                at_head += 1
+            if at_head < h and head[at_head] == item:
+                continue
+            score = _dot(query, vectors, item) + bias[item]
+            if size < width or score >= heap_s[0]:
+                size = _heap_offer(heap_s, heap_i, size, width, score, item)
+        items, scores = _drain(heap_s, heap_i, size)
+        out_i[i, :size] = items
+        out_s[i, :size] = scores
+        counts[i] = size
     return out_i, out_s, counts
 
 
