@@ -414,19 +414,22 @@ def _load_warm(path: os.PathLike[str]) -> LoadedScope:
 
 
 def channelz_pause(read_s: float) -> float:
-    """Seconds from one read of channelz to the next, given how long this one took: at least
-    GAUGES_PERIOD_S, and long enough that reads take at most CHANNELZ_LOOP_SHARE."""
+    """Seconds from one read of channelz to the next, given the CPU time this one took: at
+    least GAUGES_PERIOD_S, and long enough that reads take at most CHANNELZ_LOOP_SHARE."""
     return max(GAUGES_PERIOD_S, read_s / CHANNELZ_LOOP_SHARE)
 
 
 def _when_due(due: float, read: Callable[[], None]) -> float:
     """Run ``read`` if its time (``due``, time.monotonic()) has come; returns when it is due
-    next, spaced by how long it took (channelz_pause)."""
+    next, spaced by the CPU time it took (channelz_pause). CPU, not wall time: a read that
+    lost its core for 20 ms to another process would otherwise put the next one 10 s off,
+    on a busy machine, when the counts matter most."""
     started = time.monotonic()
     if started < due:
         return due
+    cpu = time.thread_time()
     read()
-    return started + channelz_pause(time.monotonic() - started)
+    return started + channelz_pause(time.thread_time() - cpu)
 
 
 def _ms(seconds: float) -> int:

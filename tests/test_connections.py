@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc import aio
 
-from server.app import CHANNELZ_LOOP_SHARE, GAUGES_PERIOD_S, channelz_pause
+from server.app import CHANNELZ_LOOP_SHARE, GAUGES_PERIOD_S, _when_due, channelz_pause
 from server.config import Config, running_grpc_transport
 from server.metrics import core_calls, core_connections
 from tests.serving import Running, established_sockets, fresh_channels, serving
@@ -193,3 +193,20 @@ def test_channelz_reads_are_spaced_as_they_grow_costly() -> None:
     assert channelz_pause(0.0004) == GAUGES_PERIOD_S  # ~16 connections
     assert channelz_pause(0.024) == pytest.approx(0.024 / CHANNELZ_LOOP_SHARE)  # ~1,000
     assert 0.024 / channelz_pause(0.024) <= CHANNELZ_LOOP_SHARE
+
+
+def test_a_channelz_read_that_waited_for_a_core_is_not_taken_for_a_costly_one() -> None:
+    # a read's wall time includes any wait for the CPU (a busy machine); its spacing follows
+    # the CPU time it took, so the counts are not left stale for seconds after one such wait
+    started = time.monotonic()
+    due = _when_due(started, lambda: time.sleep(0.05))
+    assert due <= time.monotonic() + GAUGES_PERIOD_S
+    assert _when_due(due, lambda: pytest.fail("read before it was due")) == due
+
+    def costly() -> None:
+        spin_until = time.thread_time() + 0.01
+        while time.thread_time() < spin_until:
+            pass
+
+    started = time.monotonic()
+    assert _when_due(started, costly) >= started + 0.01 / CHANNELZ_LOOP_SHARE
