@@ -623,12 +623,17 @@ async def precompute(ctx: JobContext, scope: str) -> str:
         if (p := snap.user_position(u)) is not None and profile.variant_of(scope, u) not in live
     ]
     k = ctx.config.precompute_top_k
+    # seconds spent ranking (on the thread), writing to Redis and to the ranks table: the
+    # summary tells an operator which of the overlapped three bounds the step
+    spent = dict.fromkeys(("ranking", "Redis", "ranks table"), 0.0)
 
     def rank(chunk: list[tuple[str, int]]) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """(user_id, items, scores) of a batch: serving's ranking, k + RECENT_ITEMS deep
         (serving leaves out the user's newest items, and still has k)."""
+        started = time.monotonic()
         users = np.array([p for _, p in chunk], dtype=np.int64)
         items, scores, counts = top_k_for_users(snap, users, k + RECENT_ITEMS, scoring)
+        spent["ranking"] += time.monotonic() - started
         return [
             (user_id, items[r, : counts[r]], scores[r, : counts[r]])
             for r, (user_id, _) in enumerate(chunk)
@@ -640,8 +645,12 @@ async def precompute(ctx: JobContext, scope: str) -> str:
         ranks: RanksReplacement, batch: list[tuple[str, np.ndarray, np.ndarray]]
     ) -> int:
         """The batch into Redis, then into the ranks table's transaction; how many."""
+        started = time.monotonic()
         written = await ctx.cache.put_many(scope, snap.version, batch, ttl_s=profile.cache_ttl_s)
+        cached = time.monotonic()
         await ranks.add((user_id, item_ids[its], scs) for user_id, its, scs in batch)
+        spent["Redis"] += cached - started
+        spent["ranks table"] += time.monotonic() - cached
         return written
 
     written = 0
@@ -676,7 +685,11 @@ async def precompute(ctx: JobContext, scope: str) -> str:
     )
     await ctx.cache.mark_warm(scope, snap.version, ttl_s=profile.cache_ttl_s)
     gone = f"; {len(retracted)} retracted (opted out or erased meanwhile)" if retracted else ""
-    return f"{written - len(retracted)} rankings of top {k} cached for {snap.version}{gone}"
+    timing = ", ".join(f"{what} {seconds:.1f}s" for what, seconds in spent.items())
+    return (
+        f"{written - len(retracted)} rankings of top {k} cached for {snap.version}{gone};"
+        f" overlapped: {timing}"
+    )
 
 
 def select_rows(

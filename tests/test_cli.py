@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import shutil
 import signal
 import socket
@@ -224,6 +225,10 @@ def test_job_steps_run_alone_and_via_python_m_jobs(config: Config, imported: str
         ).stdout.splitlines()
         assert started.startswith("started run ")
         assert summaries[0].startswith(f"{step} [{imported}]")
+        if step == "precompute":  # where its time went, for whoever reads the job's runs
+            assert re.search(
+                r"overlapped: ranking [\d.]+s, Redis [\d.]+s, ranks table [\d.]+s", summaries[0]
+            ), summaries[0]
     # train alone also publishes what it trained
     assert summaries_of(privrank(config, "jobs", "train", "--scope", imported)) == [
         "train",
