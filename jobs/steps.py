@@ -619,8 +619,8 @@ async def precompute(ctx: JobContext, scope: str) -> str:
     }
     positions = [
         (u, p)
-        for u in active
-        if (p := snap.user_position(u)) is not None and profile.variant_of(scope, u) not in live
+        for u, p in zip(active, snap.lookup_users(active).tolist(), strict=True)
+        if p >= 0 and not (live and profile.variant_of(scope, u) in live)
     ]
     k = ctx.config.precompute_top_k
     # seconds spent ranking (on the thread), writing to Redis and to the ranks table: the

@@ -137,14 +137,26 @@ class Snapshot:
 
     def lookup_items(self, item_ids: list[str]) -> np.ndarray:
         """The position of each of ``item_ids`` in order (int64[len]), -1 where unknown."""
-        if not item_ids or self.n_items == 0:
-            return np.full(len(item_ids), -1, dtype=np.int64)
-        wanted = np.asarray(item_ids, dtype=self.item_ids.dtype)
-        pos = np.minimum(np.searchsorted(self.item_ids, wanted), self.n_items - 1)
-        return np.where(self.item_ids[pos] == wanted, pos, -1).astype(np.int64)
+        return _lookup(self.item_ids, item_ids)
+
+    def lookup_users(self, user_ids: list[str]) -> np.ndarray:
+        """The position of each of ``user_ids`` in order (int64[len]), -1 where unknown."""
+        return _lookup(self.user_ids, user_ids)
 
     def seen(self, user_pos: int) -> np.ndarray:
         return self.seen_indices[self.seen_indptr[user_pos] : self.seen_indptr[user_pos + 1]]
+
+
+def _lookup(known: np.ndarray, ids: list[str]) -> np.ndarray:
+    """The position of each of ``ids`` in ``known`` (sorted str[n]), -1 where absent: one
+    binary search of the whole list (int64[len])."""
+    if not ids or len(known) == 0:
+        return np.full(len(ids), -1, dtype=np.int64)
+    # each ID at its own length: cast to ``known``'s width, a longer unknown ID would be cut
+    # to a known one's and found as that one
+    wanted = np.asarray(ids, dtype=np.str_)
+    pos = np.minimum(np.searchsorted(known, wanted), len(known) - 1)
+    return np.where(known[pos] == wanted, pos, -1).astype(np.int64)
 
 
 def _sha256(path: Path) -> str:

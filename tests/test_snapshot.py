@@ -150,6 +150,9 @@ def test_lookups(tmp_path: Path) -> None:
     assert loaded.item_position("i006") is None
     np.testing.assert_array_equal(loaded.item_positions(["i004", "zzz", "i000", "i004"]), [0, 4])
     assert loaded.item_positions([]).shape == (0,)
+    # an unknown ID longer than every known one, which a known one begins: not that one
+    np.testing.assert_array_equal(loaded.lookup_items(["i0040", "i004", "i00"]), [-1, 4, -1])
+    np.testing.assert_array_equal(loaded.lookup_users(["u0010", "u001", "u999"]), [-1, 1, -1])
     indptr, indices = arrays["seen_indptr"], arrays["seen_indices"]
     for u in range(3):
         np.testing.assert_array_equal(loaded.seen(u), indices[indptr[u] : indptr[u + 1]])
