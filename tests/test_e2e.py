@@ -339,6 +339,28 @@ async def test_rank_candidates_orders_known_candidates(client: Client) -> None:
     assert [i.item_id for i in top2.items] == ids[:2]
 
 
+async def test_an_unknown_id_is_never_taken_for_a_known_one_it_begins_with(
+    client: Client,
+) -> None:
+    # the catalog's IDs are i0-i119; an unknown ID one longer than the longest ones, cut to
+    # the catalog's width, would read as a known item and be ranked or excluded as that one
+    served = await client.ranking.Recommend(
+        pb.RecommendRequest(user_id="u2", limit=50), metadata=client.svc
+    )
+    ids = [i.item_id for i in served.items]
+    known = next(i for i in ids if len(i) == 4)  # one of i100-i119
+    kept = await client.ranking.Recommend(
+        pb.RecommendRequest(user_id="u2", limit=50, exclude_item_ids=[known + "0"]),
+        metadata=client.svc,
+    )
+    assert [i.item_id for i in kept.items] == ids
+    ranked = await client.ranking.RankCandidates(
+        pb.RankCandidatesRequest(user_id="u2", candidate_item_ids=[known + "0", "i10"]),
+        metadata=client.svc,
+    )
+    assert [i.item_id for i in ranked.items] == ["i10"]
+
+
 async def test_similar_items(client: Client) -> None:
     answer = await client.ranking.SimilarItems(
         pb.SimilarItemsRequest(item_id="i3", limit=5), metadata=client.svc
