@@ -309,26 +309,55 @@ def topk_candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k among ``candidates`` (int64[m] positions, duplicates allowed and scored once)."""
     k = min(k, candidates.shape[0])
-    heap_s = np.empty(max(k, 1), dtype=np.float32)
-    heap_i = np.empty(max(k, 1), dtype=np.int64)
+    heap_s, heap_i = topk_init(k)
     size = 0
-    ordered = np.sort(candidates)
+    if k > 0:
+        size = _offer_sorted(
+            query, vectors, bias, np.sort(candidates), excluded, NONE, heap_s, heap_i, size, k
+        )
+    return _drain(heap_s, heap_i, size)
+
+
+NONE = np.empty(0, dtype=np.int64)  # no positions to pass over (``_offer_sorted``'s ``skip``)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _offer_sorted(
+    query: np.ndarray,
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    ordered: np.ndarray,
+    excluded: np.ndarray,
+    skip: np.ndarray,
+    heap_s: np.ndarray,
+    heap_i: np.ndarray,
+    size: int,
+    k: int,
+) -> int:
+    """Offer each position of ``ordered`` (int64, ascending, duplicates allowed) once to a
+    top-k heap holding ``size``, passing over those in ``excluded`` or ``skip`` (both
+    ascending); returns the heap's new size."""
     previous = -1
-    e = 0
+    at_excluded = 0
+    at_skip = 0
     for c in range(ordered.shape[0]):
         item = ordered[c]
-        if item == previous or k <= 0:
+        if item == previous:
             continue
         previous = item
-        # candidates ascend, so the excluded cursor only moves forward
-        while e < excluded.shape[0] and excluded[e] < item:
-            e += 1
-        if e < excluded.shape[0] and excluded[e] == item:
+        # positions ascend, so both cursors only move forward
+        while at_excluded < excluded.shape[0] and excluded[at_excluded] < item:
+            at_excluded += 1
+        if at_excluded < excluded.shape[0] and excluded[at_excluded] == item:
+            continue
+        while at_skip < skip.shape[0] and skip[at_skip] < item:
+            at_skip += 1
+        if at_skip < skip.shape[0] and skip[at_skip] == item:
             continue
         score = _dot(query, vectors, item) + bias[item]
         if size < k or score >= heap_s[0]:
             size = _heap_offer(heap_s, heap_i, size, k, score, item)
-    return _drain(heap_s, heap_i, size)
+    return size
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -400,26 +429,9 @@ def topk_rescore(
                 n_others += 1
         others[n_others : n_others + n_cold] = cold[:n_cold]
         ordered = np.sort(others[: n_others + n_cold])
-        previous = -1
-        at_excluded = 0
-        at_head = 0
-        for c in range(ordered.shape[0]):
-            item = ordered[c]
-            if item == previous:
-                continue
-            previous = item
-            # candidates ascend, so both cursors only move forward
-            while at_excluded < e and excluded[at_excluded] < item:
-                at_excluded += 1
-            if at_excluded < e and excluded[at_excluded] == item:
-                continue
-            while at_head < h and head[at_head] < item:
-                at_head += 1
-            if at_head < h and head[at_head] == item:
-                continue
-            score = _dot(query, vectors, item) + bias[item]
-            if size < width or score >= heap_s[0]:
-                size = _heap_offer(heap_s, heap_i, size, width, score, item)
+        size = _offer_sorted(
+            query, vectors, bias, ordered, excluded, head, heap_s, heap_i, size, width
+        )
         items, scores = _drain(heap_s, heap_i, size)
         out_i[i, :size] = items
         out_s[i, :size] = scores
