@@ -326,6 +326,33 @@ async def test_a_call_queued_past_the_wait_bound_is_refused_without_work(
         assert sum(running.app.metrics.figures().served_by_source.values()) == answers_before + 1
 
 
+async def test_a_call_without_a_deadline_is_bounded_by_the_default_budget(
+    config: Config, pg_url: str, redis_url: str, seeded: object
+) -> None:
+    """A caller that sets no deadline (grpcurl, a careless client) still gets an answer within
+    the default budget: here DEADLINE_EXCEEDED while its scoring waits for the held kernel
+    threads, instead of waiting for as long as they are held."""
+    budgeted = dataclasses.replace(_one_slot(config, max_queue_wait_s=30), default_deadline_s=0.3)
+    async with serving(budgeted, pg_url, redis_url) as running:
+        release = threading.Event()
+        holds = _hold_kernel_threads(running.app, release)
+        try:
+            with pytest.raises(aio.AioRpcError) as err:
+                await rpc.RankingStub(running.channel).RankCandidates(
+                    pb.RankCandidatesRequest(user_id="u1", candidate_item_ids=["i1", "i2"]),
+                    metadata=running.service,
+                )
+        finally:
+            release.set()
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert err.value.details() == "deadline of 0.300s exceeded"
+        assert all(hold.result() for hold in holds)
+        answer = await rpc.RankingStub(running.channel).Recommend(
+            pb.RecommendRequest(user_id="u1"), metadata=running.service
+        )
+        assert answer.items
+
+
 def _never_finished(app: App) -> float:
     """privrank_grpc_calls started - succeeded - failed: calls in flight, or that gRPC core
     dropped (shed, expired) before any handler finished them."""
