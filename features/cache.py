@@ -247,11 +247,14 @@ class PipelinedConnection:
             except TimeoutError:
                 raise TimeoutError(f"Redis: no connection within {self._timeout:g}s") from None
             self._conn = conn
-            for request in self._setup:  # AUTH, SELECT: pipelined ahead of any GET
-                (reply,) = await asyncio.gather(*self._send(conn, request))
-                if isinstance(reply, hiredis.ReplyError):
-                    conn.fail(ConnectionError(str(reply)))
-                    raise ResponseError(f"Redis refused the connection's setup: {reply}")
+            if self._setup:
+                # AUTH and SELECT written together, before any caller can write to the
+                # connection: a GET written between them would read database 0
+                setup = self._send(conn, b"".join(self._setup), len(self._setup))
+                for reply in await asyncio.gather(*setup):
+                    if isinstance(reply, hiredis.ReplyError):
+                        conn.fail(ConnectionError(str(reply)))
+                        raise ResponseError(f"Redis refused the connection's setup: {reply}")
             return conn
 
 

@@ -196,6 +196,22 @@ async def test_pipelined_gets_give_up_on_a_hung_redis_and_reconnect(tmp_path: Pa
             with_password = PipelinedConnection(_with_password(redis_url, "sesame"), 1)
             assert await with_password.get("k") == b"v"
             await with_password.close()
+            # a GET sent while a new connection's AUTH is unanswered (Redis stopped meanwhile)
+            # waits for its SELECT too: it reads the URL's database, not database 0's "k"
+            in_db_3 = _with_password(redis_url.replace("db=0", "db=3"), "sesame")
+            with redis.Redis.from_url(in_db_3) as db_3:
+                db_3.set("k", b"db 3")
+            connecting = PipelinedConnection(in_db_3, 2)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                first = asyncio.ensure_future(connecting.get("k"))
+                await asyncio.sleep(0.2)  # connected (the kernel accepts), AUTH written
+                second = asyncio.ensure_future(connecting.get("k"))
+                await asyncio.sleep(0.05)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert [await first, await second] == [b"db 3", b"db 3"]
+            await connecting.close()
             refused = PipelinedConnection(_with_password(redis_url, "wrong"), 1)
             with pytest.raises(redis.exceptions.ResponseError, match="setup"):
                 await refused.get("k")
