@@ -114,6 +114,9 @@ def validate_scope(value: str) -> str:
     return value
 
 
+CONTEXT_SEGMENTS = 4 * len(DEVICE_CATEGORIES)  # dayparts (local hour // 6) x devices
+
+
 def context_segment(device: int, local_hour: int) -> int:
     """The context segment of a device code and a local hour: daypart (hour // 6) x device."""
     return (local_hour // 6) * len(DEVICE_CATEGORIES) + device

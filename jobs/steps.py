@@ -27,7 +27,7 @@ from features.cache import RECENT_ITEMS, RankCache
 from features.errors import JobError
 from features.postgres import PgStore, RanksReplacement, TrainingPairs
 from features.privacy import retract_not_personal
-from features.schema import DEVICE_CATEGORIES, context_segment, user_digest
+from features.schema import CONTEXT_SEGMENTS, context_segment, user_digest
 from jobs.als import AlsParams, to_csr, train_als
 from jobs.ease import gram, train_ease
 from jobs.metrics import evaluate_rankings, ndcg_at_k
@@ -59,7 +59,6 @@ TUNE_MIN_USERS = 20
 TUNE_MAX_USERS = 2_000  # validation users scored per candidate setting (a seeded sample)
 EASE_MAX_ITEMS = 10_000  # n² floats in memory, n³ to train
 EASE_LAMBDA = (50.0, 200.0, 800.0, 3200.0)
-DAYPARTS = 4  # local hour // 6
 RECALL_TARGET = 0.95  # of the ANN index's top-k against the exact scan
 TUNE_QUERIES = 300
 TUNE_K = 10  # Recommend's default limit: the short lists are the hard ones to get right
@@ -325,7 +324,7 @@ def _segments(
     """Top SEGMENT_DEPTH item positions (and scores in [0, 1]) per context segment
     ``daypart * len(DEVICE_CATEGORIES) + device``; -1 / 0 padded. Segments with fewer than
     SEGMENT_MIN_WEIGHT of engagement stay empty, so serving falls back to scope popularity."""
-    shape = (DAYPARTS * len(DEVICE_CATEGORIES), SEGMENT_DEPTH)
+    shape = (CONTEXT_SEGMENTS, SEGMENT_DEPTH)
     items = np.full(shape, -1, dtype=np.int64)
     scores = np.zeros(shape, dtype=np.float32)
     by_segment: dict[int, list[tuple[float, int]]] = {}

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from features.errors import SnapshotError
+from features.schema import CONTEXT_SEGMENTS
 
 POINTER = "CURRENT"
 MANIFEST = "manifest.json"
@@ -210,8 +211,13 @@ def _check_arrays(arrays: dict[str, np.ndarray]) -> None:
     if arrays["user_vectors"].shape[1] != arrays["item_vectors"].shape[1]:
         raise SnapshotError("user and item vectors differ in dimension")
     indptr = arrays["seen_indptr"]
-    if len(indptr) != u + 1 or indptr[0] != 0 or indptr[-1] != len(arrays["seen_indices"]):
+    seen = arrays["seen_indices"]
+    if len(indptr) != u + 1 or indptr[0] != 0 or indptr[-1] != len(seen):
         raise SnapshotError("seen_indptr does not describe seen_indices")
+    if np.any(indptr[1:] < indptr[:-1]):
+        raise SnapshotError("seen_indptr must not decrease")
+    if len(seen) and (seen.min() < 0 or seen.max() >= n):
+        raise SnapshotError("seen_indices must be item positions")
     if n and np.any(arrays["item_ids"][1:] <= arrays["item_ids"][:-1]):
         raise SnapshotError("item_ids must be sorted and unique")
     if u and np.any(arrays["user_ids"][1:] <= arrays["user_ids"][:-1]):
@@ -241,9 +247,15 @@ def _check_arrays(arrays: dict[str, np.ndarray]) -> None:
     if (
         segments is not None
         and scores is not None
-        and (segments.shape != scores.shape or (segments.size and segments.max() >= n))
+        and (
+            segments.shape != scores.shape
+            or len(segments) != CONTEXT_SEGMENTS
+            or (segments.size and segments.max() >= n)
+        )
     ):
-        raise SnapshotError("segment_items / segment_scores do not fit the items")
+        raise SnapshotError(
+            f"segment_items / segment_scores do not fit the items and {CONTEXT_SEGMENTS} segments"
+        )
 
 
 def _with_unit(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from features.errors import SnapshotError
-from features.schema import FEATURE_NAMES
+from features.schema import CONTEXT_SEGMENTS, FEATURE_NAMES
 from ranking import snapshot
 from ranking.retrieval import (
     SEARCH_PARAMS_KEY,
@@ -350,6 +350,26 @@ BAD_ARRAYS = {
     "indptr wrong total": (
         bad(GOOD, seen_indices=GOOD["seen_indices"][:-1]),
         "seen_indptr does not describe",
+    ),
+    "indptr decreasing": (
+        bad(GOOD, seen_indptr=np.array([0, 4, 3, 6], dtype=np.int64)),
+        "seen_indptr must not decrease",
+    ),
+    "seen item past the catalog": (
+        bad(GOOD, seen_indices=np.array([0, 1, 2, 3, 4, 6], dtype=np.int64)),
+        "seen_indices must be item positions",
+    ),
+    "negative seen item": (
+        bad(GOOD, seen_indices=np.array([0, 1, 2, 3, 4, -1], dtype=np.int64)),
+        "seen_indices must be item positions",
+    ),
+    "segments short of a row": (
+        bad(
+            GOOD,
+            segment_items=np.full((CONTEXT_SEGMENTS - 1, 5), -1, dtype=np.int64),
+            segment_scores=np.zeros((CONTEXT_SEGMENTS - 1, 5), dtype=np.float32),
+        ),
+        f"do not fit the items and {CONTEXT_SEGMENTS} segments",
     ),
     "integer vectors": (
         bad(GOOD, item_vectors=GOOD["item_vectors"].astype(np.int64)),
