@@ -46,7 +46,7 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
-from features.errors import DeadlineExceeded
+from features.errors import DeadlineExceeded, SnapshotError
 from ranking import kernels
 from ranking.snapshot import INDEX_FILE, Snapshot
 
@@ -666,8 +666,11 @@ def retriever_for(snapshot: Snapshot) -> Retriever:
     recorded one (``SearchParams.to_dict()``), else from ``default_params``.
     """
     path = snapshot.path / INDEX_FILE
-    if path.exists():
-        index = read_index(path)
+    if INDEX_FILE in snapshot.manifest.get("files", {}):  # so loading verified its checksum
+        try:
+            index = read_index(path)
+        except RuntimeError as exc:  # e.g. written by a faiss this one cannot read
+            raise SnapshotError(f"{path}: faiss cannot read it: {exc}") from exc
         cold = cold_positions(snapshot.item_vectors)
         # every item (earlier builds, HNSW) or every item that is not cold (IVF)
         sizes = (snapshot.n_items, snapshot.n_items - len(cold))

@@ -41,6 +41,7 @@ from server.config import Config
 from server.threads import GRPC_THREAD_PREFIXES, threads, usable_cores
 from tests.conftest import ROOT, cli_env, privrank
 from tests.serving import Running, serving
+from tests.test_snapshot import make_arrays
 
 
 async def test_breaker_opens_probes_and_closes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -584,6 +585,26 @@ async def test_train_replaces_its_model_durably(
     staging = done[moved][1].split(" -> ")[0]
     assert ("fsync", staging) in done[:moved], "the new model was not on disk before the swap"
     assert ("fsync", str(model.parent)) in done[moved:], "the swap itself was not made durable"
+
+
+async def test_a_snapshot_whose_index_faiss_cannot_read_is_refused_and_others_still_load(
+    config: Config, pg_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The scope keeps its snapshot, and the scopes after it in the reload still move on (a
+    faiss RuntimeError used to end the whole reload, and a start-up's warm-up with it)."""
+    own = dataclasses.replace(config, data_dir=tmp_path)
+    root = own.snapshot_dir
+    first = {s: snapshot.publish(root, s, make_arrays(n=50, d=4, seed=1)) for s in ("a", "b")}
+    app = await App.open(own, pg_url, redis_url)
+    try:
+        assert await app.reload() == first
+        snapshot.publish(
+            root, "a", make_arrays(n=50, d=4, seed=2), index_writer=lambda p: p.write_bytes(b"x")
+        )
+        second_b = snapshot.publish(root, "b", make_arrays(n=50, d=4, seed=3))
+        assert await app.reload() == {"a": first["a"], "b": second_b}
+    finally:
+        await app.close()
 
 
 async def test_the_pool_is_reported(

@@ -819,6 +819,16 @@ def test_retriever_for_uses_search_params_recorded_in_the_manifest(tmp_path: Pat
     assert retriever.params == tuned
 
 
+def test_an_index_faiss_cannot_read_refuses_the_snapshot(tmp_path: Path) -> None:
+    """Checksummed but unreadable (another faiss's format, a broken build): SnapshotError,
+    which a reload refuses like any failing snapshot, not faiss's RuntimeError."""
+    snapshot.publish(
+        tmp_path, SCOPE, make_arrays(), index_writer=lambda path: path.write_bytes(b"no" * 64)
+    )
+    with pytest.raises(SnapshotError, match="faiss cannot read it"):
+        retriever_for(snapshot.load_current(tmp_path, SCOPE))
+
+
 @pytest.mark.usefixtures("single_threaded_faiss")
 def test_retriever_for_an_hnsw_index_of_an_earlier_build(tmp_path: Path) -> None:
     arrays = make_arrays(n=200, d=8)
