@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import faiss
@@ -342,9 +343,9 @@ class App:
         they were stored), for ranking users the model does not know yet; never for a user who
         opted out. Best effort: the events themselves are already stored.
 
-        The opt-out set in memory may not have heard of an opt-out made a moment ago (on
-        another process, or while this was writing), so the users are checked again in
-        PostgreSQL after the write, as ``retract_not_personal`` explains; if that check
+        The opt-out set in memory may not have heard of an opt-out or erasure made a moment
+        ago (on another process, or while this was writing), so the users are checked again
+        in PostgreSQL after the write, as ``retract_not_personal`` explains; if that check
         cannot be made, the items just written are deleted again (fail closed)."""
         allowed = [
             (e.scope, e.user_id, e.item_id)
@@ -360,7 +361,11 @@ class App:
             return
         users = {(scope, user) for scope, user, _ in allowed}
         try:
-            gone = await self.pg.not_personal(sorted({u for _, u in users}), erased_since=None)
+            # and erased since the events came in: the erasure's own purge may have run
+            # before these items were written
+            gone = await self.pg.not_personal(
+                sorted({u for _, u in users}), erased_since=datetime.fromtimestamp(received_at, UTC)
+            )
         except StoreUnavailable as exc:
             log.warning("could not re-check opt-outs, so recent items are not kept: %s", exc)
             gone = {u for _, u in users}

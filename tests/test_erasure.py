@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 import numpy as np
@@ -15,6 +15,7 @@ from grpc import aio
 
 from features.errors import StoreUnavailable
 from features.postgres import PgStore, TrainingPairs
+from features.schema import Interaction
 from jobs.runner import run_job
 from jobs.steps import JobContext
 from jobs.synth import generate
@@ -252,3 +253,28 @@ async def test_a_repeated_erasure_counts_nothing_removed(
         pb.DeleteUserDataRequest(user_id=user), metadata=client.svc
     )
     assert dict(again.removed) == dict.fromkeys(first.removed, 0)
+
+
+async def test_events_recorded_while_their_user_is_erased_leave_nothing_in_redis(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An erasure that completes between RecordEvents storing the events and writing their
+    items to Redis (its purge ran before that write): the re-check after the write deletes
+    them, so the user's export counts nothing cached."""
+    user = f"erased-mid-record-{uuid.uuid4().hex[:6]}"
+    insert = client.app.pg.insert_events
+
+    async def insert_then_erase(events: Sequence[Interaction]) -> int:
+        accepted = await insert(events)
+        await _erase(client, user)
+        return accepted
+
+    monkeypatch.setattr(client.app.pg, "insert_events", insert_then_erase)
+    event = pb.Event(user_id=user, item_id="i1", event_type=pb.CLICK)
+    await client.ranking.RecordEvents(pb.RecordEventsRequest(events=[event]), metadata=client.svc)
+    monkeypatch.undo()
+    assert await client.app.cache.count_user(user) == 0
+    export = await client.settings.ExportUserData(
+        pb.ExportUserDataRequest(user_id=user), metadata=client.svc
+    )
+    assert export.cached_rankings == 0
