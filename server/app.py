@@ -99,6 +99,7 @@ class App:
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _closing: bool = False
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _health_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # channelz: when to read the call counts (with the servers' ids) and the connections next
     _calls_due: float = 0.0
     _connections_due: float = 0.0
@@ -151,15 +152,18 @@ class App:
         """Health by service: Settings and Admin are SERVING once warm; Ranking, and the server
         as a whole (service ""), once a snapshot is loaded too, since without one there is
         nothing to rank; every service is NOT_SERVING once ``stopping``. Only changes are
-        sent, so Watch streams see each transition once."""
-        up = self.warm_done and not self.stopping
-        ranking = up and bool(self.ranker.loaded())
-        wanted = {name: ranking if name == RANKING_SERVICE else up for name in SERVICE_NAMES}
-        wanted[""] = ranking
-        for name, serving in wanted.items():
-            if self._health.get(name) is not serving:
-                await self.health.set(name, SERVING if serving else NOT_SERVING)
-                self._health[name] = serving
+        sent, so Watch streams see each transition once. One update at a time: a ``set`` waits
+        while a Watch stream writes, and an update decided before ``stopping`` must not finish
+        after the one that stops."""
+        async with self._health_lock:
+            up = self.warm_done and not self.stopping
+            ranking = up and bool(self.ranker.loaded())
+            wanted = {name: ranking if name == RANKING_SERVICE else up for name in SERVICE_NAMES}
+            wanted[""] = ranking
+            for name, serving in wanted.items():
+                if self._health.get(name) is not serving:
+                    await self.health.set(name, SERVING if serving else NOT_SERVING)
+                    self._health[name] = serving
 
     async def warm(self) -> None:
         """Compile every kernel, start the opt-out view, load every snapshot; then SERVING

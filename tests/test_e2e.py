@@ -133,6 +133,46 @@ async def test_a_server_without_any_snapshot_is_not_ready_until_one_is_loaded(
         await app.close()
 
 
+async def test_health_stays_not_serving_once_stopping_though_an_update_was_under_way(
+    config: Config,
+    pg_url: str,
+    redis_url: str,
+    seeded: JobContext,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reload's health update that waits in ``set`` (as it does while a Watch stream
+    writes) when shutdown begins must not turn Ranking SERVING after the stop's update."""
+    empty = dataclasses.replace(config, data_dir=tmp_path)
+    app = await App.open(empty, pg_url, redis_url)
+    server, port = create_server(app, "127.0.0.1:0")
+    await server.start()
+    await app.warm()  # no snapshot: Ranking and "" NOT_SERVING
+    try:
+        shutil.copytree(config.snapshot_dir, empty.snapshot_dir)
+        entered, set_status = asyncio.Event(), app.health.set
+
+        async def held_up(service: str, status: int) -> None:
+            entered.set()
+            await asyncio.sleep(0.05)  # the condition a writing Watch stream holds
+            await set_status(service, status)
+
+        monkeypatch.setattr(app.health, "set", held_up)
+        reload = asyncio.create_task(app.reload())
+        await entered.wait()
+        app.stopping = True  # SIGTERM, as serve() does it
+        await app.update_health()
+        await reload
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for name in ("", "privrank.v1.Ranking", "privrank.v1.Settings", "privrank.v1.Admin"):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+                assert reply.status == NOT_SERVING, name
+    finally:
+        await server.stop(1)
+        await app.close()
+
+
 async def test_reflection_lists_the_three_services(client: Client) -> None:
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
         ProtoReflectionDescriptorDatabase,
