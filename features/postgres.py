@@ -245,6 +245,24 @@ def _weights() -> tuple[list[str], list[float]]:
     return list(EVENT_WEIGHTS), list(EVENT_WEIGHTS.values())
 
 
+# A user's stored rankings, except those a ranks replacement (precompute's one transaction)
+# holds: waiting for it would make an opt-out or erasure time out. The replacement deletes
+# them itself once it commits (features.privacy.retract_not_personal).
+_DELETE_UNLOCKED_RANKS = (
+    "DELETE FROM ranks WHERE (scope, user_id) IN"
+    " (SELECT scope, user_id FROM ranks WHERE user_id = $1 FOR UPDATE SKIP LOCKED)"
+)
+# What a replacement that failed before it could retract leaves of those: the rankings of
+# users opted out now, or erased after their ranking was computed (cleanup deletes them)
+_DELETE_NOT_PERSONAL_RANKS = (
+    "DELETE FROM ranks r USING user_settings s"
+    " WHERE s.user_id = r.user_id AND NOT s.personalization_enabled",
+    "DELETE FROM ranks r USING erasures x"
+    " WHERE x.user_hash = encode(sha256(convert_to(r.user_id, 'UTF8')), 'hex')"
+    " AND x.erased_at >= r.computed_at",
+)
+
+
 class PgStore:
     """A pool of connections to one database plus the statements privrank runs on it."""
 
@@ -626,7 +644,7 @@ class PgStore:
             )
             assert row is not None  # an upsert with RETURNING always returns its row
             if not row["personalization_enabled"]:
-                await conn.execute("DELETE FROM ranks WHERE user_id = $1", user_id)
+                await conn.execute(_DELETE_UNLOCKED_RANKS, user_id)
         return _settings_row(row)
 
     async def opted_out_users(self) -> dict[str, int]:
@@ -717,7 +735,12 @@ class PgStore:
         removed: dict[str, int] = {}
         async with self._user_scoped(user_id) as conn:
             for table in ("events", "user_features", "ranks", "user_settings"):
-                status = await conn.execute(f"DELETE FROM {table} WHERE user_id = $1", user_id)
+                status = await conn.execute(
+                    _DELETE_UNLOCKED_RANKS
+                    if table == "ranks"
+                    else f"DELETE FROM {table} WHERE user_id = $1",
+                    user_id,
+                )
                 removed[table] = int(status.split()[-1])
             await conn.execute("INSERT INTO erasures (user_hash) VALUES ($1)", user_digest(user_id))
         return removed
@@ -963,7 +986,8 @@ class PgStore:
     async def cleanup(
         self, *, now: datetime, ranks_hours: int, features_days: int, events_days: int
     ) -> dict[str, int]:
-        """Delete rows past their retention window (0 = keep forever); counts per table."""
+        """Delete rows past their retention window (0 = keep forever), and the rankings of
+        users who opted out or were erased that are still stored; counts per table."""
         statements = {
             "ranks": (
                 "DELETE FROM ranks WHERE computed_at < $1::timestamptz"
@@ -988,6 +1012,10 @@ class PgStore:
                     continue
                 status = await conn.execute(sql, now, window, timeout=600)
                 removed[table] = int(status.split()[-1])
+            withheld = 0
+            for sql in _DELETE_NOT_PERSONAL_RANKS:
+                withheld += int((await conn.execute(sql, timeout=600)).split()[-1])
+            removed["ranks of opted-out or erased users"] = withheld
         return removed
 
     # -- jobs -----------------------------------------------------------------------------

@@ -498,6 +498,68 @@ async def test_users_not_to_rank_personally_and_dropping_their_ranks(pg: PgStore
     assert [user for user, *_ in await pg.ranks_page(scope, "v1", after="", limit=10)] == [kept]
 
 
+@pytest.mark.parametrize("change", ["opt-out", "erasure"])
+async def test_a_privacy_change_does_not_wait_for_a_ranks_replacement(
+    pg: PgStore, pg_url: str, change: str
+) -> None:
+    """The nightly precompute holds its users' ranks rows until its one transaction ends, which
+    can take minutes: an opt-out or erasure meanwhile must not wait for it (it timed out, and
+    failed). The ranking the replacement wrote is retracted after it, as precompute does."""
+    scope, user = _scope(), f"quits-{uuid.uuid4().hex[:8]}"
+    async with pg.replacing_ranks(scope, "v1") as ranks:  # last night's ranking
+        await ranks.add([(user, ["i1"], [1.0])])
+    server = await PgStore.connect(pg_url, timeout_s=1)  # the server's store, a short timeout
+    since = datetime.now(UTC)
+    try:
+        async with pg.replacing_ranks(scope, "v2") as ranks:
+            await ranks.add([(user, ["i2"], [1.0]), ("stays", ["i3"], [1.0])])
+            if change == "opt-out":
+                settings = await server.update_settings(
+                    user, personalization_enabled=False, data_sharing_consent=None
+                )
+                assert not settings.personalization_enabled
+            else:
+                assert (await server.delete_user(user))["ranks"] == 0  # locked: left to precompute
+        assert await pg.not_personal([user, "stays"], erased_since=since) == {user}
+        assert await pg.drop_ranks(scope, [user]) == 1  # retract_not_personal's part
+        assert [u for u, *_ in await pg.ranks_page(scope, "v2", after="", limit=10)] == ["stays"]
+    finally:
+        await server.close()
+
+
+async def test_cleanup_deletes_what_a_failed_replacement_left_of_a_privacy_change(
+    pg: PgStore,
+) -> None:
+    """A replacement that held a user's row through their opt-out or erasure, then failed
+    before retracting, leaves the previous ranking stored: cleanup deletes it, and keeps a
+    ranking computed after an erasure (the user came back)."""
+    scope, tag = _scope(), uuid.uuid4().hex[:8]
+    quitter, erased, back = (f"{n}-{tag}" for n in ("quit", "gone", "back"))
+    async with pg.replacing_ranks(scope, "v1") as ranks:
+        await ranks.add([(u, ["i1"], [1.0]) for u in (quitter, erased, back, "kept")])
+    await pg.delete_user(back)
+
+    async def fails_after_the_changes() -> None:
+        async with pg.replacing_ranks(scope, "v2") as ranks:
+            await ranks.add([(u, ["i2"], [1.0]) for u in (quitter, erased)])
+            await pg.update_settings(
+                quitter, personalization_enabled=False, data_sharing_consent=None
+            )
+            await pg.delete_user(erased)
+            raise TimeoutError  # the precompute fails before its retraction
+
+    with pytest.raises(TimeoutError):
+        await fails_after_the_changes()
+    async with pg.replacing_ranks(scope, "v3") as ranks:  # computed after its erasure
+        await ranks.add([(back, ["i3"], [1.0])])
+    stored = {u for u, *_ in await pg.ranks_page(scope, "v1", after="", limit=10)}
+    assert stored == {quitter, erased, "kept"}
+    removed = await pg.cleanup(now=datetime.now(UTC), ranks_hours=0, features_days=0, events_days=0)
+    assert removed["ranks of opted-out or erased users"] >= 2  # other tests' may be there too
+    assert [u for u, *_ in await pg.ranks_page(scope, "v1", after="", limit=10)] == ["kept"]
+    assert [u for u, *_ in await pg.ranks_page(scope, "v3", after="", limit=10)] == [back]
+
+
 async def test_job_lock_admits_one_holder(pg: PgStore, pg_url: str) -> None:
     other = await PgStore.connect(pg_url, timeout_s=5)
     try:
