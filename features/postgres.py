@@ -958,18 +958,20 @@ class PgStore:
                 json.dumps(manifest),
             )
 
-    async def save_evaluation(
-        self, scope: str, model_version: str, model: str, metrics: dict[str, float], users: int
+    async def save_evaluations(
+        self,
+        scope: str,
+        model_version: str,
+        results: Sequence[tuple[str, dict[str, float]]],
+        users: int,
     ) -> None:
-        async with self._conn() as conn:
-            await conn.execute(
+        """One evaluation run's (model label, metrics), all or none: a run killed midway
+        leaves no part of its labels beside the re-run's."""
+        async with self._conn() as conn, conn.transaction():
+            await conn.executemany(
                 "INSERT INTO eval_results (scope, model_version, model, metrics, users_evaluated)"
                 " VALUES ($1, $2, $3, $4, $5)",
-                scope,
-                model_version,
-                model,
-                json.dumps(metrics),
-                users,
+                [(scope, model_version, model, json.dumps(m), users) for model, m in results],
             )
 
     async def evaluations(self, scope: str, *, limit: int = 20) -> list[dict[str, Any]]:

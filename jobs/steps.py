@@ -805,13 +805,22 @@ async def _score_split(
         snap, users, counts_by_item, k, snap.item_positions(list(profile.exclude_items))
     )
     version = snapshot.current_version(ctx.config.snapshot_dir, snap.scope) or "unpublished"
-    summary = []
-    for label, lists in served.items():
-        metrics = evaluate_rankings(
-            lists, relevant, snap.n_items, EVAL_KS, unit_vectors=snap.item_unit, item_share=share
+    results = [
+        (
+            label,
+            evaluate_rankings(
+                lists,
+                relevant,
+                snap.n_items,
+                EVAL_KS,
+                unit_vectors=snap.item_unit,
+                item_share=share,
+            ),
         )
-        await ctx.pg.save_evaluation(snap.scope, version, label, metrics, len(users))
-        summary.append(f"{label} ndcg@10={metrics['ndcg@10']:.4f}")
+        for label, lists in served.items()
+    ]
+    await ctx.pg.save_evaluations(snap.scope, version, results, len(users))
+    summary = [f"{label} ndcg@10={metrics['ndcg@10']:.4f}" for label, metrics in results]
     return f"{len(users)} users: " + ", ".join(summary)
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from features.errors import JobError
 from features.schema import Interaction
+from jobs import steps
 from jobs.runner import run_job
 from jobs.steps import NIGHTLY, JobContext
 from ranking import snapshot
@@ -91,3 +93,30 @@ async def test_train_alone_publishes_what_it_trained(seeded: JobContext) -> None
     # build stays a job of its own
     (rebuilt,) = await run_job(seeded, "build", [scope])
     assert rebuilt.startswith(f"build [{scope}] published ")
+
+
+async def test_an_evaluate_killed_between_its_labels_stores_none_of_them(
+    seeded: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every label's metrics (privrank, popularity, the variants) are stored together, so a
+    run killed midway adds nothing and its re-run adds what a clean run does."""
+    pg = seeded.pg
+    before = len(await pg.evaluations("default", limit=1000))
+    await run_job(seeded, "evaluate", ["default"])
+    clean = len(await pg.evaluations("default", limit=1000)) - before
+    assert clean >= 2
+    evaluate_rankings, calls = steps.evaluate_rankings, []
+
+    def killed_at_the_second_label(*args: Any, **kwargs: Any) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # not caught as a step's failure: the process ends here
+        return evaluate_rankings(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "evaluate_rankings", killed_at_the_second_label)
+    with pytest.raises(KeyboardInterrupt):
+        await run_job(seeded, "evaluate", ["default"])
+    monkeypatch.undo()
+    assert len(await pg.evaluations("default", limit=1000)) == before + clean
+    await run_job(seeded, "evaluate", ["default"])
+    assert len(await pg.evaluations("default", limit=1000)) == before + 2 * clean
