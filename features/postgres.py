@@ -27,7 +27,13 @@ import numpy as np
 from asyncpg.pool import PoolConnectionProxy
 
 from features.breaker import CircuitBreaker
-from features.errors import InvalidInput, JobLocked, StoreUnavailable, StoreUnreachable
+from features.errors import (
+    InvalidInput,
+    JobError,
+    JobLocked,
+    StoreUnavailable,
+    StoreUnreachable,
+)
 from features.schema import EVENT_WEIGHTS, FEATURE_NAMES, Interaction, user_digest
 
 log = logging.getLogger(__name__)
@@ -1023,24 +1029,38 @@ class PgStore:
     # -- jobs -----------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def job_lock(self) -> AsyncIterator[None]:
+    async def job_lock(self) -> AsyncIterator[JobLock]:
         """Hold the job lock for the block; raise JobLocked if another run holds it.
 
-        A session-level advisory lock: a killed run's connection closes and the lock goes
-        with it, so a stale lock never blocks the next run.
+        A session-level advisory lock on a connection of its own: a killed run's connection
+        closes and the lock goes with it, so a stale lock never blocks the next run; by the
+        same token a run whose connection ended (PostgreSQL restarted, the network dropped
+        it) has lost the lock, which ``JobLock.check`` tells. Only the lock's own statements
+        are translated and count against PostgreSQL, not the block's work.
         """
-        async with self._conn() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _JOB_LOCK_KEY):
-                raise JobLocked("another privrank job run is in progress; try again when it ends")
+        async with self._breaker.guard(), _translated():
+            conn = await self._pool.acquire(timeout=self._timeout)
+        try:
+            async with self._breaker.guard(), _translated():
+                if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _JOB_LOCK_KEY):
+                    raise JobLocked(
+                        "another privrank job run is in progress; try again when it ends"
+                    )
             try:
-                await conn.execute(
-                    "UPDATE job_runs SET status = 'failed', finished_at = now(),"
-                    " detail = 'interrupted (the process ended without finishing)'"
-                    " WHERE status = 'running'"
-                )
-                yield
+                async with self._breaker.guard(), _translated():
+                    await conn.execute(
+                        "UPDATE job_runs SET status = 'failed', finished_at = now(),"
+                        " detail = 'interrupted (the process ended without finishing)'"
+                        " WHERE status = 'running'"
+                    )
+                yield JobLock(conn, self._timeout)
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", _JOB_LOCK_KEY)
+                # a dead connection took the lock with it; the pool resets (unlocks) or
+                # discards one that fails here
+                with contextlib.suppress(*_DRIVER_ERRORS, asyncpg.InternalClientError):
+                    await conn.execute("SELECT pg_advisory_unlock($1)", _JOB_LOCK_KEY)
+        finally:
+            await self._pool.release(conn)
 
     async def start_run(self, name: str, scope: str) -> int:
         async with self._conn() as conn:
@@ -1111,6 +1131,32 @@ def _binary_array(oid: int, elements: bytes, count: int) -> bytes:
 
 # (user_id, item_ids, scores): one user's ranking, best first
 RankRow = tuple[str, Sequence[str] | np.ndarray, Sequence[float] | np.ndarray]
+
+
+class JobLock:
+    """The job lock ``PgStore.job_lock`` holds, on its connection."""
+
+    def __init__(self, conn: PoolConnectionProxy, timeout_s: float) -> None:
+        self._conn = conn
+        self._timeout = timeout_s
+
+    async def check(self) -> None:
+        """JobError unless the lock is still held: once its connection has ended, another
+        run may hold it, and this one must not go on."""
+        try:
+            held = await self._conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+                " AND pid = pg_backend_pid() AND granted AND classid = 0 AND objid = $1)",
+                _JOB_LOCK_KEY,
+                timeout=self._timeout,
+            )
+        except Exception as exc:  # asyncpg: also InternalClientError on a killed session
+            raise JobError(
+                f"lost the job lock: its PostgreSQL session ended ({type(exc).__name__});"
+                " another run may have started, so this one stops"
+            ) from exc
+        if not held:
+            raise JobError("lost the job lock; another run may have started, so this one stops")
 
 
 class RanksReplacement:

@@ -63,7 +63,7 @@ async def run_job(
     summaries: list[str] = []
     failures: list[str] = []
     announced = False
-    async with ctx.pg.job_lock():
+    async with ctx.pg.job_lock() as lock:
         targets = scopes or await ctx.pg.scopes()
         if not targets:
             raise JobError("no data yet: import interactions or run `privrank synth` first")
@@ -72,6 +72,10 @@ async def run_job(
             for step in JOBS[job]:
                 if failed and step not in ALWAYS:
                     continue
+                try:  # a run that lost the lock with its connection must not go on
+                    await lock.check()
+                except JobError as exc:
+                    raise JobError("; ".join([*failures, str(exc)])) from exc
                 run_id = await ctx.pg.start_run(step, scope)
                 if not announced:
                     on_started(started_line(run_id, step, scope))

@@ -7,11 +7,13 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 
 from features.errors import JobError
+from features.postgres import _JOB_LOCK_KEY
 from features.schema import Interaction
-from jobs import steps
+from jobs import runner, steps
 from jobs.runner import run_job
 from jobs.steps import NIGHTLY, JobContext
 from ranking import snapshot
@@ -120,3 +122,38 @@ async def test_an_evaluate_killed_between_its_labels_stores_none_of_them(
     assert len(await pg.evaluations("default", limit=1000)) == before + clean
     await run_job(seeded, "evaluate", ["default"])
     assert len(await pg.evaluations("default", limit=1000)) == before + 2 * clean
+
+
+async def test_a_run_that_lost_its_job_lock_stops_before_its_next_step(
+    seeded: JobContext, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock's session ends mid-run (its backend terminated, as a PostgreSQL restart or a
+    dropped connection would): the lock is gone, another run could take it, so this run
+    runs no further step, cleanup included, and says why."""
+    ran: list[str] = []
+    admin = await asyncpg.connect(pg_url)
+
+    async def loses_the_lock(ctx: JobContext, scope: str) -> str:
+        ran.append("refresh-features")
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks"
+            " WHERE locktype = 'advisory' AND classid = 0 AND objid = $1 AND granted",
+            _JOB_LOCK_KEY,
+        )
+        return "done"
+
+    async def cleanup(ctx: JobContext, scope: str) -> str:
+        ran.append("cleanup")
+        return "done"
+
+    monkeypatch.setitem(steps.STEPS, "refresh-features", loses_the_lock)
+    monkeypatch.setitem(steps.STEPS, "cleanup", cleanup)
+    monkeypatch.setitem(runner.JOBS, "lose-lock", ("refresh-features", "cleanup"))
+    try:
+        with pytest.raises(JobError, match="lost the job lock"):
+            await run_job(seeded, "lose-lock", ["default"])
+    finally:
+        await admin.close()
+    assert ran == ["refresh-features"]
+    async with seeded.pg.job_lock():  # free for the next run
+        pass

@@ -569,6 +569,12 @@ async def test_job_lock_admits_one_holder(pg: PgStore, pg_url: str) -> None:
                     pass
         async with other.job_lock():  # released on exit
             pass
+        # the block's own errors come out as themselves and say nothing of PostgreSQL
+        for _ in range(6):  # more than the breaker's failures
+            with pytest.raises(OSError, match="disk full"):
+                async with other.job_lock():
+                    raise OSError("disk full")
+        assert other.breaker.state == "closed"
     finally:
         await other.close()
 
