@@ -683,8 +683,12 @@ class PgStore:
             conn = await asyncpg.connect(
                 self._dsn, timeout=self._timeout, server_settings=self._settings
             )
-            await conn.add_listener(SETTINGS_CHANNEL, handler)
         except _DRIVER_ERRORS as exc:
+            raise _unavailable(exc) from exc
+        try:  # LISTEN has no timeout of its own: a hung server would hold the caller forever
+            await asyncio.wait_for(conn.add_listener(SETTINGS_CHANNEL, handler), self._timeout)
+        except _DRIVER_ERRORS as exc:
+            conn.terminate()
             raise _unavailable(exc) from exc
         return Listener(conn, self._timeout)
 

@@ -368,6 +368,35 @@ async def test_settings_changes_and_erasures_are_notified(pg: PgStore) -> None:
         await listener.stop()
 
 
+@pytest.mark.usefixtures("pg")  # migrated, its service role made
+async def test_a_listen_the_server_never_answers_gives_up_in_time(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LISTEN has no timeout of its own: a server that accepts the connection, then hangs,
+    must cost the opt-out registry the store timeout, not its refresh loop forever; the
+    connection is not left open."""
+    store = await PgStore.connect(pg_url, timeout_s=0.3)
+    opened: list[asyncpg.Connection] = []
+    connect = asyncpg.connect
+
+    async def connected(*args: object, **kwargs: object) -> asyncpg.Connection:
+        opened.append(await connect(*args, **kwargs))
+        return opened[-1]
+
+    async def hangs(*args: object) -> None:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(postgres.asyncpg, "connect", connected)
+    monkeypatch.setattr(asyncpg.Connection, "add_listener", hangs)
+    try:
+        with pytest.raises(StoreUnavailable, match="TimeoutError"):
+            await asyncio.wait_for(store.listen_settings(lambda *message: None), 10)
+        assert len(opened) == 1
+        assert opened[0].is_closed()
+    finally:
+        await store.close()
+
+
 async def test_delete_user_removes_every_row(pg: PgStore) -> None:
     scope, user = _scope(), "user-" + uuid.uuid4().hex[:8]
     await pg.insert_events([_event(scope, user, "x"), _event(scope, user, "y")])
