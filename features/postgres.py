@@ -404,17 +404,40 @@ class PgStore:
 
     async def insert_event_batches(self, batches: Iterable[Sequence[Interaction]]) -> int:
         """Store every batch in one transaction: an error in any batch (including one raised
-        while producing the next batch) keeps none of them. Returns the count stored."""
-        stored = 0
-        async with self._conn() as conn, conn.transaction():
-            for events in batches:
-                await self._copy_events(conn, events)
-                stored += len(events)
+        while producing the next batch) keeps none of them. Returns the count stored.
+
+        An event of an erased user that occurred before their erasure is erased data, late or
+        not: it is not stored. An erasure committed while this transaction ran could not see
+        its rows, so once it commits, such events of the users erased meanwhile are deleted
+        (as ``features.privacy.retract_not_personal`` does for rankings)."""
+        stored, users = 0, set[str]()
+        async with self._conn() as conn:
+            async with conn.transaction():
+                started = await conn.fetchval("SELECT now()")
+                for events in batches:
+                    stored += await self._copy_events(conn, events)
+                    users.update(e.user_id for e in events)
+            digests = {user_digest(u): u for u in users}
+            erased = await conn.fetch(
+                "SELECT user_hash, max(erased_at) AS at FROM erasures"
+                " WHERE erased_at >= $1 GROUP BY user_hash",
+                started,
+            )
+            gone = [(digests[r["user_hash"]], r["at"]) for r in erased if r["user_hash"] in digests]
+            if gone:
+                status = await conn.execute(
+                    "DELETE FROM events e USING unnest($1::text[], $2::timestamptz[]) AS g(u, at)"
+                    " WHERE e.user_id = g.u AND e.occurred_at <= g.at",
+                    [u for u, _ in gone],
+                    [at for _, at in gone],
+                )
+                stored -= int(status.split()[-1])
         return stored
 
-    async def _copy_events(self, conn: PoolConnectionProxy, events: Sequence[Interaction]) -> None:
+    async def _copy_events(self, conn: PoolConnectionProxy, events: Sequence[Interaction]) -> int:
+        """Stage and insert ``events``; how many were stored (``insert_event_batches``)."""
         if not events:
-            return
+            return 0
         timeout = max(self._timeout, 120.0)
         # COPY cannot write through row-level security: stage in a temp table, then INSERT
         columns = ", ".join(_EVENT_COLUMNS)
@@ -443,8 +466,11 @@ class PgStore:
             columns=list(_EVENT_COLUMNS),
             timeout=timeout,
         )
-        await conn.execute(
-            f"INSERT INTO events ({columns}) SELECT {columns} FROM events_in", timeout=timeout
+        status = await conn.execute(
+            f"INSERT INTO events ({columns}) SELECT {columns} FROM events_in e"
+            f" WHERE NOT EXISTS (SELECT 1 FROM erasures x WHERE x.erased_at >= e.occurred_at"
+            f" AND x.user_hash = encode(sha256(convert_to(e.user_id, 'UTF8')), 'hex'))",
+            timeout=timeout,
         )
         await conn.execute("TRUNCATE events_in")
         first_seen: dict[tuple[str, str], datetime] = {}
@@ -462,6 +488,7 @@ class PgStore:
             list(first_seen.values()),
             timeout=timeout,
         )
+        return int(status.split()[-1])
 
     async def scopes(self) -> list[str]:
         async with self._conn() as conn:

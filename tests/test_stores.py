@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
@@ -21,7 +22,7 @@ from features.breaker import CircuitBreaker
 from features.cache import PipelinedConnection, RankCache, pack_ranking, unpack_ranking
 from features.errors import JobLocked, StoreUnavailable
 from features.postgres import _MIGRATION_LOCK_KEY, FEEDBACK_SQL, PgStore
-from features.schema import FEATURE_NAMES, make_interaction, user_digest
+from features.schema import FEATURE_NAMES, Interaction, make_interaction, user_digest
 from tests.conftest import fresh_database
 
 ALTER_EVENTS = "ALTER TABLE events ADD COLUMN test_only integer"
@@ -236,6 +237,53 @@ async def test_events_round_trip_into_training_pairs(pg: PgStore) -> None:
     # impressions are not interactions; a dismissal is "seen" with zero strength
     assert got == {("a", "x"): pytest.approx(5.0), ("b", "y"): 0.0}
     assert scope in await pg.scopes()
+
+
+async def test_events_of_an_erased_user_from_before_the_erasure_are_not_stored(
+    pg: PgStore, pg_url: str
+) -> None:
+    """Late (an import of yesterday's file) or racing (an erasure committed while the import's
+    transaction ran, which its delete could not see): the user's events that occurred before
+    the erasure are not kept; those after it are new data and are."""
+    scope, tag = _scope(), uuid.uuid4().hex[:8]
+    late, racing, other = (f"{n}-{tag}" for n in ("late", "racing", "other"))
+    await pg.delete_user(late)
+    after_it = datetime.now(UTC) + timedelta(seconds=1)
+    assert (
+        await pg.insert_events(
+            [
+                _event(scope, late, "x"),
+                _event(scope, late, "y", at=after_it),
+                _event(scope, other, "x"),
+            ]
+        )
+        == 2
+    )
+
+    async def erase() -> None:
+        eraser = await PgStore.connect(pg_url, timeout_s=5)
+        try:
+            await eraser.delete_user(racing)
+        finally:
+            await eraser.close()
+
+    def erase_between_batches() -> Iterator[list[Interaction]]:
+        yield [_event(scope, racing, "x"), _event(scope, other, "y")]
+        # committed while the import's transaction is open (on a thread: the generator is
+        # iterated on the event loop, which waits for it meanwhile)
+        erasing = threading.Thread(target=asyncio.run, args=(erase(),))
+        erasing.start()
+        erasing.join()
+        yield [_event(scope, other, "z")]
+
+    assert await pg.insert_event_batches(erase_between_batches()) == 2
+    pairs = await pg.training_pairs(scope)
+    assert sorted(zip(pairs.user_ids, pairs.item_ids, strict=True)) == [
+        (late, "y"),
+        (other, "x"),
+        (other, "y"),
+        (other, "z"),
+    ]
 
 
 async def test_item_stats_before_a_cutoff_leave_the_cutoff_and_later_out(pg: PgStore) -> None:
