@@ -17,6 +17,7 @@ from __future__ import annotations
 import calendar
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -201,6 +202,16 @@ def _check_arrays(arrays: dict[str, np.ndarray]) -> None:
         arr = arrays[name]
         if arr.dtype.kind != kind or arr.ndim != ndim:
             raise SnapshotError(f"{name}: expected kind {kind!r} with {ndim} dims, got {arr.dtype}")
+    for name, arr in arrays.items():
+        # a NaN score ranks nowhere consistently (and inf - inf is NaN): refused here, so no
+        # kernel meets one. A float64 sum of float32 values cannot overflow: it is finite
+        # exactly when every value is, without an array of flags the size of the input
+        if (
+            arr is not None
+            and arr.dtype.kind == "f"
+            and not math.isfinite(arr.sum(dtype=np.float64))
+        ):
+            raise SnapshotError(f"{name}: holds NaN or infinite values")
     n, u = len(arrays["item_ids"]), len(arrays["user_ids"])
     if arrays["item_vectors"].shape[0] != n or len(arrays["item_bias"]) != n:
         raise SnapshotError("item arrays disagree in length")

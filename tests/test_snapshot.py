@@ -371,6 +371,20 @@ BAD_ARRAYS = {
         ),
         f"do not fit the items and {CONTEXT_SEGMENTS} segments",
     ),
+    "a NaN in item_vectors": (
+        bad(
+            GOOD, item_vectors=np.where(np.eye(6, 4) > 0, np.nan, GOOD["item_vectors"]).astype("f4")
+        ),
+        "item_vectors: holds NaN or infinite values",
+    ),
+    "an infinite bias": (
+        bad(GOOD, item_bias=np.array([0, 0, np.inf, 0, 0, 0], dtype=np.float32)),
+        "item_bias: holds NaN or infinite values",
+    ),
+    "a NaN user vector": (
+        bad(GOOD, user_vectors=np.full((3, 4), np.nan, dtype=np.float32)),
+        "user_vectors: holds NaN or infinite values",
+    ),
     "integer vectors": (
         bad(GOOD, item_vectors=GOOD["item_vectors"].astype(np.int64)),
         "item_vectors: expected kind 'f'",
