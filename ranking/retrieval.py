@@ -365,10 +365,13 @@ class FaissRetriever:
             excluded_indices,
             k,
         )
-        n_excluded = excluded_indptr[rows + 1] - excluded_indptr[rows]
-        for i in np.flatnonzero(counts < np.minimum(k, len(self._vectors) - n_excluded)):
+        n = len(self._vectors)
+        for i in np.flatnonzero(counts < min(k, n)):
             r = rows[i]
             excluded = excluded_indices[excluded_indptr[r] : excluded_indptr[r + 1]]
+            # exclusions may repeat (the kernels' contract): count the items they remove
+            if counts[i] >= min(k, n - len(np.unique(excluded))):
+                continue
             exact_items, exact_scores = self._exact.top_k(queries[r], excluded, k, deadline)
             items[i, : len(exact_items)], scores[i, : len(exact_items)] = exact_items, exact_scores
             counts[i] = len(exact_items)

@@ -767,6 +767,24 @@ def test_faiss_retriever_small_catalog_falls_back_to_exact_results(kind: str) ->
             np.testing.assert_array_equal(got[1], want[1])
 
 
+def test_repeated_exclusions_do_not_shrink_the_ann_answer() -> None:
+    """Item 0 excluded 60 times still leaves 99 items: faiss alone (one list probed, no head)
+    finds about half, and the exact scan must make up the rest of k = 80, in a single query
+    and in a batch alike (exclusions may repeat: the kernels' contract)."""
+    rng = np.random.default_rng(0)
+    centres = np.array([[10, 0], [-10, 0]], dtype=np.float32)
+    vectors = (centres[np.arange(100) % 2] + rng.standard_normal((100, 2))).astype(np.float32)
+    bias = np.zeros(100, dtype=np.float32)
+    index = build_index(vectors, bias, nlist=2)
+    ann = FaissRetriever(index, vectors, bias, params=SearchParams(nprobe=1, head=0))
+    query, excluded = np.array([1, 0], dtype=np.float32), np.zeros(60, dtype=np.int64)
+    want, _ = ExactRetriever(vectors, bias).top_k(query, excluded, 80)
+    assert len(want) == 80
+    np.testing.assert_array_equal(ann.top_k(query, excluded, 80)[0], want)
+    _, _, counts = ann.top_k_batch(query[None, :], np.array([0, 60]), excluded, 80)
+    assert counts.tolist() == [80]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_k_zero_returns_nothing_from_both(kind: str) -> None:
     # the Retriever contract: (positions int64[k'], scores float32[k']) with k' <= k
