@@ -308,7 +308,8 @@ class FaissRetriever:
         cut to the candidates ``top_k`` would have asked for and re-scored as it does. Rows
         are searched in size classes (k plus their exclusions, to the next power of two): a
         search costs with the number of results it is asked for, and one user with thousands
-        of seen items would otherwise set that number for the whole batch."""
+        of seen items would otherwise set that number for the whole batch. On HNSW, by the
+        beam each row's own search would use."""
         b = len(queries)
         k = min(k, len(self._vectors))
         out_i = np.full((b, k), -1, dtype=np.int64)
@@ -318,6 +319,10 @@ class FaissRetriever:
             return out_i, out_s, counts
         wanted = k + np.diff(excluded_indptr)
         size_class = np.ceil(np.log2(wanted)).astype(np.int64)
+        if isinstance(self._index, faiss.IndexHNSW):
+            # HNSW's beam widens with the results asked for, and a wider beam finds other
+            # candidates: rows share a search only where their own would use the same beam
+            size_class = np.maximum(self.params.ef_search or 64, wanted * self._oversampling)
         try:
             augmented = _augment(queries)
             for members in (np.flatnonzero(size_class == c) for c in np.unique(size_class)):

@@ -885,6 +885,25 @@ def test_retriever_for_an_hnsw_index_of_an_earlier_build(tmp_path: Path) -> None
         np.testing.assert_array_equal(got[1], want[1])
 
 
+@pytest.mark.usefixtures("single_threaded_faiss")
+def test_hnsw_batch_rows_are_the_single_query_answers() -> None:
+    """A batch row whose exclusions put it in another row's size class must not be searched
+    with that row's wider beam: HNSW's candidates change with it (precompute's rankings
+    would then differ from live answers)."""
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((3000, 16)).astype(np.float32)
+    bias = np.zeros(3000, dtype=np.float32)
+    ann = FaissRetriever(build_index(vectors, bias, kind="hnsw", hnsw_neighbours=4), vectors, bias)
+    for _ in range(20):
+        batch = rng.standard_normal((2, 16)).astype(np.float32)
+        excluded = np.sort(rng.choice(3000, 12, replace=False)).astype(np.int64)
+        items, scores, counts = ann.top_k_batch(batch, np.array([0, 0, 12]), excluded, 20)
+        for row, row_excluded in enumerate((NO_EXCLUSIONS, excluded)):
+            want = ann.top_k(batch[row].copy(), row_excluded, 20)
+            np.testing.assert_array_equal(items[row, : counts[row]], want[0])
+            np.testing.assert_array_equal(scores[row, : counts[row]], want[1])
+
+
 def test_corrupt_index_is_refused_at_load(tmp_path: Path) -> None:
     arrays = make_arrays(n=50, d=4)
     index = build_index(arrays["item_vectors"], arrays["item_bias"])
