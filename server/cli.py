@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     except JobLocked as exc:
         print(f"privrank: {exc}", file=sys.stderr)
         return EXIT_LOCKED
-    except PrivrankError as exc:
+    except (PrivrankError, OSError) as exc:  # OSError: a data dir, TLS or --out file
         print(f"privrank: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

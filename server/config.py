@@ -7,6 +7,8 @@ name. Secrets are masked in ``repr``.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 import secrets
@@ -193,6 +195,11 @@ class Config:
                 f"{PREFIX}TLS_CLIENT_CA_FILE needs {PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE"
                 " (client certificates are checked during the server's TLS handshake)"
             )
+        if self.log_level.upper() not in logging.getLevelNamesMapping():
+            raise ConfigError(
+                f"{PREFIX}LOG_LEVEL: expected DEBUG, INFO, WARNING, ERROR or CRITICAL, "
+                f"got {self.log_level!r}"
+            )
         if self.kernel_threads < 0:
             raise ConfigError(f"{PREFIX}KERNEL_THREADS: must be >= 0 (0: automatic)")
         if self.max_pending_rpcs < 0:
@@ -296,7 +303,10 @@ def _convert(key: str, type_name: object, raw: str) -> object:
         if kind == "int":
             return int(raw)
         if kind == "float":
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):  # NaN would pass every `<= 0` check
+                raise ConfigError(f"{key}: expected a finite number, got {raw!r}")
+            return value
     except ValueError:
         raise ConfigError(f"{key}: expected a {kind}, got {raw!r}") from None
     return raw

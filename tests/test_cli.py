@@ -196,6 +196,33 @@ def test_a_busy_port_fails_in_one_line_before_any_store_starts(
     assert not (tmp_path / "data" / "postgres").exists(), "the embedded PostgreSQL was started"
 
 
+@pytest.mark.parametrize(
+    ("case", "args"),
+    [
+        ("a log level logging does not know", ("token", "--role", "service")),
+        ("a data dir that is a file", ("token", "--role", "service")),
+        ("TLS files gone", ("healthcheck", "--target", "127.0.0.1:1")),
+    ],
+)
+def test_a_bad_setting_or_path_fails_in_one_line_not_a_traceback(
+    tmp_path: Path, case: str, args: tuple[str, ...]
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    settings: dict[str, dict[str, object]] = {
+        "a log level logging does not know": {"log_level": "verbose"},
+        "a data dir that is a file": {"data_dir": tmp_path / "a-file"},
+        "TLS files gone": {
+            "tls_cert_file": tmp_path / "gone.pem",
+            "tls_key_file": tmp_path / "gone.key",
+        },
+    }
+    config = dataclasses.replace(Config(data_dir=tmp_path / "data"), **settings[case])
+    result = privrank(config, *args, check=False)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("privrank: error:"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
 def test_the_embedded_postgresql_starts_without_platformdirs_warnings(
     config: Config, tmp_path: Path
 ) -> None:

@@ -40,6 +40,11 @@ def test_defaults_are_valid() -> None:
         ({"PRIVRANK_REDIS_KEY_PREFIX": "app*:"}, "PRIVRANK_REDIS_KEY_PREFIX"),  # a glob
         ({"PRIVRANK_REDIS_KEY_PREFIX": "my app:"}, "PRIVRANK_REDIS_KEY_PREFIX"),
         ({"PRIVRANK_REDIS_KEY_PREFIX": "p" * 65}, "PRIVRANK_REDIS_KEY_PREFIX"),
+        ({"PRIVRANK_LOG_LEVEL": "verbose"}, "PRIVRANK_LOG_LEVEL"),  # logging's own: a traceback
+        # NaN passes every `<= 0` check: a staleness bound of NaN would never be fresh
+        ({"PRIVRANK_OPTOUT_MAX_STALENESS_S": "nan"}, "PRIVRANK_OPTOUT_MAX_STALENESS_S: .*finite"),
+        ({"PRIVRANK_DEFAULT_DEADLINE_S": "inf"}, "PRIVRANK_DEFAULT_DEADLINE_S: .*finite"),
+        ({"PRIVRANK_REDIS_TIMEOUT_S": "-nan"}, "PRIVRANK_REDIS_TIMEOUT_S: .*finite"),
         (
             {"PRIVRANK_MAX_CONCURRENT_RPCS": "100", "PRIVRANK_MAX_QUEUED_RPCS": "92"},
             "must exceed",
