@@ -92,6 +92,10 @@ def _rows(
                     raise InvalidInput(
                         f"{path.name}: no column {name!r} (columns: {', '.join(header)})"
                     )
+                if name in drop:
+                    raise InvalidInput(
+                        f"{path.name}: column {name!r} is read, so it cannot be in --drop-columns"
+                    )
             extra = [name for name in header if name not in mapped and name not in drop]
             if extra:
                 raise InvalidInput(
@@ -143,8 +147,9 @@ def read_interactions(
     default_event = "view"
     batch: list[Interaction] = []
     for n, (where, row) in enumerate(rows):
-        if n == 0:
-            has_value, has_event = value_col in row, event_col in row
+        if n == 0:  # a dropped column is never read, though it has the default's name
+            has_value = value_col in row and value_col not in columns.drop
+            has_event = event_col in row and event_col not in columns.drop
             default_event = "rating" if has_value else "view"
         raw_value = row[value_col].strip() if has_value else ""
         try:

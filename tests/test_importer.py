@@ -182,3 +182,16 @@ async def test_imported_ratings_train_as_their_value(tmp_path: Path, pg: PgStore
     pairs = await pg.training_pairs(scope)
     strength = dict(zip(pairs.item_ids.tolist(), pairs.strength.tolist(), strict=True))
     assert strength == {"i4": 4.0, "i0": 0.0, "i3": 0.0}
+
+
+def test_a_dropped_value_or_event_column_is_never_read(tmp_path: Path) -> None:
+    """``--drop-columns value`` on a file whose ``value`` is a price: the rows are views, not
+    ratings weighted by the price; a column the import needs cannot be dropped."""
+    path = _write(
+        tmp_path / "events.csv",
+        "user_id,item_id,timestamp,value,event_type",
+        "u1,i1,1700000000,250,purchase",
+    )
+    dropped = ColumnMap(drop=frozenset({"value", "event_type"}))
+    assert [(e.event_type, e.value) for e in _read(path, dropped)] == [("view", 1.0)]
+    assert "'user_id' is read" in _refusal(path, ColumnMap(drop=frozenset({"user_id", "value"})))
