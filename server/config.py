@@ -7,12 +7,14 @@ name. Secrets are masked in ``repr``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
 import secrets
 import sys
+import tempfile
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -313,13 +315,20 @@ def _convert(key: str, type_name: object, raw: str) -> object:
 
 
 def load_or_create_secret(data_dir: Path) -> str:
-    """The signing key kept in the data dir, generated (mode 0600) on first use."""
+    """The signing key kept in the data dir, generated (mode 0600) on first use. Processes
+    starting at once on a new data dir (``serve --workers``) all get the one key: it is
+    written whole under another name, then linked into place by whichever comes first."""
     path = data_dir / "auth_secret"
-    if path.exists():
-        return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secret)
-    return secret
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd, staged = tempfile.mkstemp(prefix=".auth_secret-", dir=data_dir)  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(48))
+                handle.flush()
+                os.fsync(handle.fileno())
+            with contextlib.suppress(FileExistsError):  # another process was first: its key
+                os.link(staged, path)
+        finally:
+            os.unlink(staged)
+    return path.read_text().strip()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from features.errors import ConfigError
-from server.config import Config, grpc_experiments
+from server.config import Config, grpc_experiments, load_or_create_secret
 from server.threads import usable_cores
 
 
@@ -155,3 +158,29 @@ def test_importing_the_server_package_chooses_the_transport_before_grpc_starts()
     # too late once grpc is imported (gRPC has read its experiments): left alone, and said
     late = _experiments_after(f"import grpc, server; {RUNNING}", PRIVRANK_GRPC_TRANSPORT="ph2")
     assert late == ["chttp2", "None"]
+
+
+def _secret_at(data_dir: str, start: float) -> str:
+    """In a child process: the signing key of ``data_dir``, read from ``start`` (unix s) on."""
+    while time.time() < start:
+        pass
+    try:
+        return load_or_create_secret(Path(data_dir))
+    except Exception as exc:  # what the losing process got
+        return f"raised {exc!r}"
+
+
+def test_processes_starting_together_on_a_new_data_dir_share_one_secret(tmp_path: Path) -> None:
+    """``serve --workers`` on a new data dir: every worker reads the key as the first creates
+    it. The loser of exists-then-create got FileExistsError (its worker died at start-up) or
+    read the file before it was written (and refused every token)."""
+    permissions = set()
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        for trial in range(40):
+            data_dir = tmp_path / f"d{trial}"
+            keys = pool.starmap(_secret_at, [(str(data_dir), time.time() + 0.02)] * 2)
+            assert len(set(keys)) == 1, keys
+            assert len(keys[0]) >= 32, keys
+            assert [p.name for p in data_dir.iterdir()] == ["auth_secret"]
+            permissions.add(stat.S_IMODE((data_dir / "auth_secret").stat().st_mode))
+    assert permissions == {0o600}
