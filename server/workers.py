@@ -105,6 +105,8 @@ class Supervisor:
         return 0
 
     def _spawn(self, index: int) -> None:
+        if self._stopping:  # SIGTERM came meanwhile (a restart's backoff): start none
+            return
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # the worker
@@ -120,6 +122,9 @@ class Supervisor:
         os.close(write_fd)
         self._workers[pid] = _Worker(index, pid, read_fd)
         log.info("worker %d started (pid %d)", index, pid)
+        if self._stopping:  # SIGTERM came while it forked, and went to the others only
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     def _watch_ready(self, timeout_s: float) -> None:
         waiting = {w.ready_fd: w for w in self._workers.values() if not w.ready}
@@ -145,6 +150,11 @@ class Supervisor:
             if worker is None:
                 continue
             os.close(worker.ready_fd)
+            # its live gauges (connections, the pool) leave the sums; its counts stay.
+            # Imported here: prometheus_client must not be before serve_workers sets it up
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid, self._metrics_dir)
             code = os.waitstatus_to_exitcode(status)
             if self._stopping:
                 log.info("worker %d exited (%d)", worker.index, code)

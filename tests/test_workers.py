@@ -13,9 +13,10 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -30,7 +31,7 @@ from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.auth import mint_token
 from server.config import Config
-from tests.conftest import cli_env, privrank
+from tests.conftest import ROOT, cli_env, privrank
 from tests.serving import (
     CLI,
     established_sockets,
@@ -342,3 +343,94 @@ def test_workers_setting_is_validated(config: Config) -> None:
     result = privrank(config, "serve", "--workers", "0", check=False)
     assert result.returncode != 0
     assert "WORKERS" in result.stderr
+
+
+# -- the supervisor alone, with stand-in workers (no stores) ----------------------------------
+
+_SUPERVISED = """
+import logging, os, signal, sys, time
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+from server.config import Config
+from server.workers import Supervisor
+class StandIn(Supervisor):
+    def _work(self, index, ready_fd):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+            signal.signal(sig, signal.SIG_DFL)
+        from prometheus_client import Gauge
+        Gauge("standin_up", "1 per live worker", multiprocess_mode="livesum").set(1)
+        os.write(ready_fd, b"R")
+        os.close(ready_fd)
+        while True:
+            time.sleep(1)
+config = Config(shutdown_delay_s=0.5, shutdown_grace_s=1.0)
+sys.exit(StandIn(config, "", "", 2, os.environ["PROMETHEUS_MULTIPROC_DIR"]).run())
+"""
+
+
+@contextlib.contextmanager
+def _supervised(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    """A Supervisor of two stand-in workers, in a process of its own: (it, metrics dir, log)."""
+    metrics_dir, log = tmp_path / "metrics", tmp_path / "supervisor.log"
+    metrics_dir.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVRANK_")}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _SUPERVISED], env=env, stdout=out, stderr=out, cwd=ROOT
+        )
+    try:
+        yield process, metrics_dir, log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.add(int(entry.name))
+    return found
+
+
+def _until(check: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_sigterm_while_a_dead_worker_waits_for_its_restart_starts_no_worker(
+    tmp_path: Path,
+) -> None:
+    """The restart after a worker's death waits a moment; a SIGTERM in it stops the others,
+    and no new worker starts then (it would miss the SIGTERM and be killed at the end)."""
+    with _supervised(tmp_path) as (process, _, log):
+        _until(lambda: log.read_text().count(" up") == 2, "both workers up")
+        os.kill(min(_children(process.pid)), signal.SIGKILL)
+        _until(lambda: "restarting it" in log.read_text(), "the death noticed")
+        process.send_signal(signal.SIGTERM)  # inside the restart's backoff
+        assert process.wait(30) == 0
+        assert "started" not in log.read_text().split("stopping", 1)[1], log.read_text()
+
+
+def test_a_dead_workers_live_gauges_leave_the_sums(tmp_path: Path) -> None:
+    """Connections and pool sizes are summed over live workers: a dead one's leave the sum
+    when it is reaped (prometheus_client keeps them otherwise)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    def summed(metrics_dir: Path) -> float:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(metrics_dir))
+        return registry.get_sample_value("standin_up") or 0.0
+
+    with _supervised(tmp_path) as (process, metrics_dir, log):
+        _until(lambda: log.read_text().count(" up") == 2, "both workers up")
+        assert summed(metrics_dir) == 2
+        os.kill(min(_children(process.pid)), signal.SIGKILL)
+        _until(lambda: log.read_text().count(" up") == 3, "the replacement up")
+        assert summed(metrics_dir) == 2
