@@ -271,8 +271,14 @@ async def _online(config: Config, server: str, metrics: str) -> Online:
         ttl_s=60,
         issuer=config.token_issuer,
     )
+    tls, name = _client_tls(config), config.tls_server_name
+    options = [("grpc.ssl_target_name_override", name)] if name else []
     try:
-        async with aio.insecure_channel(server) as channel:
+        async with (
+            aio.secure_channel(server, tls, options)
+            if tls is not None
+            else aio.insecure_channel(server)
+        ) as channel:
             answer = await rpc.AdminStub(channel).GetMetrics(
                 pb.GetMetricsRequest(), metadata=[("authorization", f"Bearer {token}")], timeout=3
             )
@@ -438,20 +444,28 @@ def _check_listen_addresses(config: Config) -> None:
                 raise ConfigError(f"{variable}: cannot listen on {address}: {failures[0]}")
 
 
-def _healthcheck(config: Config, args: argparse.Namespace) -> int:
-    """Exit 0 if the server says SERVING (with --live: if it answers); over TLS when the
-    server has it, presenting the server's own certificate where clients must present one."""
-    from server.app import channel_ready_check
+def _client_tls(config: Config, ca_file: Path | None = None) -> Any:
+    """Credentials for a local client of this server (healthcheck, report): None where it is
+    plaintext; else trusting ``ca_file`` (default: the server's own certificate), presenting
+    the server's certificate where clients must present one."""
     from server.tls import channel_credentials
 
-    tls = None
-    if config.tls_cert_file is not None:
-        mutual = config.tls_client_ca_file is not None
-        tls = channel_credentials(
-            args.tls_ca or config.tls_cert_file,
-            config.tls_cert_file if mutual else None,
-            config.tls_key_file if mutual else None,
-        )
+    if config.tls_cert_file is None:
+        return None
+    mutual = config.tls_client_ca_file is not None
+    return channel_credentials(
+        ca_file or config.tls_cert_file,
+        config.tls_cert_file if mutual else None,
+        config.tls_key_file if mutual else None,
+    )
+
+
+def _healthcheck(config: Config, args: argparse.Namespace) -> int:
+    """Exit 0 if the server says SERVING (with --live: if it answers); over TLS when the
+    server has it (``_client_tls``)."""
+    from server.app import channel_ready_check
+
+    tls = _client_tls(config, args.tls_ca)
     name = args.tls_server_name or config.tls_server_name
     ready = channel_ready_check(args.target or config.listen, tls, name, live=args.live)
     return 0 if ready else EXIT_FAILURE

@@ -198,3 +198,48 @@ def test_tls_settings_fail_fast(config: Config, authority: Authority, files: Iss
         CertificateFiles(files.cert, mismatched.key, None)
     with pytest.raises(ConfigError, match="TLS files"):
         CertificateFiles(files.cert, files.key, authority.directory / "missing-ca.pem")
+
+
+async def test_the_report_reads_the_online_figures_of_a_tls_server(
+    tmp_path: Path, files: Issued
+) -> None:
+    """`privrank report` asks the running server for its figures as the healthcheck does:
+    over TLS where the server has it (it dialled plaintext, and always said no server
+    answered)."""
+    import http.server
+    import threading
+
+    from server.api import privrank_pb2 as pb
+    from server.api import privrank_pb2_grpc as rpc
+    from server.cli import _online
+
+    class Admin(rpc.AdminServicer):
+        async def GetMetrics(self, request: object, context: object) -> pb.Metrics:
+            return pb.Metrics(online=pb.OnlineMetrics(requests=7))
+
+    class Prometheus(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"# no series\n")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    metrics = http.server.HTTPServer(("127.0.0.1", 0), Prometheus)
+    threading.Thread(target=metrics.serve_forever, daemon=True).start()
+    server = aio.server()
+    rpc.add_AdminServicer_to_server(Admin(), server)
+    port = server.add_secure_port(
+        "127.0.0.1:0", CertificateFiles(files.cert, files.key, None).credentials()
+    )
+    await server.start()
+    try:
+        tls = _tls(Config(data_dir=tmp_path / "data"), files)
+        online = await _online(tls, f"127.0.0.1:{port}", f"127.0.0.1:{metrics.server_port}")
+        assert online.note == ""
+        assert online.figures["requests"] == 7
+    finally:
+        await server.stop(0)
+        metrics.shutdown()
+        metrics.server_close()
