@@ -176,18 +176,26 @@ class Config:
             "CACHE_TTL_S": self.cache_ttl_s,
             "OPTOUT_REFRESH_S": self.optout_refresh_s,
             "OPTOUT_MAX_STALENESS_S": self.optout_max_staleness_s,
+            "SNAPSHOT_POLL_S": self.snapshot_poll_s,  # 0 or less: a reload loop without a pause
             "PRECOMPUTE_TOP_K": self.precompute_top_k,
             "EMBEDDING_DIM": self.embedding_dim,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{PREFIX}{name}: must be positive, got {value}")
-        for name, value in (
-            ("MAX_CONNECTION_IDLE_S", self.max_connection_idle_s),
-            ("MAX_CONNECTION_AGE_S", self.max_connection_age_s),
+        for name, value, zero in (
+            ("MAX_CONNECTION_IDLE_S", self.max_connection_idle_s, "never"),
+            ("MAX_CONNECTION_AGE_S", self.max_connection_age_s, "never"),
+            ("SHUTDOWN_DELAY_S", self.shutdown_delay_s, "none"),
+            ("SHUTDOWN_GRACE_S", self.shutdown_grace_s, "none"),
+            ("RANKS_RETENTION_H", self.ranks_retention_h, "keep forever"),
+            ("FEATURES_RETENTION_D", self.features_retention_d, "keep forever"),
+            ("EVENTS_RETENTION_D", self.events_retention_d, "keep forever"),
+            ("OFFLOAD_MIN_WORK", self.offload_min_work, "always offload"),
+            ("EXACT_SEARCH_MAX_ITEMS", self.exact_search_max_items, "always an index"),
         ):
             if value < 0:
-                raise ConfigError(f"{PREFIX}{name}: must be >= 0 (0: never)")
+                raise ConfigError(f"{PREFIX}{name}: must be >= 0 (0: {zero})")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError(
                 f"{PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE: set both or neither"

@@ -43,6 +43,10 @@ def test_defaults_are_valid() -> None:
         ({"PRIVRANK_REDIS_KEY_PREFIX": "app*:"}, "PRIVRANK_REDIS_KEY_PREFIX"),  # a glob
         ({"PRIVRANK_REDIS_KEY_PREFIX": "my app:"}, "PRIVRANK_REDIS_KEY_PREFIX"),
         ({"PRIVRANK_REDIS_KEY_PREFIX": "p" * 65}, "PRIVRANK_REDIS_KEY_PREFIX"),
+        ({"PRIVRANK_SNAPSHOT_POLL_S": "0"}, "PRIVRANK_SNAPSHOT_POLL_S"),  # a reload loop
+        ({"PRIVRANK_SHUTDOWN_GRACE_S": "-1"}, "PRIVRANK_SHUTDOWN_GRACE_S"),
+        ({"PRIVRANK_RANKS_RETENTION_H": "-24"}, "PRIVRANK_RANKS_RETENTION_H"),
+        ({"PRIVRANK_OFFLOAD_MIN_WORK": "-1"}, "PRIVRANK_OFFLOAD_MIN_WORK"),
         ({"PRIVRANK_LOG_LEVEL": "verbose"}, "PRIVRANK_LOG_LEVEL"),  # logging's own: a traceback
         # NaN passes every `<= 0` check: a staleness bound of NaN would never be fresh
         ({"PRIVRANK_OPTOUT_MAX_STALENESS_S": "nan"}, "PRIVRANK_OPTOUT_MAX_STALENESS_S: .*finite"),
