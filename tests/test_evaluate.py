@@ -77,11 +77,16 @@ class Evaluated:
 async def evaluated(
     config: Config, pg: PgStore, cache: RankCache, tmp_path_factory: pytest.TempPathFactory
 ) -> Evaluated:
-    batches = list(generate(users=120, items=150, events=4000, scope=SCOPE, seed=23, end=END))
+    # users of this scope's own: a user ID is one person in every scope, and other tests
+    # erase some of the synthetic ones (whose earlier events are then never stored again)
+    batches = [
+        [dataclasses.replace(e, user_id=f"{SCOPE}-{e.user_id}") for e in batch]
+        for batch in generate(users=120, items=150, events=4000, scope=SCOPE, seed=23, end=END)
+    ]
     # items that first appear in the last days, well after the cutoff: not rankable in it
     batches.append(
         [
-            _event(SCOPE, f"u{n}", late, kind, END - timedelta(hours=n + 1))
+            _event(SCOPE, f"{SCOPE}-u{n}", late, kind, END - timedelta(hours=n + 1))
             for late in LATE
             for n in range(8)
             for kind in ("view", "purchase")
