@@ -122,6 +122,23 @@ def _table(rows: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
+def _variants(evaluations: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """Per scope with A/B variants, the newest evaluation of each (labelled privrank/<name>)
+    beside the control's (privrank)."""
+    tables = []
+    for scope, rows in sorted(evaluations.items()):
+        newest: dict[str, Mapping[str, Any]] = {}
+        for row in sorted(rows, key=lambda e: e["evaluated_at"]):
+            if row["model"] == "privrank" or row["model"].startswith("privrank/"):
+                newest[row["model"]] = row
+        if any(label.startswith("privrank/") for label in newest):
+            rows_shown = [newest[label] for label in sorted(newest)]
+            tables.append(f"<h3>Scope {html.escape(scope)}</h3>{_table(rows_shown)}")
+    if not tables:
+        return "<p>No A/B variants are configured, so there is nothing to compare yet.</p>"
+    return "".join(tables)
+
+
 def render(evaluations: Mapping[str, Sequence[Mapping[str, Any]]], online: Online) -> str:
     """The whole page. ``evaluations``: scope → stored evaluations (any order)."""
     sections = []
@@ -129,7 +146,7 @@ def render(evaluations: Mapping[str, Sequence[Mapping[str, Any]]], online: Onlin
         ordered = sorted(rows, key=lambda e: (e["evaluated_at"], e["model"]))
         plot = _versions_plot(ordered, scope) if ordered else ""
         sections.append(f"<h2>Scope {html.escape(scope)}</h2>{plot}{_table(ordered)}")
-    if online.latency_buckets:
+    if online.figures:  # the server answered, whether or not it has ranked anything yet
         figures = "".join(
             f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in online.figures.items()
         )
@@ -137,13 +154,13 @@ def render(evaluations: Mapping[str, Sequence[Mapping[str, Any]]], online: Onlin
             f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>"
             for k, v in sorted(online.served_by_source.items())
         )
+        plot = _latency_plot(online.latency_buckets) if online.latency_buckets else ""
         health = (
-            f"{_latency_plot(online.latency_buckets)}<table>{figures}</table>"
-            f"<h3>Answers per ladder rung</h3><table>{rungs}</table>"
+            f"{plot}<table>{figures}</table><h3>Answers per ladder rung</h3><table>{rungs}</table>"
         )
     else:
         health = f"<p>{html.escape(online.note or 'No server answered.')}</p>"
-    variants = "<p>No A/B variants are configured, so there is nothing to compare yet.</p>"
+    variants = _variants(evaluations)
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>privrank report</title>

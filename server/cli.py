@@ -253,8 +253,9 @@ async def _export(config: Config, urls: embedded.EmbeddedUrls, args: argparse.Na
     print(f"exported {len(rows)} feature rows of {users} consenting users to {args.out}")
 
 
-async def _online(config: Config, server: str, metrics: str) -> Online:
-    """Online figures from a running server, or a note on why there are none."""
+async def _online(config: Config, server: str, metrics: str, scope: str = "") -> Online:
+    """Online figures of ``scope`` (default: the default scope) from a running server, or a
+    note on why there are none."""
     import urllib.request
 
     from grpc import aio
@@ -280,7 +281,9 @@ async def _online(config: Config, server: str, metrics: str) -> Online:
             else aio.insecure_channel(server)
         ) as channel:
             answer = await rpc.AdminStub(channel).GetMetrics(
-                pb.GetMetricsRequest(), metadata=[("authorization", f"Bearer {token}")], timeout=3
+                pb.GetMetricsRequest(scope=scope),
+                metadata=[("authorization", f"Bearer {token}")],
+                timeout=3,
             )
         text = await asyncio.to_thread(
             lambda: urllib.request.urlopen(f"http://{metrics}/metrics", timeout=3).read().decode()
@@ -317,12 +320,15 @@ async def _report(config: Config, urls: embedded.EmbeddedUrls, args: argparse.Na
         scopes = [validate_scope(args.scope)] if args.scope else await pg.scopes()
         evaluations = {scope: await pg.evaluations(scope, limit=500) for scope in scopes}
     online = await _online(
-        config, args.server or config.listen, args.metrics or config.metrics_listen
+        config,
+        args.server or config.listen,
+        args.metrics or config.metrics_listen,
+        scopes[0] if args.scope else "",
     )
     args.out.write_text(render(evaluations, online))
     print(
         f"wrote {args.out} ({len(scopes)} scopes; server: "
-        f"{'reachable' if online.latency_buckets else 'not reachable'})"
+        f"{'reachable' if online.figures else 'not reachable'})"
     )
 
 
