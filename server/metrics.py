@@ -70,8 +70,8 @@ class ServiceMetrics:
         )
         self._served = Counter(
             "privrank_served",
-            "ranking answers by ladder rung and A/B variant",
-            ["scope", "source", "variant"],
+            "ranking answers by method, ladder rung and A/B variant",
+            ["method", "scope", "source", "variant"],
             registry=self.registry,
         )
         self._blocked = Counter(
@@ -139,8 +139,11 @@ class ServiceMetrics:
             with self._lock:
                 self._recent.append(seconds)
 
-    def observe_answer(self, scope: str, source: str, blocked: bool, variant: str) -> None:
-        self._served.labels(scope, source, variant).inc()
+    def observe_answer(
+        self, method: str, scope: str, source: str, blocked: bool, variant: str
+    ) -> None:
+        """Count an answer of ``method`` (Recommend, RankCandidates or SimilarItems)."""
+        self._served.labels(method, scope, source, variant).inc()
         if blocked:
             self._blocked.labels(scope).inc()
 
@@ -183,6 +186,10 @@ class ServiceMetrics:
         method, not per scope."""
         by_source: Tally[str] = Tally()
         by_variant: Tally[str] = Tally()
+        # the rates are of answers for a user (SimilarItems' are about an item: never
+        # personal, never blocked), the cache's of Recommend's, the one method it serves
+        for_users: Tally[str] = Tally()
+        recommended: Tally[str] = Tally()
         buckets: defaultdict[float, float] = defaultdict(float)
         blocked = requests = 0.0
         for family in self._families():
@@ -193,6 +200,10 @@ class ServiceMetrics:
                 if sample.name == "privrank_served_total":
                     by_source[labels["source"]] += int(value)
                     by_variant[labels["variant"]] += int(value)
+                    if labels["method"] != "SimilarItems":
+                        for_users[labels["source"]] += int(value)
+                    if labels["method"] == "Recommend":
+                        recommended[labels["source"]] += int(value)
                 elif sample.name == "privrank_personalization_blocked_total":
                     blocked += value
                 elif labels.get("method") not in RANKING_METHODS:
@@ -207,15 +218,15 @@ class ServiceMetrics:
             p50, p95, p99 = np.percentile(recent, [50, 95, 99]) if len(recent) else (0.0, 0.0, 0.0)
         else:
             p50, p95, p99 = (1000.0 * q for q in bucket_quantiles(buckets, (0.5, 0.95, 0.99)))
-        answers = sum(by_source.values())
-        personal = by_source.get("cached", 0) + by_source.get("live", 0)
+        answers = sum(for_users.values())
+        personal = recommended.get("cached", 0) + recommended.get("live", 0)
         return OnlineFigures(
             requests=int(requests),
             p50_ms=float(p50),
             p95_ms=float(p95),
             p99_ms=float(p99),
-            cache_hit_rate=by_source.get("cached", 0) / personal if personal else 0.0,
-            fallback_rate=by_source.get("popular", 0) / answers if answers else 0.0,
+            cache_hit_rate=recommended.get("cached", 0) / personal if personal else 0.0,
+            fallback_rate=for_users.get("popular", 0) / answers if answers else 0.0,
             opt_out_rate=blocked / answers if answers else 0.0,
             served_by_source=dict(by_source),
             served_by_variant=dict(by_variant),

@@ -125,9 +125,13 @@ class RankingService(rpc.RankingServicer):
     def __init__(self, app: App) -> None:
         self._app = app
 
-    def _observed(self, scope: str, answer: Ranked) -> pb.RankedItems:
+    def _observed(self, method: str, scope: str, answer: Ranked) -> pb.RankedItems:
         self._app.metrics.observe_answer(
-            scope, answer.source.name.lower(), answer.personalization_blocked, answer.variant
+            method,
+            scope,
+            answer.source.name.lower(),
+            answer.personalization_blocked,
+            answer.variant,
         )
         return _ranked(answer)
 
@@ -151,7 +155,7 @@ class RankingService(rpc.RankingServicer):
         answer = await self._app.ranker.recommend(
             user_id, scope, limit, excluded, current().deadline, segment
         )
-        return self._observed(scope, answer)
+        return self._observed("Recommend", scope, answer)
 
     async def RankCandidates(
         self, request: pb.RankCandidatesRequest, context: aio.ServicerContext
@@ -166,7 +170,7 @@ class RankingService(rpc.RankingServicer):
         answer = await self._app.ranker.rank_candidates(
             user_id, scope, candidates, limit, current().deadline
         )
-        return self._observed(scope, answer)
+        return self._observed("RankCandidates", scope, answer)
 
     async def SimilarItems(
         self, request: pb.SimilarItemsRequest, context: aio.ServicerContext
@@ -177,7 +181,7 @@ class RankingService(rpc.RankingServicer):
         answer = await self._app.ranker.similar_items(
             item_id, scope, _limit(request.limit), current().deadline
         )
-        return self._observed(scope, answer)
+        return self._observed("SimilarItems", scope, answer)
 
     async def RecordEvents(
         self, request: pb.RecordEventsRequest, context: aio.ServicerContext

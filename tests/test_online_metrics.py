@@ -38,9 +38,9 @@ def test_figures_count_what_was_observed() -> None:
     for seconds in (0.001, 0.002, 0.003):
         metrics.observe_rpc("/privrank.v1.Ranking/Recommend", "OK", seconds)
     metrics.observe_rpc("/privrank.v1.Admin/GetMetrics", "OK", 0.5)
-    metrics.observe_answer("default", "cached", blocked=False, variant="control")
-    metrics.observe_answer("default", "live", blocked=False, variant="b")
-    metrics.observe_answer("default", "popular", blocked=True, variant="control")
+    metrics.observe_answer("Recommend", "default", "cached", blocked=False, variant="control")
+    metrics.observe_answer("Recommend", "default", "live", blocked=False, variant="b")
+    metrics.observe_answer("Recommend", "default", "popular", blocked=True, variant="control")
     figures = metrics.figures()
     assert figures.requests == 3
     assert figures.p50_ms == pytest.approx(2.0)
@@ -49,6 +49,23 @@ def test_figures_count_what_was_observed() -> None:
     assert figures.cache_hit_rate == pytest.approx(0.5)
     assert figures.fallback_rate == pytest.approx(1 / 3)
     assert figures.opt_out_rate == pytest.approx(1 / 3)
+
+
+def test_the_rates_are_of_answers_for_users() -> None:
+    """SimilarItems' answers are about an item (always LIVE, never blocked): counted by rung,
+    left out of the rates; the cache hit rate is Recommend's, the one method it serves."""
+    metrics = ServiceMetrics()
+    metrics.observe_answer("Recommend", "default", "cached", blocked=False, variant="control")
+    metrics.observe_answer("Recommend", "default", "cached", blocked=False, variant="control")
+    metrics.observe_answer("Recommend", "default", "live", blocked=False, variant="control")
+    metrics.observe_answer("RankCandidates", "default", "popular", blocked=True, variant="control")
+    for _ in range(5):
+        metrics.observe_answer("SimilarItems", "default", "live", blocked=False, variant="control")
+    figures = metrics.figures()
+    assert figures.served_by_source == {"cached": 2, "live": 6, "popular": 1}
+    assert figures.cache_hit_rate == pytest.approx(2 / 3)
+    assert figures.fallback_rate == pytest.approx(1 / 4)
+    assert figures.opt_out_rate == pytest.approx(1 / 4)
 
 
 def test_refusals_are_counted_but_not_timed() -> None:
@@ -73,9 +90,9 @@ def test_refusals_are_counted_but_not_timed() -> None:
 def test_figures_of_a_scope_count_only_its_answers() -> None:
     metrics = ServiceMetrics()
     metrics.observe_rpc("/privrank.v1.Ranking/Recommend", "OK", 0.001)
-    metrics.observe_answer("default", "cached", blocked=False, variant="control")
-    metrics.observe_answer("shop", "popular", blocked=True, variant="control")
-    metrics.observe_answer("shop", "live", blocked=False, variant="b")
+    metrics.observe_answer("Recommend", "default", "cached", blocked=False, variant="control")
+    metrics.observe_answer("Recommend", "shop", "popular", blocked=True, variant="control")
+    metrics.observe_answer("Recommend", "shop", "live", blocked=False, variant="b")
     shop = metrics.figures("shop")
     assert shop.served_by_source == {"popular": 1, "live": 1}
     assert shop.served_by_variant == {"control": 1, "b": 1}
