@@ -434,7 +434,7 @@ class AdminService(rpc.AdminServicer):
             run_id = await self._app.pg.start_run(request.name, request.scope)
             await self._app.pg.finish_run(run_id, ok=False, detail=reason)
         else:
-            await self._app.reload()
+            await self._app.reload_everywhere()  # every worker, not the one only
         return code, reason
 
     async def ListJobRuns(
