@@ -99,6 +99,14 @@ def unpack_ranking(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
     return packed["item"].astype(np.int64), packed["score"].astype(np.float32)
 
 
+def _cached_ranking(raw: bytes | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """A GET's reply as a ranking, or None (a miss): missing, or not whole RANKING_DTYPE
+    records (cut short, or not written by ``pack_ranking``), which would fail every call."""
+    if raw is None or len(raw) % RANKING_DTYPE.itemsize:
+        return None
+    return unpack_ranking(raw)
+
+
 def _command(*parts: bytes) -> bytes:
     """One command in RESP, Redis's request encoding."""
     return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
@@ -330,10 +338,8 @@ class RankCache:
         key = self.keys.rank(scope, model_version, user_id)
         async with self._redis() as client:
             raw = await (client.get(key) if self._gets is None else self._gets.get(key))
-        if raw is None:
-            return None
-        assert isinstance(raw, bytes)  # the client is created without decode_responses
-        return unpack_ranking(raw)
+        assert raw is None or isinstance(raw, bytes)  # the client has no decode_responses
+        return _cached_ranking(raw)
 
     async def get_with_recent(
         self, scope: str, model_version: str, user_id: str, *, after: float | None = None
@@ -354,7 +360,7 @@ class RankCache:
                     _command(b"GET", key.encode()),
                     _command(b"LRANGE", recent.encode(), b"0", b"%d" % (RECENT_ITEMS - 1)),
                 )
-        return (None if raw is None else unpack_ranking(raw)), _item_ids(items, after)
+        return _cached_ranking(raw), _item_ids(items, after)
 
     async def put_many(
         self,

@@ -352,17 +352,19 @@ class Ranker:
         limit: int,
         depth: int,
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """The precomputed ranking ``hit`` minus ``excluded``, if it still holds ``limit``,
-        cut to the ``depth`` the live ranking would re-rank (precompute stores some more, for
-        the exclusions)."""
+        """The precomputed ranking ``hit`` minus ``excluded``, if it still holds ``limit``
+        and, where the exclusions cut it, the ``depth`` the live ranking would re-rank
+        (diversity re-ranks that many: fewer would answer otherwise than live does), cut to
+        ``depth`` (precompute stores some more, for the exclusions)."""
         items, scores = hit
         if len(items) and (items.max() >= snap.n_items or items.min() < 0):
             log.warning("cached ranking for scope %s does not fit its snapshot", snap.scope)
             return None
+        whole = len(items)
         if len(excluded):
             keep = ~np.isin(items, excluded)
             items, scores = items[keep], scores[keep]
-        if len(items) < limit:
+        if len(items) < max(limit, min(depth, whole)):
             return None
         return items[:depth], scores[:depth]
 

@@ -287,6 +287,10 @@ class App:
             page = await self.pg.ranks_page(scope, snap.version, after=after, limit=REFILL_PAGE)
             if not page:
                 break
+            if not (self.optouts.personalization_enabled and self.optouts.fresh):
+                # nobody is ranked personally for now (the global switch, an opt-out set gone
+                # stale): the rest would be left out for the moment only, so not warm yet
+                return written
             after, now = page[-1][0], time.time()
             batch, shortest = [], ttl_s
             for user_id, item_ids, scores, computed_at in page:
