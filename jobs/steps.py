@@ -655,30 +655,46 @@ async def precompute(ctx: JobContext, scope: str) -> str:
     written = 0
     storing: asyncio.Future[int] | None = None  # the previous batch's
     bar = tqdm(total=len(positions), desc=f"precompute {scope}", unit="user", disable=None)
-    async with ctx.pg.replacing_ranks(scope, snap.version) as ranks:
-        try:
-            for start in range(0, len(positions), BATCH_USERS):
-                # ranked off the loop (faiss and the kernels release the GIL) while the loop
-                # stores the previous batch, and PostgreSQL and Redis take it in
-                batch = await asyncio.to_thread(rank, positions[start : start + BATCH_USERS])
+    users = [user_id for user_id, _ in positions]
+    try:
+        async with ctx.pg.replacing_ranks(scope, snap.version) as ranks:
+            try:
+                for start in range(0, len(positions), BATCH_USERS):
+                    # ranked off the loop (faiss and the kernels release the GIL) while the
+                    # loop stores the previous batch, and PostgreSQL and Redis take it in
+                    batch = await asyncio.to_thread(rank, positions[start : start + BATCH_USERS])
+                    if storing is not None:
+                        written += await storing
+                    storing = asyncio.ensure_future(store(ranks, batch))
+                    bar.update(len(batch))
                 if storing is not None:
                     written += await storing
-                storing = asyncio.ensure_future(store(ranks, batch))
-                bar.update(len(batch))
-            if storing is not None:
-                written += await storing
-        finally:
-            bar.close()
-            if storing is not None:  # unfinished only after an error: stopped, and its own
-                storing.cancel()  # error (if any) retrieved, so none goes unheard
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await storing
+            finally:
+                bar.close()
+                if storing is not None:  # unfinished only after an error: stopped, and its
+                    storing.cancel()  # own error (if any) retrieved, so none goes unheard
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await storing
+    except BaseException:
+        # the ranks table rolled back, but the batches before the failure are in Redis: those
+        # of users who opted out or were erased meanwhile go too (if this fails, their TTL)
+        with contextlib.suppress(Exception):
+            await retract_not_personal(
+                ctx.pg,
+                ctx.cache,
+                scope,
+                snap.version,
+                users,
+                data_as_of=snap.data_as_of,
+                stored=False,
+            )
+        raise
     retracted = await retract_not_personal(
         ctx.pg,
         ctx.cache,
         scope,
         snap.version,
-        [user_id for user_id, _ in positions],
+        users,
         data_as_of=snap.data_as_of,
         stored=True,
     )

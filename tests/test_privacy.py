@@ -4,6 +4,7 @@ retention."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -21,11 +22,14 @@ import redis
 from google.protobuf.message import Message
 from grpc import aio
 
-from features.errors import PermissionDenied, Unauthenticated
-from features.postgres import SERVICE_ROLE, PgStore
+from features.errors import JobError, PermissionDenied, StoreUnavailable, Unauthenticated
+from features.postgres import SERVICE_ROLE, PgStore, RanksReplacement
 from features.schema import make_interaction
+from jobs import steps
 from jobs.runner import run_job
 from jobs.steps import JobContext
+from jobs.synth import generate
+from ranking import snapshot
 from server.api import privrank_pb2 as pb
 from server.auth import POLICY, Authorizer, Role, mint_token, verify_token
 from tests.conftest import Client, privrank
@@ -526,3 +530,44 @@ async def test_a_precompute_racing_an_opt_out_and_an_erasure_leaves_no_ranking_o
             pb.UpdateSettingsRequest(user_id=quitter, personalization_enabled=True),
             metadata=client.svc,
         )
+
+
+async def test_a_precompute_that_fails_leaves_no_ranking_of_a_user_opted_out_meanwhile(
+    seeded: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user opts out while precompute runs (the opt-out's purge before precompute writes
+    their ranking to Redis), then a later batch fails (the ranks table's COPY, say): the
+    ranks table rolls back, and the user's ranking must not stay in Redis for its TTL."""
+    pg, cache = seeded.pg, seeded.cache
+    scope = "pre" + uuid.uuid4().hex[:6]
+    await pg.insert_event_batches(
+        [dataclasses.replace(e, user_id=f"{scope}-{e.user_id}") for e in batch]
+        for batch in generate(users=30, items=30, events=1200, scope=scope, seed=8)
+    )
+    await run_job(seeded, "train", [scope])  # train and build
+    version = snapshot.current_version(seeded.config.snapshot_dir, scope)
+    assert version is not None
+    monkeypatch.setattr(steps, "BATCH_USERS", 4)
+    put_many, add, opted, adds = cache.put_many, RanksReplacement.add, [], []
+
+    async def opting_out_first(scope: str, version: str, batch: Any, **kw: Any) -> int:
+        if not opted:
+            opted.append(batch[0][0])
+            await pg.update_settings(
+                opted[0], personalization_enabled=False, data_sharing_consent=None
+            )
+            await cache.delete_user(opted[0])  # as UpdateSettings purges after its commit
+        return await put_many(scope, version, batch, **kw)
+
+    async def failing_second(self: RanksReplacement, rows: Any) -> None:
+        adds.append(1)
+        if len(adds) == 2:
+            raise StoreUnavailable("PostgreSQL: connection lost")
+        await add(self, rows)
+
+    monkeypatch.setattr(cache, "put_many", opting_out_first)
+    monkeypatch.setattr(RanksReplacement, "add", failing_second)
+    with pytest.raises(JobError):
+        await run_job(seeded, "precompute", [scope])
+    monkeypatch.undo()
+    assert await cache.get(scope, version, opted[0]) is None
