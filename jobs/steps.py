@@ -652,10 +652,24 @@ async def precompute(ctx: JobContext, scope: str) -> str:
         spent["ranks table"] += time.monotonic() - cached
         return written
 
+    users = [user_id for user_id, _ in positions]
+
+    async def retract(stored: bool) -> set[str]:
+        """``retract_not_personal`` for the step's users, from the ranks table too if
+        ``stored``."""
+        return await retract_not_personal(
+            ctx.pg,
+            ctx.cache,
+            scope,
+            snap.version,
+            users,
+            data_as_of=snap.data_as_of,
+            stored=stored,
+        )
+
     written = 0
     storing: asyncio.Future[int] | None = None  # the previous batch's
     bar = tqdm(total=len(positions), desc=f"precompute {scope}", unit="user", disable=None)
-    users = [user_id for user_id, _ in positions]
     try:
         async with ctx.pg.replacing_ranks(scope, snap.version) as ranks:
             try:
@@ -679,25 +693,9 @@ async def precompute(ctx: JobContext, scope: str) -> str:
         # the ranks table rolled back, but the batches before the failure are in Redis: those
         # of users who opted out or were erased meanwhile go too (if this fails, their TTL)
         with contextlib.suppress(Exception):
-            await retract_not_personal(
-                ctx.pg,
-                ctx.cache,
-                scope,
-                snap.version,
-                users,
-                data_as_of=snap.data_as_of,
-                stored=False,
-            )
+            await retract(stored=False)
         raise
-    retracted = await retract_not_personal(
-        ctx.pg,
-        ctx.cache,
-        scope,
-        snap.version,
-        users,
-        data_as_of=snap.data_as_of,
-        stored=True,
-    )
+    retracted = await retract(stored=True)
     await ctx.cache.mark_warm(scope, snap.version, ttl_s=profile.cache_ttl_s)
     gone = f"; {len(retracted)} retracted (opted out or erased meanwhile)" if retracted else ""
     timing = ", ".join(f"{what} {seconds:.1f}s" for what, seconds in spent.items())
