@@ -747,6 +747,8 @@ async def evaluate(ctx: JobContext, scope: str) -> str:
     if cutoff is None:
         return "too few interactions to hold any out; nothing evaluated"
     train_pairs = await ctx.pg.training_pairs(scope, before=cutoff)
+    if not rules and not np.any(train_pairs.strength > 0):  # e.g. every event at one instant
+        return "no positive interactions before the holdout cutoff; nothing evaluated"
     all_pairs = await ctx.pg.training_pairs(scope)
     profile = ctx.config.profile(scope)
     items = await _items(ctx, scope, cutoff, before=True)

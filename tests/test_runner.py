@@ -157,3 +157,30 @@ async def test_a_run_that_lost_its_job_lock_stops_before_its_next_step(
     assert ran == ["refresh-features"]
     async with seeded.pg.job_lock():  # free for the next run
         pass
+
+
+async def test_evaluate_with_nothing_before_the_cutoff_reports_it_and_fails_nothing(
+    seeded: JobContext,
+) -> None:
+    """A learned scope whose events share one instant (a day-granular import): the cutoff is
+    that instant and the training part is empty. Train and build manage; evaluate says it
+    evaluated nothing, as for a scope too small to hold out, instead of failing the run."""
+    scope = _scope()
+    at = datetime.now(UTC) - timedelta(days=1)
+    await seeded.pg.insert_events(
+        [
+            Interaction(
+                scope=scope,
+                user_id=f"{scope}-{user}",
+                item_id=f"i{item}",
+                event_type="click",
+                value=1.0,
+                occurred_at=at,
+            )
+            for user in ("a", "b", "c")
+            for item in range(4)
+        ]
+    )
+    await run_job(seeded, "train", [scope])
+    (summary,) = await run_job(seeded, "evaluate", [scope])
+    assert "nothing evaluated" in summary
