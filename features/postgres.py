@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any
 
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 SETTINGS_CHANNEL = "privrank_settings"
 SERVICE_ROLE = "privrank_service"  # created by migration 0002; see its header
 _JOB_LOCK_KEY = 0x70726976  # "priv": one advisory lock serialises all job runs
+_ERASURE_LOCK_KEY = 0x65726173  # "eras": erasures (shared) against read_horizon (exclusive)
+# how long an erasure's transaction may run between its stamp and its commit, at most
+ERASURE_COMMIT_MARGIN = timedelta(minutes=10)
 _MIGRATION_LOCK_KEY = 0x70726977
 MIGRATION_LOCK_WAIT_S = 600.0  # how long a migration waits for another process's to finish
 _MIGRATION_LOCK_POLL_S = 0.2
@@ -418,10 +421,10 @@ class PgStore:
                     stored += await self._copy_events(conn, events)
                     users.update(e.user_id for e in events)
             digests = {user_digest(u): u for u in users}
-            erased = await conn.fetch(
+            erased = await conn.fetch(  # stamped before this began, committed after: margin
                 "SELECT user_hash, max(erased_at) AS at FROM erasures"
                 " WHERE erased_at >= $1 GROUP BY user_hash",
-                started,
+                started - ERASURE_COMMIT_MARGIN,
             )
             gone = [(digests[r["user_hash"]], r["at"]) for r in erased if r["user_hash"] in digests]
             if gone:
@@ -771,6 +774,9 @@ class PgStore:
         vector at once and cleanup prunes snapshots that may still hold it."""
         removed: dict[str, int] = {}
         async with self._user_scoped(user_id) as conn:
+            # held to the commit, and the erasure stamped once it is taken: read_horizon
+            # waits for this transaction, or comes before its stamp
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", _ERASURE_LOCK_KEY)
             for table in ("events", "user_features", "ranks", "user_settings"):
                 status = await conn.execute(
                     _DELETE_UNLOCKED_RANKS
@@ -779,8 +785,21 @@ class PgStore:
                     user_id,
                 )
                 removed[table] = int(status.split()[-1])
-            await conn.execute("INSERT INTO erasures (user_hash) VALUES ($1)", user_digest(user_id))
+            await conn.execute(
+                "INSERT INTO erasures (user_hash, erased_at) VALUES ($1, clock_timestamp())",
+                user_digest(user_id),
+            )
         return removed
+
+    async def read_horizon(self) -> datetime:
+        """A time to stamp data read from now on with (a snapshot's data_as_of): every erasure
+        stamped before it has committed, so the read cannot see its user's rows, and every
+        later one is stamped later. An erasure still running is waited for (it holds the
+        erasure lock shared until it commits; this takes it exclusively)."""
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _ERASURE_LOCK_KEY)
+            horizon: datetime = await conn.fetchval("SELECT clock_timestamp()")
+        return horizon
 
     async def feedback_by_variant(
         self, scope: str, *, since: datetime

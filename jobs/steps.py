@@ -259,7 +259,8 @@ async def train(ctx: JobContext, scope: str) -> str:
     EASE_MAX_ITEMS also EASE, which serves Recommend when it wins on validation."""
     if _rules(ctx, scope):
         return "rule-based scope: no model to train"
-    data_as_of = time.time()  # before the read: an erasure from then on may not be in it
+    # before the read: an erasure stamped from then on may not be in it (read_horizon)
+    data_as_of = (await ctx.pg.read_horizon()).timestamp()
     pairs = await ctx.pg.training_pairs(scope)
     params, note, ease_lambda = ctx.als_params(), "", None
     split = _validation(pairs, params)
@@ -486,7 +487,7 @@ def _rule_arrays(items: _Items, pairs: TrainingPairs, profile: Profile) -> dict[
 async def _build_rules(ctx: JobContext, scope: str) -> str:
     """A rule scope's snapshot from its training pairs (opted-out users left out)."""
     items = await _items(ctx, scope, await _as_of(ctx, scope))
-    data_as_of = time.time()
+    data_as_of = (await ctx.pg.read_horizon()).timestamp()
     pairs = await ctx.pg.training_pairs(scope)
     arrays = _rule_arrays(items, pairs, ctx.config.profile(scope))
     user_ids = arrays["user_ids"]

@@ -4,9 +4,13 @@ serves that user personally, and nothing Redis kept from before it is used again
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 import numpy as np
@@ -15,7 +19,7 @@ from grpc import aio
 
 from features.errors import StoreUnavailable
 from features.postgres import PgStore, TrainingPairs
-from features.schema import Interaction
+from features.schema import Interaction, user_digest
 from jobs.runner import run_job
 from jobs.steps import JobContext
 from jobs.synth import generate
@@ -278,3 +282,61 @@ async def test_events_recorded_while_their_user_is_erased_leave_nothing_in_redis
         pb.ExportUserDataRequest(user_id=user), metadata=client.svc
     )
     assert export.cached_rankings == 0
+
+
+class _PausedAfterEvents:
+    """delete_user's connection, held after it deleted the events (a heavy user's delete
+    takes a while) until ``resume`` is set."""
+
+    def __init__(self, conn: Any, deleting: asyncio.Event, resume: asyncio.Event) -> None:
+        self._conn, self._deleting, self._resume = conn, deleting, resume
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        status: str = await self._conn.execute(sql, *args)
+        if sql.startswith("DELETE FROM events"):
+            self._deleting.set()
+            await self._resume.wait()
+        return status
+
+
+async def test_an_erasure_still_committing_when_train_reads_is_masked_or_left_out(
+    seeded: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeleteUserData's transaction has begun but not committed when train takes data_as_of
+    and reads, so the read may still see the user's events: the snapshot built from it must
+    leave the user out, or be one the server masks them in (erased_at >= data_as_of). The
+    erasure was stamped with its transaction's start, before data_as_of: neither held."""
+    pg = seeded.pg
+    scope = "race" + uuid.uuid4().hex[:6]
+    await pg.insert_event_batches(
+        [dataclasses.replace(e, user_id=f"{scope}-{e.user_id}") for e in batch]
+        for batch in generate(users=40, items=30, events=1500, scope=scope, seed=5)
+    )
+    user = f"{scope}-u3"
+    deleting, resume, read = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    scoped, training_pairs = pg._user_scoped, pg.training_pairs
+
+    @contextlib.asynccontextmanager
+    async def paused(user_id: str) -> AsyncIterator[Any]:
+        async with scoped(user_id) as conn:
+            yield _PausedAfterEvents(conn, deleting, resume)
+
+    async def reading(scope: str, **kw: Any) -> TrainingPairs:
+        pairs = await training_pairs(scope, **kw)
+        read.set()
+        return pairs
+
+    monkeypatch.setattr(pg, "_user_scoped", paused)
+    monkeypatch.setattr(pg, "training_pairs", reading)
+    erasure = asyncio.ensure_future(pg.delete_user(user))
+    await deleting.wait()
+    job = asyncio.ensure_future(run_job(seeded, "train", [scope]))
+    with contextlib.suppress(TimeoutError):  # a train that waits for the erasure reads later
+        await asyncio.wait_for(read.wait(), 3)
+    resume.set()
+    assert (await erasure)["events"] > 0
+    await job
+    monkeypatch.undo()
+    snap = snapshot.load_current(seeded.config.snapshot_dir, scope)
+    erased_at = (await pg.erasures(since=datetime(1970, 1, 1, tzinfo=UTC)))[user_digest(user)]
+    assert snap.user_position(user) is None or erased_at >= snap.data_as_of
