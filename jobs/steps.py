@@ -623,16 +623,19 @@ async def precompute(ctx: JobContext, scope: str) -> str:
         if p >= 0 and not (live and profile.variant_of(scope, u) in live)
     ]
     k = ctx.config.precompute_top_k
+    # deep enough for the candidates a diversifying profile re-ranks, as the live path does
+    diversified = (profile.for_variant(name) for name in profile.variant_names)
+    depth = max([k, *(v.candidates for v in diversified if v.diversity > 0)]) + RECENT_ITEMS
     # seconds spent ranking (on the thread), writing to Redis and to the ranks table: the
     # summary tells an operator which of the overlapped three bounds the step
     spent = dict.fromkeys(("ranking", "Redis", "ranks table"), 0.0)
 
     def rank(chunk: list[tuple[str, int]]) -> list[tuple[str, np.ndarray, np.ndarray]]:
-        """(user_id, items, scores) of a batch: serving's ranking, k + RECENT_ITEMS deep
-        (serving leaves out the user's newest items, and still has k)."""
+        """(user_id, items, scores) of a batch: serving's ranking, ``depth`` deep (serving
+        leaves out the user's newest items, and still has k, or its candidates)."""
         started = time.monotonic()
         users = np.array([p for _, p in chunk], dtype=np.int64)
-        items, scores, counts = top_k_for_users(snap, users, k + RECENT_ITEMS, scoring)
+        items, scores, counts = top_k_for_users(snap, users, depth, scoring)
         spent["ranking"] += time.monotonic() - started
         return [
             (user_id, items[r, : counts[r]], scores[r, : counts[r]])

@@ -3,20 +3,25 @@ snapshot or with too little data reports, and what ``train`` alone publishes."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+from features.cache import RECENT_ITEMS
 from features.errors import JobError
 from features.postgres import _JOB_LOCK_KEY
 from features.schema import Interaction
 from jobs import runner, steps
 from jobs.runner import run_job
 from jobs.steps import NIGHTLY, JobContext
+from jobs.synth import generate
 from ranking import snapshot
+from tests.conftest import with_profiles
 
 
 def _scope() -> str:
@@ -184,3 +189,32 @@ async def test_evaluate_with_nothing_before_the_cutoff_reports_it_and_fails_noth
     await run_job(seeded, "train", [scope])
     (summary,) = await run_job(seeded, "evaluate", [scope])
     assert "nothing evaluated" in summary
+
+
+async def test_precompute_stores_as_deep_as_a_diversifying_profile_re_ranks(
+    seeded: JobContext, tmp_path: Path
+) -> None:
+    """Diversity re-ranks a profile's top ``candidates``: a cached ranking shallower than that
+    (precompute's k, 100) would re-rank fewer than the live path does and answer otherwise."""
+    scope = _scope()
+    config = with_profiles(
+        seeded.config, tmp_path, f"[{scope}]\ndiversity = 0.5\ncandidates = 150\n"
+    )
+    ctx = JobContext(config, seeded.pg, seeded.cache)
+    await seeded.pg.insert_event_batches(
+        [dataclasses.replace(e, user_id=f"{scope}-{e.user_id}") for e in batch]
+        for batch in generate(users=20, items=400, events=600, scope=scope, seed=3)
+    )
+    await run_job(ctx, "train", [scope])
+    await run_job(ctx, "precompute", [scope])
+    snap = snapshot.load_current(config.snapshot_dir, scope)
+    stored = await seeded.pg.ranks_page(scope, snap.version, after="", limit=5)
+    assert stored
+    for user, item_ids, *_ in stored:
+        position = snap.user_position(user)
+        assert position is not None
+        rankable = snap.n_items - len(snap.seen(position))
+        assert len(item_ids) == min(150 + RECENT_ITEMS, rankable)
+        hit = await seeded.cache.get(scope, snap.version, user)
+        assert hit is not None
+        assert len(hit[0]) == len(item_ids)
