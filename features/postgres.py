@@ -885,18 +885,30 @@ class PgStore:
         Opted-out users are skipped and their feature rows deleted.
         """
         names, weights = _weights()
-        async with self._conn() as conn, conn.transaction():
-            # right after a bulk import (before autovacuum has analyzed events) the planner
-            # thinks the aggregates have a row or two and nests their join: quadratic in users
-            # (minutes at 100k). Hash joins are right at any size.
-            await conn.execute("SET LOCAL enable_nestloop = off")
+        async with self._conn() as conn:
+            async with conn.transaction():
+                started = await conn.fetchval("SELECT now()")
+                # right after a bulk import (before autovacuum has analyzed events) the
+                # planner thinks the aggregates have a row or two and nests their join:
+                # quadratic in users (minutes at 100k). Hash joins are right at any size.
+                await conn.execute("SET LOCAL enable_nestloop = off")
+                await conn.execute(
+                    "DELETE FROM user_features f USING user_settings s WHERE f.user_id ="
+                    " s.user_id AND NOT s.personalization_enabled AND f.scope = $1",
+                    scope,
+                )
+                status = await conn.execute(
+                    _REFRESH_FEATURES_SQL, scope, now, names, weights, timeout=600
+                )
+            # an erasure that ran meanwhile: this read the user's events before it committed,
+            # and wrote their features again after its delete (``insert_event_batches``)
             await conn.execute(
-                "DELETE FROM user_features f USING user_settings s"
-                " WHERE f.user_id = s.user_id AND NOT s.personalization_enabled AND f.scope = $1",
+                "DELETE FROM user_features f USING erasures x WHERE f.scope = $1"
+                " AND x.erased_at >= $2"
+                " AND x.user_hash = encode(sha256(convert_to(f.user_id, 'UTF8')), 'hex')",
                 scope,
-            )
-            status = await conn.execute(
-                _REFRESH_FEATURES_SQL, scope, now, names, weights, timeout=600
+                started - ERASURE_COMMIT_MARGIN,
+                timeout=600,
             )
         return int(status.split()[-1])
 

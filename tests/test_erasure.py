@@ -284,16 +284,18 @@ async def test_events_recorded_while_their_user_is_erased_leave_nothing_in_redis
     assert export.cached_rankings == 0
 
 
-class _PausedAfterEvents:
-    """delete_user's connection, held after it deleted the events (a heavy user's delete
-    takes a while) until ``resume`` is set."""
+class _PausedAfter:
+    """delete_user's connection, held after its statement starting with ``prefix`` (a heavy
+    user's delete takes a while) until ``resume`` is set; ``deleting`` is set then."""
 
-    def __init__(self, conn: Any, deleting: asyncio.Event, resume: asyncio.Event) -> None:
-        self._conn, self._deleting, self._resume = conn, deleting, resume
+    def __init__(
+        self, conn: Any, prefix: str, deleting: asyncio.Event, resume: asyncio.Event
+    ) -> None:
+        self._conn, self._prefix, self._deleting, self._resume = conn, prefix, deleting, resume
 
     async def execute(self, sql: str, *args: Any) -> str:
         status: str = await self._conn.execute(sql, *args)
-        if sql.startswith("DELETE FROM events"):
+        if sql.startswith(self._prefix):
             self._deleting.set()
             await self._resume.wait()
         return status
@@ -319,7 +321,7 @@ async def test_an_erasure_still_committing_when_train_reads_is_masked_or_left_ou
     @contextlib.asynccontextmanager
     async def paused(user_id: str) -> AsyncIterator[Any]:
         async with scoped(user_id) as conn:
-            yield _PausedAfterEvents(conn, deleting, resume)
+            yield _PausedAfter(conn, "DELETE FROM events", deleting, resume)
 
     async def reading(scope: str, **kw: Any) -> TrainingPairs:
         pairs = await training_pairs(scope, **kw)
@@ -340,3 +342,39 @@ async def test_an_erasure_still_committing_when_train_reads_is_masked_or_left_ou
     snap = snapshot.load_current(seeded.config.snapshot_dir, scope)
     erased_at = (await pg.erasures(since=datetime(1970, 1, 1, tzinfo=UTC)))[user_digest(user)]
     assert snap.user_position(user) is None or erased_at >= snap.data_as_of
+
+
+async def test_features_a_refresh_computed_while_the_user_was_erased_do_not_come_back(
+    seeded: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """refresh-features reads a user's events while their erasure is still committing, then
+    waits on the row the erasure deletes and writes it again: the erased user's aggregates
+    would be back in user_features. The refresh deletes them once it commits."""
+    pg = seeded.pg
+    scope = "refresh" + uuid.uuid4().hex[:6]
+    await pg.insert_event_batches(
+        [dataclasses.replace(e, user_id=f"{scope}-{e.user_id}") for e in batch]
+        for batch in generate(users=20, items=20, events=600, scope=scope, seed=6)
+    )
+    now = datetime.now(UTC)
+    await pg.refresh_features(scope, now=now)
+    user = f"{scope}-u3"
+    assert user in (await pg.user_features(scope))[0].tolist()
+    deleting, resume = asyncio.Event(), asyncio.Event()
+    scoped = pg._user_scoped
+
+    @contextlib.asynccontextmanager
+    async def paused(user_id: str) -> AsyncIterator[Any]:
+        async with scoped(user_id) as conn:
+            yield _PausedAfter(conn, "DELETE FROM user_features", deleting, resume)
+
+    monkeypatch.setattr(pg, "_user_scoped", paused)
+    erasure = asyncio.ensure_future(pg.delete_user(user))
+    await deleting.wait()
+    refresh = asyncio.ensure_future(pg.refresh_features(scope, now=now))
+    await asyncio.sleep(0.5)  # reading, then waiting on the user's row
+    resume.set()
+    await erasure
+    await refresh
+    monkeypatch.undo()
+    assert user not in (await pg.user_features(scope))[0].tolist()
