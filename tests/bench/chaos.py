@@ -1920,6 +1920,7 @@ async def overload(b: Bench) -> None:
                 await timeline.mark(f"{multiple:g}x")
                 run = await b.offer(clients, multiple * capacity, b.p.overload_s)
                 await timeline.mark("drained")
+                await asyncio.sleep(b.p.overload_pause_s)  # let any backlog drain
                 after = await asyncio.to_thread(server.scrape)
                 seen = {
                     code: after.get(("Recommend", code), 0) - before.get(("Recommend", code), 0)
@@ -1927,7 +1928,6 @@ async def overload(b: Bench) -> None:
                     if method == "Recommend"
                 }
                 dump(b, f"overload-{multiple:g}x", run)
-                await asyncio.sleep(b.p.overload_pause_s)  # let any backlog drain
                 core = await asyncio.to_thread(server.core_calls)  # followed once a second
                 delta = {k: v - core_before.get(k, 0.0) for k, v in core.items()}
                 dropped: float | None = None  # where core counts them (chttp2 transport)

@@ -235,6 +235,7 @@ class Row:
     counts: Counter[Code] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    boundary: int = 0  # of ``sent``, the deterministic boundary requests
 
     @property
     def sent(self) -> int:
@@ -256,7 +257,7 @@ def generated(sender: Sender, rpc: Rpc, n: int, seed: int, deadline: float) -> R
         problem = check_outcome(rpc, outcome)
         if problem and len(row.failures) < 20:
             row.failures.append(f"{problem} | boundary {short(request)[:300]}")
-    boundary = row.sent
+    boundary = row.boundary = row.sent
     run = 0
     while row.sent - boundary < n and time.monotonic() < deadline:
         before = row.sent
@@ -409,7 +410,9 @@ def run(args: argparse.Namespace, target: str, secret: str, max_bytes: int, wher
         raw_rows,
     )
     print("\n".join(lines))
-    short_runs = [f"{r.rpc} ({r.sent})" for r in gen_rows if r.sent < args.per_rpc]
+    short_runs = [
+        f"{r.rpc} ({r.sent - r.boundary})" for r in gen_rows if r.sent - r.boundary < args.per_rpc
+    ]
     if short_runs:
         print(f"time budget ran out: fewer than {args.per_rpc} for {', '.join(short_runs)}")
     for title, rows in (("generated", gen_rows), ("undecodable", raw_rows)):
@@ -426,7 +429,9 @@ def run(args: argparse.Namespace, target: str, secret: str, max_bytes: int, wher
     print(f"server answered a normal Recommend before: {'yes' if serving_before else 'NO'}")
     print(f"server answered a normal Recommend at the end: {'yes' if serving_after else 'NO'}")
     print(f"elapsed {elapsed:.0f}s")
-    return 0 if serving_after and not never_gen and not never_raw else 1
+    if not rpcs:
+        print("no RPC selected (--rpc / --read-only): nothing was fuzzed")
+    return 0 if rpcs and serving_after and not never_gen and not never_raw else 1
 
 
 def main() -> None:

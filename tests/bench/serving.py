@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import random
 import signal
@@ -301,7 +302,7 @@ class Phase:
         if not self.latencies_ms:
             return float("nan")
         ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]  # nearest rank
 
 
 async def closed_loop(
@@ -514,6 +515,24 @@ async def bench_recommend(st: Stores, args: argparse.Namespace) -> None:
     users = [cached[rng.randrange(len(cached))] for _ in range(20_000)]
     say(f"  users: 20,000 draws from the {len(cached):,} with a cached ranking")
     miss_url = st.redis_url.replace("db=0", "db=1")
+    # privrank refills an empty Redis from the ranks table (App.refill_cache): db 1 (this
+    # bench's own Redis) emptied of an earlier run's, and the refill claim held there first,
+    # or the cache-miss server answers from the cache it refilled
+    import redis
+
+    from features.cache import RankCache
+    from server.config import Config
+
+    with redis.Redis.from_url(miss_url) as emptied:
+        emptied.flushdb()
+    config = Config.from_env(st.env())
+    miss_cache = RankCache.from_url(
+        miss_url, timeout_s=10, ttl_s=config.cache_ttl_s, key_prefix=config.redis_key_prefix
+    )
+    try:
+        await miss_cache.claim_refill(SCOPE, snap.version, 24 * 3600)
+    finally:
+        await miss_cache.close()
     servers = [
         start_echo(st, args.workers, server_cores),
         start_privrank(st, "cache-hit", args.workers, server_cores),
@@ -563,12 +582,20 @@ async def bench_recommend(st: Stores, args: argparse.Namespace) -> None:
         ("cache-hit", HIT_THROUGHPUT_VS_ECHO),
     ):
         ratio = med(name, "throughput") / echo_t
-        say(f"  {name} throughput >= {target}x echo: " + verdict(ratio >= target, f"{ratio:.2f}x"))
+        sources = sum((p.sources for p in phases[name]), Counter())
+        wrong = sources["CACHED"] if name == "cache-miss" else 0  # a miss must be ranked live
+        say(
+            f"  {name} throughput >= {target}x echo: "
+            + verdict(ratio >= target and not wrong, f"{ratio:.2f}x; {dict(sources)}")
+        )
     for name in ("cache-hit", "cache-miss"):
         ratio = med(name, "0.99") / echo_p99
+        errors = sum(sum(p.errors.values()) for p in phases[name])
         say(
             f"  {name} p99 <= {P99_VS_ECHO}x echo p99: "
-            + verdict(ratio <= P99_VS_ECHO, f"{ratio:.2f}x")
+            + verdict(
+                ratio <= P99_VS_ECHO and not errors, f"{ratio:.2f}x (OK calls); {errors} failed"
+            )
         )
 
 
