@@ -201,6 +201,10 @@ class Admission:
             else:  # a free slot: take it without the task wait_for would create
                 await self._slots.acquire()
             try:
+                # woken in time but run only later (the loop was busy), or wait_for kept the
+                # slot and swallowed the budget's cancellation (Python 3.11): no work now
+                if time.monotonic() >= deadline:
+                    raise errors.DeadlineExceeded("deadline passed while waiting for capacity")
                 yield
             finally:
                 self._slots.release()
@@ -326,7 +330,11 @@ class ServingInterceptor(aio.ServerInterceptor):
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             except asyncio.CancelledError:  # the client cancelled, or the server stops
-                code = grpc.StatusCode.CANCELLED
+                # or gRPC core ended the call at its deadline while the handler computed
+                # without awaiting: a slow answer (counted and timed), not the caller's doing
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
                 raise
             except Exception:
                 code = grpc.StatusCode.INTERNAL

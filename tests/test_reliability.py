@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,11 +33,13 @@ from jobs.runner import run_job
 from jobs.steps import JobContext
 from jobs.synth import generate
 from ranking import snapshot
-from server import embedded
+from server import auth, embedded
 from server.api import privrank_pb2 as pb
 from server.api import privrank_pb2_grpc as rpc
 from server.app import App, stop_server
 from server.config import Config
+from server.interceptors import Admission, InFlight, ServingInterceptor
+from server.metrics import ServiceMetrics
 from server.threads import GRPC_THREAD_PREFIXES, threads, usable_cores
 from tests.conftest import ROOT, cli_env, privrank
 from tests.serving import Running, serving
@@ -739,3 +741,108 @@ async def test_a_refill_racing_an_opt_out_leaves_no_ranking_of_the_user(
                     pb.UpdateSettingsRequest(user_id=quitter, personalization_enabled=True),
                     metadata=running.service,
                 )
+
+
+# -- the interceptor alone, around handlers of the test's own ---------------------------------
+
+_KEY, _ISSUER = "interceptor-test-" + "k" * 32, "privrank"
+_Handler = Callable[[bytes, aio.ServicerContext], Awaitable[bytes]]
+
+
+@contextlib.asynccontextmanager
+async def _intercepted(
+    monkeypatch: pytest.MonkeyPatch,
+    handler: _Handler,
+    admission: Admission | None,
+    metrics: ServiceMetrics,
+    in_flight: InFlight,
+    default_deadline_s: float = 5.0,
+) -> AsyncIterator[Callable[..., Awaitable[bytes]]]:
+    """A server of one method, /test.T/Work, behind privrank's interceptor; yields a caller
+    with a service token (request bytes, the call's deadline in seconds)."""
+    monkeypatch.setitem(auth.POLICY, "/test.T/Work", frozenset({auth.Role.SERVICE}))
+    interceptor = ServingInterceptor(
+        metrics, default_deadline_s, admission, auth.Authorizer([_KEY], _ISSUER), in_flight
+    )
+    server = aio.server(interceptors=[interceptor])
+    method = {"Work": grpc.unary_unary_rpc_method_handler(handler)}
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.T", method)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    token = auth.mint_token(_KEY, role="service", subject="t", ttl_s=60, issuer=_ISSUER)
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            work = channel.unary_unary("/test.T/Work")
+
+            async def call(request: bytes = b"", deadline_s: float | None = None) -> bytes:
+                metadata = [("authorization", f"Bearer {token}")]
+                answer: bytes = await work(request, metadata=metadata, timeout=deadline_s)
+                return answer
+
+            yield call
+    finally:
+        await server.stop(0)
+
+
+async def _status(call: Awaitable[bytes]) -> grpc.StatusCode:
+    try:
+        await call
+    except aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_a_call_past_its_deadline_in_cpu_work_is_counted_deadline_exceeded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gRPC core ends the call at its deadline while the handler computes without awaiting:
+    a slow answer, counted DEADLINE_EXCEEDED and timed (as CANCELLED it fell out of the
+    latency histogram and the p99, just the slow answers)."""
+
+    async def slow(request: bytes, context: aio.ServicerContext) -> bytes:
+        time.sleep(1.0)  # noqa: ASYNC251 (CPU work past the 0.3 s deadline)
+        await asyncio.sleep(0.05)
+        return b"late"
+
+    metrics, in_flight = ServiceMetrics(), InFlight()
+    async with _intercepted(monkeypatch, slow, None, metrics, in_flight) as call:
+        assert await _status(call(deadline_s=0.3)) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert await in_flight.close(timeout_s=10) == 0
+    counted = metrics.registry.get_sample_value
+    work = {"method": "Work"}
+    assert counted("privrank_requests_total", {**work, "code": "CANCELLED"}) is None
+    assert counted("privrank_requests_total", {**work, "code": "DEADLINE_EXCEEDED"}) == 1
+    assert counted("privrank_request_seconds_count", work) == 1
+
+
+async def test_a_queued_call_woken_after_its_deadline_starts_no_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The slot frees before the queued call's deadline, but the loop is busy and runs it
+    only after: wait_for hands it the slot (swallowing the budget's cancellation, Python
+    3.11), and it must still start no work."""
+    worked: list[bytes] = []
+
+    async def handler(request: bytes, context: aio.ServicerContext) -> bytes:
+        if request == b"hold":
+            await asyncio.sleep(0.3)
+            asyncio.get_running_loop().call_soon(time.sleep, 1.0)  # busy right after release
+            return b"held"
+        worked.append(request)
+        return b"worked"
+
+    metrics, in_flight, admission = ServiceMetrics(), InFlight(), Admission(1, 4, 30.0)
+    async with _intercepted(
+        monkeypatch, handler, admission, metrics, in_flight, default_deadline_s=0.5
+    ) as call:
+        first = asyncio.create_task(call(b"hold", deadline_s=10))
+        arrival = time.monotonic() + 10
+        while not in_flight.count:
+            assert time.monotonic() < arrival, "the first call never reached the server"
+            await asyncio.sleep(0.01)
+        queued = await _status(call(b"queued"))  # no deadline: the 0.5 s default budget
+        assert await first == b"held"
+        assert worked == []
+        assert queued == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert await call(b"after", deadline_s=10) == b"worked"
+    assert admission.admitted == 0
