@@ -554,8 +554,13 @@ async def serve(
     app = await App.open(config, database_url, redis_url, link)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        app.stopping = True  # from now on: a warm-up still running must not say SERVING
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     app.follow_siblings(loop)
     try:
         server, port = create_server(app, reuse_port=link is not None)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -28,7 +30,7 @@ from ranking.pipeline import LoadedScope
 from ranking.profiles import Profile
 from server import auth
 from server.api import privrank_pb2 as pb
-from server.app import App, create_server
+from server.app import App, create_server, serve
 from server.auth import mint_token
 from server.config import Config
 from server.interceptors import InFlight, ServingInterceptor
@@ -903,3 +905,47 @@ async def test_a_run_job_that_loses_the_race_for_the_lock_is_aborted_and_recorde
     (newest,) = await seeded.pg.job_runs(1)
     assert (newest.name, newest.scope, newest.status) == ("cleanup", "default", "failed")
     assert newest.detail == err.value.details()
+
+
+async def test_sigterm_during_warm_up_never_turns_health_serving(
+    config: Config, pg_url: str, redis_url: str, seeded: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while the kernels still warm: the warm-up finishing afterwards must not say
+    SERVING (balancers would send calls to a server that is stopping)."""
+    warming, gate = asyncio.Event(), asyncio.Event()
+    signalled: list[bool] = []
+    said: list[tuple[str, int, bool]] = []
+    apps: list[App] = []
+    warm = App.warm
+
+    async def gated(self: App) -> None:
+        apps.append(self)
+        set_status = self.health.set
+
+        async def recording(service: str, status: int) -> None:
+            said.append((service, status, bool(signalled)))
+            await set_status(service, status)
+
+        monkeypatch.setattr(self.health, "set", recording)
+        warming.set()
+        await gate.wait()
+        await warm(self)
+
+    monkeypatch.setattr(App, "warm", gated)
+    quick = dataclasses.replace(
+        config,
+        listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",
+        shutdown_delay_s=0.1,
+        shutdown_grace_s=1.0,
+    )
+    serving = asyncio.create_task(serve(quick, pg_url, redis_url))
+    await asyncio.wait_for(warming.wait(), 60)
+    os.kill(os.getpid(), signal.SIGTERM)  # serve's own handler takes it
+    await asyncio.sleep(0.2)
+    signalled.append(True)
+    gate.set()
+    await asyncio.wait_for(serving, 120)
+    assert apps
+    assert not any(apps[0]._health.values())
+    assert all(status == NOT_SERVING for _, status, late in said if late), said
