@@ -51,7 +51,9 @@ def imported(config: Config, tmp_path_factory: pytest.TempPathFactory) -> str:
         "5",
     )
     path = tmp_path_factory.mktemp("csv") / "extra.tsv"
-    rows = [f"u{n}\ti{n % 7}\t2026-01-0{1 + n % 9}T10:00:00Z\tclick" for n in range(40)]
+    # users of its own: a user ID is one person in every scope, and other tests erase some
+    # synthetic ones (whose earlier events are then never stored again)
+    rows = [f"cli-u{n}\ti{n % 7}\t2026-01-0{1 + n % 9}T10:00:00Z\tclick" for n in range(40)]
     _write_csv(path, rows, header="user\titem\tts\tkind")
     result = privrank(
         config,
