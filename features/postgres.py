@@ -254,6 +254,12 @@ def _weights() -> tuple[list[str], list[float]]:
     return list(EVENT_WEIGHTS), list(EVENT_WEIGHTS.values())
 
 
+def _user_hash(column: str) -> str:
+    """SQL for ``features.schema.user_digest`` of the user IDs in ``column`` (sha256, hex),
+    to match them with the erasures table, which holds no ID."""
+    return f"encode(sha256(convert_to({column}, 'UTF8')), 'hex')"
+
+
 # A user's stored rankings, except those a ranks replacement (precompute's one transaction)
 # holds: waiting for it would make an opt-out or erasure time out. The replacement deletes
 # them itself once it commits (features.privacy.retract_not_personal).
@@ -267,7 +273,7 @@ _DELETE_NOT_PERSONAL_RANKS = (
     "DELETE FROM ranks r USING user_settings s"
     " WHERE s.user_id = r.user_id AND NOT s.personalization_enabled",
     "DELETE FROM ranks r USING erasures x"
-    " WHERE x.user_hash = encode(sha256(convert_to(r.user_id, 'UTF8')), 'hex')"
+    f" WHERE x.user_hash = {_user_hash('r.user_id')}"
     " AND x.erased_at >= r.computed_at",
 )
 
@@ -472,7 +478,7 @@ class PgStore:
         status = await conn.execute(
             f"INSERT INTO events ({columns}) SELECT {columns} FROM events_in e"
             f" WHERE NOT EXISTS (SELECT 1 FROM erasures x WHERE x.erased_at >= e.occurred_at"
-            f" AND x.user_hash = encode(sha256(convert_to(e.user_id, 'UTF8')), 'hex'))",
+            f" AND x.user_hash = {_user_hash('e.user_id')})",
             timeout=timeout,
         )
         await conn.execute("TRUNCATE events_in")
@@ -905,7 +911,7 @@ class PgStore:
             await conn.execute(
                 "DELETE FROM user_features f USING erasures x WHERE f.scope = $1"
                 " AND x.erased_at >= $2"
-                " AND x.user_hash = encode(sha256(convert_to(f.user_id, 'UTF8')), 'hex')",
+                f" AND x.user_hash = {_user_hash('f.user_id')}",
                 scope,
                 started - ERASURE_COMMIT_MARGIN,
                 timeout=600,
