@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
 
@@ -420,9 +420,9 @@ class PgStore:
         its rows, so once it commits, such events of the users erased meanwhile are deleted
         (as ``features.privacy.retract_not_personal`` does for rankings)."""
         stored, users = 0, set[str]()
+        started = datetime.now(UTC)  # the margin below dwarfs any skew to the server's clock
         async with self._conn() as conn:
             async with conn.transaction():
-                started = await conn.fetchval("SELECT now()")
                 for events in batches:
                     stored += await self._copy_events(conn, events)
                     users.update(e.user_id for e in events)
@@ -891,9 +891,9 @@ class PgStore:
         Opted-out users are skipped and their feature rows deleted.
         """
         names, weights = _weights()
+        started = datetime.now(UTC)  # as in insert_event_batches
         async with self._conn() as conn:
             async with conn.transaction():
-                started = await conn.fetchval("SELECT now()")
                 # right after a bulk import (before autovacuum has analyzed events) the
                 # planner thinks the aggregates have a row or two and nests their join:
                 # quadratic in users (minutes at 100k). Hash joins are right at any size.
