@@ -107,6 +107,33 @@ def embedded_redis(data_dir: Path) -> Iterator[str]:
             process.kill()
 
 
+def _clear_stale_pid_file(pgdata: Path) -> None:
+    """Remove a ``postmaster.pid`` (and its socket's lock file) that a crash left behind and
+    whose pid another process has been given since (a restarted container): pgserver takes
+    any live process with that pid for the server and hands out the URI of a socket nobody
+    listens on, and PostgreSQL itself refuses to start beside the file."""
+    import psutil
+
+    pid_file = pgdata / "postmaster.pid"
+    try:
+        lines = pid_file.read_text().splitlines()
+        pid = int(lines[0])
+    except (OSError, ValueError, IndexError):
+        return
+    try:
+        if psutil.Process(pid).name() == "postgres":
+            return  # running: pgserver reuses it (a dead pid, pgserver and PostgreSQL handle)
+    except psutil.Error:
+        return
+    log.warning("removing %s: its pid %d is not PostgreSQL (left by a crash)", pid_file, pid)
+    if len(lines) > 4 and lines[4].strip():  # the socket directory, then the port, as written
+        port = lines[3].strip() or "5432"
+        with contextlib.suppress(OSError):
+            (Path(lines[4].strip()) / f".s.PGSQL.{port}.lock").unlink()
+    with contextlib.suppress(FileNotFoundError):
+        pid_file.unlink()
+
+
 @contextlib.contextmanager
 def embedded_postgres(data_dir: Path) -> Iterator[str]:
     with warnings.catch_warnings():
@@ -120,6 +147,7 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
 
     pgdata = (data_dir / "postgres").resolve()
     pgdata.mkdir(parents=True, exist_ok=True)
+    _clear_stale_pid_file(pgdata)
     try:
         server = pgserver.get_server(pgdata, cleanup_mode="stop")
     except Exception as exc:  # pgserver raises plain exceptions from its subprocesses

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 from grpc import aio
@@ -223,6 +224,34 @@ def test_a_bad_setting_or_path_fails_in_one_line_not_a_traceback(
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("privrank: error:"), result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
+
+
+async def test_a_stale_postmaster_pid_of_a_reused_pid_is_not_taken_for_a_running_server(
+    tmp_path: Path,
+) -> None:
+    """After a crash, postmaster.pid names a pid another process has since (a restarted
+    container): the embedded PostgreSQL starts again, where pgserver took that process for
+    the server and handed out the URI of a socket nobody listened on."""
+    from server import embedded
+
+    root = tmp_path / "data"
+    root.mkdir()
+    with embedded.embedded_postgres(root) as url:
+        connection = await asyncpg.connect(url)
+        await connection.close()
+        pid_file = (root / "postgres" / "postmaster.pid").resolve()
+        stale = pid_file.read_text().splitlines()
+    assert not pid_file.exists()
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        pid_file.write_text("\n".join([str(other.pid), *stale[1:]]) + "\n")
+        with embedded.embedded_postgres(root) as url:
+            connection = await asyncpg.connect(url, timeout=10)
+            assert await connection.fetchval("SELECT 1") == 1
+            await connection.close()
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_the_embedded_postgresql_starts_without_platformdirs_warnings(
