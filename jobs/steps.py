@@ -624,8 +624,8 @@ async def precompute(ctx: JobContext, scope: str) -> str:
     ]
     k = ctx.config.precompute_top_k
     # deep enough for the candidates a diversifying profile re-ranks, as the live path does
-    diversified = (profile.for_variant(name) for name in profile.variant_names)
-    depth = max([k, *(v.candidates for v in diversified if v.diversity > 0)]) + RECENT_ITEMS
+    variants = (profile.for_variant(name) for name in profile.variant_names)
+    depth = max(v.ranking_depth(k) for v in variants) + RECENT_ITEMS
     # seconds spent ranking (on the thread), writing to Redis and to the ranks table: the
     # summary tells an operator which of the overlapped three bounds the step
     spent = dict.fromkeys(("ranking", "Redis", "ranks table"), 0.0)
@@ -856,7 +856,7 @@ def _served_rankings(
     for name in profile.variant_names:
         variant = profile.for_variant(name)
         scoring = scoring_for(snap, variant, where=f"evaluate {snap.scope} {name}")
-        depth = max(k, variant.candidates) if variant.diversity > 0 else k
+        depth = variant.ranking_depth(k)
         indptr, indices = _excluding(*seen, snap.item_positions(list(variant.exclude_items)))
         items, scores, counts = top_k_batch(snap, scoring, users, indptr, indices, depth)
         served[_model_label(name)] = _diversified(items, scores, counts, snap.item_unit, k, variant)

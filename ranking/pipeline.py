@@ -445,7 +445,7 @@ class Ranker:
             return neighbours or self.popular(
                 snap, fresh_excluded, limit, segment=segment, scoring=scoring
             )
-        depth = max(limit, profile.candidates) if profile.diversity > 0 else limit
+        depth = profile.ranking_depth(limit)
         cached = None if hit is None else self._cached(snap, hit, fresh_excluded, limit, depth)
         if cached is not None:
             return self._finish(snap, *cached, limit, Source.CACHED, profile)

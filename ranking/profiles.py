@@ -110,6 +110,11 @@ class Profile:
     def variant_names(self) -> tuple[str, ...]:
         return (CONTROL, *(v.name for v in self.variants))
 
+    def ranking_depth(self, k: int) -> int:
+        """How many top-scored items a top ``k`` is picked from: the ``candidates`` diversity
+        re-ranks, where it diversifies, else ``k`` itself."""
+        return max(k, self.candidates) if self.diversity > 0 else k
+
     def scores_like(self, other: Profile) -> bool:
         """True if both score every item alike (they may still differ in re-ranking)."""
         return all(getattr(self, name) == getattr(other, name) for name in SCORE_SETTINGS)

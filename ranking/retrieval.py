@@ -265,6 +265,11 @@ class FaissRetriever:
             return 1
         return self._oversample  # HNSW by the earlier rule, and any other index
 
+    def _hnsw_beam(self, results: int | np.ndarray) -> Any:
+        """HNSW's efSearch for a search asked for ``results``: tuned, at least as wide as the
+        results; by the earlier rule, at least 64."""
+        return np.maximum(self.params.ef_search or 64, results)
+
     def _search(self, augmented: np.ndarray, wanted: int) -> np.ndarray:
         """faiss's candidates (int64[b, wanted * _oversampling], may hold -1) for augmented
         queries (float32[b, d + 1]), each row best first."""
@@ -274,8 +279,7 @@ class FaissRetriever:
             search = faiss.SearchParametersIVF()
             search.nprobe = params.nprobe or int(self._index.nprobe)
         elif isinstance(self._index, faiss.IndexHNSW):
-            # tuned: the beam at least as wide as the results; by the earlier rule, at least 64
-            search = faiss.SearchParametersHNSW(efSearch=max(params.ef_search or 64, wanted))  # type: ignore[attr-defined]
+            search = faiss.SearchParametersHNSW(efSearch=int(self._hnsw_beam(wanted)))  # type: ignore[attr-defined]
         else:
             search = None
         _, found = self._index.search(augmented, wanted, params=search)
@@ -322,7 +326,7 @@ class FaissRetriever:
         if isinstance(self._index, faiss.IndexHNSW):
             # HNSW's beam widens with the results asked for, and a wider beam finds other
             # candidates: rows share a search only where their own would use the same beam
-            size_class = np.maximum(self.params.ef_search or 64, wanted * self._oversampling)
+            size_class = self._hnsw_beam(wanted * self._oversampling)
         try:
             augmented = _augment(queries)
             for members in (np.flatnonzero(size_class == c) for c in np.unique(size_class)):

@@ -264,7 +264,7 @@ class App:
         those sharing the Redis does it; users not to be ranked personally (opted out,
         erased) are left out, and each ranking keeps what is left of its TTL. While either
         store is unreachable it writes nothing and the next check tries again."""
-        if not (self.optouts.personalization_enabled and self.optouts.fresh):
+        if not self.optouts.personalizing:
             return 0  # no one is ranked personally now: refill once they are again
         written = 0
         for scope, loaded in self.ranker.loaded().items():
@@ -287,7 +287,7 @@ class App:
             page = await self.pg.ranks_page(scope, snap.version, after=after, limit=REFILL_PAGE)
             if not page:
                 break
-            if not (self.optouts.personalization_enabled and self.optouts.fresh):
+            if not self.optouts.personalizing:
                 # nobody is ranked personally for now (the global switch, an opt-out set gone
                 # stale): the rest would be left out for the moment only, so not warm yet
                 return written

@@ -57,8 +57,13 @@ class OptOutRegistry:
         is unreachable), unless ``forced_off``."""
         return self._switch[0] and not self._forced_off
 
+    @property
+    def personalizing(self) -> bool:
+        """Anyone may be ranked personally now: the set is fresh and the switch on."""
+        return self.fresh and self.personalization_enabled
+
     def personalization_allowed(self, user_id: str) -> bool:
-        return self.fresh and self.personalization_enabled and user_id not in self._opted_out
+        return self.personalizing and user_id not in self._opted_out
 
     def erased_at(self, user_id: str) -> float | None:
         """When the user was erased (unix seconds), or None."""

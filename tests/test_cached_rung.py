@@ -28,7 +28,11 @@ def _scope() -> str:
 
 
 class _EveryoneAllowed:
-    fresh = personalization_enabled = True
+    personalization_enabled = True
+
+    @property
+    def personalizing(self) -> bool:
+        return self.personalization_enabled
 
     def personalization_allowed(self, user_id: str) -> bool:
         return self.personalization_enabled
